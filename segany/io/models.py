@@ -1,0 +1,77 @@
+"""`load_model` and the released-style `sam_model_registry`."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Callable, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from ..modeling import SAM_CONFIGS, SamConfig, build_sam
+from .checkpoint import load_checkpoint, model_from_state_dict, read_state_dict
+
+PathLike = Union[str, os.PathLike]
+
+MODES = ("exact",)
+
+# A name that is not a file is looked up here (the model zoo registers its resolver).
+NAME_RESOLVERS: list = []
+
+
+def resolve_checkpoint(name_or_path: PathLike) -> Path:
+    """A local checkpoint path for a path or a known model name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for resolve in NAME_RESOLVERS:
+        resolved = resolve(str(name_or_path))
+        if resolved is not None:
+            return Path(resolved)
+    if path.suffix or os.sep in str(name_or_path):
+        raise ValueError(f"checkpoint not found: {path}")
+    raise ValueError(f"unknown model {str(name_or_path)!r}: not a file and not a known model name")
+
+
+def load_model(
+    checkpoint: PathLike,
+    mode: str = "exact",
+    device: Union[str, torch.device] = "cpu",
+    config: Optional[SamConfig] = None,
+) -> nn.Module:
+    """Load a SAM-family model from a checkpoint file or a known model name.
+
+    The architecture (SAM ViT size, MobileSAM, HQ-SAM) is read from the state dict itself.
+    mode="exact" runs in float32 and reproduces the released implementation.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    path = resolve_checkpoint(checkpoint)
+    model = load_checkpoint(path, config)
+    model.mode = mode
+    return model.to(device).eval()
+
+
+def _registry_builder(name: str) -> Callable[..., nn.Module]:
+    def build(checkpoint: Optional[PathLike] = None) -> nn.Module:
+        cfg = copy.deepcopy(SAM_CONFIGS[name])
+        if checkpoint is None:
+            return build_sam(cfg)
+        sd = read_state_dict(resolve_checkpoint(checkpoint))
+        return model_from_state_dict(sd, cfg, source=f"checkpoint {checkpoint}")
+
+    build.__name__ = f"build_sam_{name}"
+    build.__doc__ = f"SAM {name}; loads `checkpoint` (released key names) when given."
+    return build
+
+
+class _Registry(dict):
+    def __missing__(self, key: str) -> Callable[..., nn.Module]:
+        raise ValueError(f"unknown model type {key!r}; known: {', '.join(sorted(self))}")
+
+
+# sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth"), as in the released code.
+sam_model_registry: Dict[str, Callable[..., nn.Module]] = _Registry(
+    {"default": _registry_builder("vit_h"), **{name: _registry_builder(name) for name in SAM_CONFIGS}}
+)
