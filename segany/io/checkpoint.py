@@ -23,6 +23,13 @@ PathLike = Union[str, os.PathLike]
 # ---------------------------------------------------------------- reading
 
 
+def _brief(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, shortened: torch's unpickling errors span many lines."""
+    lines = str(exc).strip().splitlines()
+    first = lines[0] if lines else ""
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
 def read_state_dict(path: PathLike) -> StateDict:
     """Load a state dict from .pth/.pt (plain or wrapped in {'model': ...}) or .safetensors."""
     path = Path(path)
@@ -37,15 +44,15 @@ def read_state_dict(path: PathLike) -> StateDict:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({exc})") from None
+            raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({_brief(exc)})") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(exc).__name__}: {exc})"
+            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({type(exc).__name__}: {_brief(exc)})"
         ) from None
     except Exception as exc:  # an unpickler refusal of an unsafe object, say
-        raise CheckpointError(f"checkpoint {path} could not be read safely ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path} could not be read safely ({type(exc).__name__}: {_brief(exc)})") from None
     return unwrap_state_dict(obj, path)
 
 
