@@ -8,6 +8,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .errors import CheckpointError
+from . import variants  # noqa: F401  (registers MobileSAM / HQ-SAM inference and builders)
 
 __all__ = [
     "CheckpointError",
