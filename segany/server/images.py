@@ -1,0 +1,117 @@
+"""Checked image intake: uploads and folder imports end up as <data>/images/<sha256>.<ext>.
+
+A client's file name is only ever a display name (directories stripped); the stored name comes from
+the content hash, so no name can reach outside the data folder. Content is checked by decoding it with
+Pillow (format, size in bytes and in pixels), not by trusting the extension or the MIME type.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from ..io.atomic import atomic_write_bytes
+
+# Pillow format name -> extension of the stored file
+FORMATS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif", "GIF": "gif"}
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an acceptable image; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 415) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class CheckedImage:
+    data: bytes
+    sha256: str
+    extension: str
+    width: int  # after EXIF orientation, as the model and the browser see it
+    height: int
+
+
+def display_name(name: Optional[str]) -> str:
+    """The last path component of a client-given name, without control characters; never '.' or '..'."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    base = "".join(ch for ch in base if ch.isprintable()).strip()[:200]
+    if base in ("", ".", ".."):
+        raise ImageRejected(f"invalid file name {name!r}", status=422)
+    return base
+
+
+def check_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> CheckedImage:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if len(data) > max_bytes:
+        raise ImageRejected(f"image is {len(data)} bytes, more than the limit of {max_bytes}", status=413)
+    if not data:
+        raise ImageRejected("the file is empty", status=422)
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            fmt = probe.format
+            if fmt not in FORMATS:
+                raise ImageRejected(f"unsupported image format {fmt}; use one of {', '.join(sorted(FORMATS))}")
+            width, height = probe.size
+            if width * height > max_pixels:
+                raise ImageRejected(
+                    f"image is {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}",
+                    status=413,
+                )
+            probe.load()  # decodes fully: a truncated or corrupt file fails here
+            oriented = ImageOps.exif_transpose(probe)
+            width, height = oriented.size
+    except ImageRejected:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageRejected(f"not a readable image: {exc}") from None
+    return CheckedImage(data, hashlib.sha256(data).hexdigest(), FORMATS[fmt], width, height)
+
+
+def store(image: CheckedImage, images_dir: Path) -> str:
+    """Write the image under its content hash (once); returns the stored file name."""
+    name = f"{image.sha256}.{image.extension}"
+    target = images_dir / name
+    if not target.is_file():
+        atomic_write_bytes(target, image.data)
+    return name
+
+
+def resolve_import_folder(folder: str, roots: List[Path]) -> Path:
+    """The folder to import from, which must lie inside one of the allowed roots (no escaping via ..)."""
+    path = Path(folder).expanduser()
+    try:
+        resolved = path.resolve(strict=True)
+    except (FileNotFoundError, RuntimeError, OSError):
+        raise ImageRejected(f"folder not found: {folder}", status=404) from None
+    if not resolved.is_dir():
+        raise ImageRejected(f"not a folder: {folder}", status=422)
+    for root in roots:
+        if resolved == root.resolve() or root.resolve() in resolved.parents:
+            return resolved
+    allowed = ", ".join(str(r) for r in roots)
+    raise ImageRejected(f"folder {folder} is outside the import roots ({allowed})", status=403)
+
+
+def folder_images(folder: Path, recursive: bool = False) -> Tuple[List[Path], List[str]]:
+    """Image files in a folder (sorted) and the names skipped. Links leading outside it are skipped."""
+    found, skipped = [], []
+    candidates = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if path.suffix.lower() not in EXTENSIONS:
+            skipped.append(path.name)
+            continue
+        real = path.resolve()
+        if folder not in real.parents:
+            skipped.append(path.name)
+            continue
+        found.append(path)
+    return found, skipped

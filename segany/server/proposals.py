@@ -1,0 +1,61 @@
+"""Everything-mode proposals for the semi-automatic stage, re-using the image's cached embedding."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+
+from ..predict import ImageEmbedding, Segmenter
+from ..predict.amg import AmgSettings, MaskGenerator, SamMaskSource
+from ..predict.inputs import load_image
+
+
+class CachedEmbeddingSource(SamMaskSource):
+    """SamMaskSource that takes the whole-image crop's embedding from the server's cache instead of
+    running the image encoder again (crops smaller than the image are still embedded)."""
+
+    def __init__(self, segmenter: Segmenter, embedding: ImageEmbedding) -> None:
+        super().__init__(segmenter.model)
+        self.segmenter = segmenter
+        self.cached = embedding
+
+    def set_crop(self, image: np.ndarray) -> None:
+        if tuple(image.shape[:2]) == tuple(self.cached.original_size):
+            self.embedding = self.cached
+        else:
+            super().set_crop(image)
+
+
+def generate_proposals(
+    segmenter: Segmenter, embedding: ImageEmbedding, image_path: Path, options: Dict[str, Any]
+) -> List[Dict[str, Any]]:
+    """SA-1B-style records (COCO RLE segmentation, bbox, area, predicted_iou, stability_score,
+    point_coords, crop_box) for one image."""
+    settings = AmgSettings(
+        points_per_side=int(options["points_per_side"]),
+        pred_iou_thresh=float(options["pred_iou_thresh"]),
+        stability_score_thresh=float(options["stability_score_thresh"]),
+        box_nms_thresh=float(options["box_nms_thresh"]),
+        min_mask_region_area=int(options["min_mask_region_area"]),
+        output_mode="coco_rle",
+    )
+    generator = MaskGenerator(CachedEmbeddingSource(segmenter, embedding), settings)
+    records = generator.generate(load_image(image_path))
+    out = []
+    for i, r in enumerate(records):
+        seg = r["segmentation"]
+        counts = seg["counts"].decode("ascii") if isinstance(seg["counts"], bytes) else seg["counts"]
+        out.append(
+            {
+                "index": i,
+                "segmentation": {"size": [int(v) for v in seg["size"]], "counts": counts},
+                "area": int(r["area"]),
+                "bbox": [float(v) for v in r["bbox"]],
+                "predicted_iou": float(r["predicted_iou"]),
+                "stability_score": float(r["stability_score"]),
+                "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
+                "crop_box": [float(v) for v in r["crop_box"]],
+            }
+        )
+    return out
