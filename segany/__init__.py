@@ -3,11 +3,23 @@ from .io.checkpoint import load_checkpoint, save_checkpoint
 from .io.errors import CheckpointError
 from .io.models import load_model, sam_model_registry
 from .modeling import Sam, SamConfig, build_sam
-from .predict import ImageEmbedding, Prediction, Prompt, SamPredictor, Segmenter
+from .predict import (
+    AmgSettings,
+    ImageEmbedding,
+    MaskGenerator,
+    Prediction,
+    Prompt,
+    SamAutomaticMaskGenerator,
+    SamPredictor,
+    Segmenter,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmgSettings",
+    "MaskGenerator",
+    "SamAutomaticMaskGenerator",
     "CheckpointError",
     "ImageEmbedding",
     "Prediction",

@@ -1,6 +1,13 @@
 """Pre/post-processing, the predictors and everything mode."""
+from .amg import AmgSettings, MaskGenerator, MaskSource, SamAutomaticMaskGenerator, SamMaskSource
 from .predictor import SamPredictor
 from .segmenter import ImageEmbedding, Prediction, Prompt, Segmenter
 from .transforms import ResizeLongestSide
 
-__all__ = ["ImageEmbedding", "Prediction", "Prompt", "ResizeLongestSide", "SamPredictor", "Segmenter"]
+__all__ = [
+    "AmgSettings",
+    "MaskGenerator",
+    "MaskSource",
+    "SamAutomaticMaskGenerator",
+    "SamMaskSource",
+    "ImageEmbedding", "Prediction", "Prompt", "ResizeLongestSide", "SamPredictor", "Segmenter"]
