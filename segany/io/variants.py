@@ -38,9 +38,11 @@ def infer_tiny_vit_encoder(sd: StateDict) -> TinyViTConfig:
     for i in range(stages):
         depths.append(_count_indexed(sd, f"{enc}layers.{i}.blocks."))
         if i == 0:
+            # The convolutional stage has no heads or windows; keep the released placeholders so that
+            # a released checkpoint's config equals mobile_sam_config().
             dims.append(_require(sd, TINY_VIT_KEY).shape[1])
-            heads.append(1)
-            windows.append(7)
+            heads.append(TinyViTConfig.num_heads[0])
+            windows.append(TinyViTConfig.window_sizes[0])
             continue
         biases = _require(sd, f"{enc}layers.{i}.blocks.0.attn.attention_biases")
         window = math.isqrt(biases.shape[1])
