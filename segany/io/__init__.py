@@ -8,7 +8,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .errors import CheckpointError
-from . import variants  # noqa: F401  (registers MobileSAM / HQ-SAM inference and builders)
+from . import variants, zoo  # noqa: F401  (register MobileSAM / HQ-SAM inference and the model-name resolver)
 
 __all__ = [
     "CheckpointError",
