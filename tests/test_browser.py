@@ -5,7 +5,6 @@ Screenshots of the main states go to test-artifacts/ (ignored by git).
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import threading
 import time

@@ -15,10 +15,11 @@ def encode(mask: np.ndarray) -> Dict[str, Any]:
     """A boolean (H, W) mask -> {"counts": compressed RLE str, "area": int, "bbox": [x, y, w, h]}."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got {mask.shape}")
+    # pycocotools' C encoder directly: on the interactive path it is several times faster than going
+    # through uncompressed runs (segany.io.rle), and it writes the same strings.
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
     return {
-        "counts": counts,
+        "counts": rle["counts"].decode("ascii"),
         "area": int(mask_utils.area(rle)),
         "bbox": [float(v) for v in mask_utils.toBbox(rle)],
     }
