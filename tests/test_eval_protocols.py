@@ -311,3 +311,47 @@ def test_open_dataset_errors(tmp_path):
         open_dataset(bad)
     with pytest.raises(ValueError, match="no datasets folder|not found"):
         open_dataset("grabcut", root=tmp_path / "nowhere")
+
+
+# ------------------------------------------------------------------ resuming
+
+
+def test_resume_skips_finished_images_and_gives_the_same_figures(tmp_path):
+    from segany.eval.progress import ProgressLog
+
+    samples = synthetic_samples()
+    run = {"sha256": "x", "protocols": ["single-point", "interactive"], "max_clicks": 3}
+    settings = EvalSettings(max_clicks=3)
+    log = ProgressLog(tmp_path / "p.jsonl", run)
+    full = evaluate_prompted(KnownPredictor(samples, "box"), samples, run["protocols"], "s", settings,
+                             done=log.done, on_records=log.append)
+    # a run killed after the first image, with half a line written for the second
+    lines = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    (tmp_path / "p.jsonl").write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])
+    log = ProgressLog(tmp_path / "p.jsonl", run)
+    assert list(log.done) == ["a"]
+    pred = KnownPredictor(samples, "box")
+    resumed = evaluate_prompted(pred, samples, run["protocols"], "s", settings, done=log.done, on_records=log.append)
+    assert pred.embeds == 1  # only image "b" was evaluated again
+    for protocol in run["protocols"]:
+        assert resumed[protocol]["summary"] == full[protocol]["summary"]
+    assert set(ProgressLog(tmp_path / "p.jsonl", run).done) == {"a", "b"}
+    # another run's log is not mixed in
+    assert ProgressLog(tmp_path / "p.jsonl", {**run, "max_clicks": 4}).done == {}
+
+
+def test_box_ap_resumes_from_records(tmp_path):
+    from segany.eval.progress import ProgressLog
+
+    path, images = write_coco(tmp_path)
+    ds = CocoDataset(path, images)
+    samples = list(ds)
+    log = ProgressLog(tmp_path / "p.jsonl", {"run": 1})
+    first = evaluate_prompted(KnownPredictor(samples, "gt"), samples[:1], ["box"], "c", coco=ds.coco,
+                              done=log.done, on_records=log.append)
+    assert first["box"]["records"][0]["segmentation"]["counts"]
+    log = ProgressLog(tmp_path / "p.jsonl", {"run": 1})
+    pred = KnownPredictor(samples, "gt")
+    res = evaluate_prompted(pred, samples, ["box"], "c", coco=ds.coco, done=log.done, on_records=log.append)
+    assert pred.embeds == 1 and res["box"]["summary"]["AP"] == pytest.approx(1.0)

@@ -41,15 +41,21 @@ def eval_group() -> None:
 @click.option("--gallery", default=8, show_default=True, type=click.IntRange(0, 64),
               help="Worst cases drawn per protocol.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--restart", is_flag=True, help="Ignore the results of an earlier interrupted run in --out.")
 def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_clicks: int,
         limit: Optional[int], out_dir: Path, fast: bool, device: str, data_root: Optional[Path], split: str,
-        gallery: int, no_progress: bool) -> None:
-    """Run evaluation protocols and write the reports."""
+        gallery: int, no_progress: bool, restart: bool) -> None:
+    """Run evaluation protocols and write the reports.
+
+    Each finished image is logged in OUT/progress/, so running the same command again after an
+    interruption continues where it stopped (the worst-case gallery then covers the new images only).
+    """
     from tqdm import tqdm
 
     from ..eval.datasets import CocoDataset, dataset_length, limited, open_dataset
     from ..eval.protocols import (EvalSettings, SeganyPredictor, SeganyProposalGenerator, WorstCases,
                                   evaluate_prompted, evaluate_proposals)
+    from ..eval.progress import ProgressLog
     from ..eval.report import build_report, checkpoint_info, write_reports
     from ..io.models import load_model, resolve_checkpoint
 
@@ -63,6 +69,7 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
     path = resolve_checkpoint(checkpoint)
     mode = "fast" if fast else "exact"
     started = time.perf_counter()
+    ckpt = checkpoint_info(path)
     model = load_model(path, mode=mode, device=device)
     predictor = SeganyPredictor(model)
     generator = SeganyProposalGenerator(model) if "proposals" in protocols else None
@@ -70,24 +77,36 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
     prompted = [p for p in protocols if p != "proposals"]
     worst = {p: WorstCases(gallery) for p in prompted}
     results: Dict[str, Dict[str, Dict]] = {}
+    def progress_log(name: str, spec: str, group: Sequence[str]) -> ProgressLog:
+        run_key = {"sha256": ckpt["sha256"], "mode": mode, "device": device, "dataset": str(spec),
+                   "split": split, "protocols": list(group), "max_clicks": max_clicks}
+        log_path = out_dir / "progress" / f"{_safe(name)}.{'+'.join(group)}.jsonl"
+        if restart and log_path.is_file():
+            log_path.unlink()
+        return ProgressLog(log_path, run_key)
+
     for spec, dataset in opened:
         name = getattr(dataset, "name", str(spec))
         total = dataset_length(dataset, limit)
         coco = dataset.coco if isinstance(dataset, CocoDataset) else None
         results[name] = {}
         if prompted:
+            log = progress_log(name, spec, prompted)
             with tqdm(total=total, desc=f"{name} ({', '.join(prompted)})", unit="img",
                       disable=no_progress) as bar:
                 results[name].update(evaluate_prompted(predictor, limited(dataset, limit), prompted, name, settings,
-                                                       coco=coco, worst=worst, on_image=lambda _: bar.update()))
+                                                       coco=coco, worst=worst, on_image=lambda _: bar.update(),
+                                                       done=log.done, on_records=log.append))
         if generator is not None:
+            log = progress_log(name, spec, ["proposals"])
             with tqdm(total=total, desc=f"{name} (proposals)", unit="img", disable=no_progress) as bar:
                 results[name].update(evaluate_proposals(generator, limited(dataset, limit), coco,
-                                                        on_image=lambda _: bar.update()))
+                                                        on_image=lambda _: bar.update(),
+                                                        done=log.done, on_records=log.append))
     meta = {
         "model": f"{model.config.variant} {model.config.encoder_kind} (embed {model.config.encoder.embed_dim}, "
                  f"depth {model.config.encoder.depth})" if hasattr(model, "config") else type(model).__name__,
-        "checkpoint": checkpoint_info(path),
+        "checkpoint": ckpt,
         "mode": mode,
         "device": device,
         "datasets": {getattr(ds, "name", str(spec)): str(getattr(ds, "root", getattr(ds, "annotation_file", spec)))
@@ -104,3 +123,7 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
         click.echo(f"warning: {report['warning']}", err=True)
     click.echo(Path(paths["markdown"]).read_text())
     click.echo(f"reports written to {out_dir}/ (results.json, instances.jsonl, summary.md, plots)")
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)

@@ -242,47 +242,38 @@ def box_prompt(predictor: Predictor, handle: Any, gt: np.ndarray, ignore: Option
 def evaluate_prompted(predictor: Predictor, samples: Iterable[ImageSample], protocols: Sequence[str],
                       dataset_name: str, settings: EvalSettings = EvalSettings(),
                       coco: Any = None, worst: Optional[Dict[str, WorstCases]] = None,
-                      on_image: Optional[Callable[[ImageSample], None]] = None) -> Dict[str, Dict]:
+                      on_image: Optional[Callable[[ImageSample], None]] = None,
+                      done: Optional[Dict[str, Dict[str, List[Dict]]]] = None,
+                      on_records: Optional[Callable[[Any, Dict[str, List[Dict]]], None]] = None) -> Dict[str, Dict]:
     """Run the prompted protocols over a dataset, one embedding per image. Returns per-protocol results
-    with "summary" and "records" (one per instance)."""
+    with "summary" and "records" (one per instance).
+
+    Resuming: `done` maps str(image_id) to the records an earlier run produced for that image; those
+    images are not evaluated again. `on_records(image_id, records)` receives each new image's records
+    (to store them). With `coco`, box records carry the predicted mask as RLE, so mask AP can be
+    computed from records alone.
+    """
     unknown = [p for p in protocols if p not in PROMPTED_PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown prompted protocol(s) {unknown}; choose from {', '.join(PROMPTED_PROTOCOLS)}")
     if settings.max_clicks < 1:
         raise ValueError("max_clicks must be at least 1")
     records: Dict[str, List[Dict]] = {p: [] for p in protocols}
-    detections: List[Dict] = []
     image_ids: List[Any] = []
     worst = worst if worst is not None else {}
+    done = done or {}
     for sample in samples:
         image_ids.append(sample.image_id)
-        if not sample.instances:
-            if on_image:
-                on_image(sample)
-            continue
-        handle = predictor.embed(sample.image)
-        for index, inst in enumerate(sample.instances):
-            base = {"image_id": sample.image_id, "instance": index}
-            if inst.annotation_id is not None:
-                base["annotation_id"] = inst.annotation_id
-            shared = None
-            if "single-point" in protocols:
-                r = single_point(predictor, handle, inst.mask, inst.ignore)
-                _keep(worst, "single-point", r["iou_top"], dataset_name, sample, inst, r)
-                records["single-point"].append({**base, **_public(r)})
-                shared = r["_output"] if settings.first_click_multimask else None
-            if "interactive" in protocols:
-                r = interactive(predictor, handle, inst.mask, inst.ignore, settings.max_clicks,
-                                settings.first_click_multimask, shared)
-                _keep(worst, "interactive", r["ious"][-1], dataset_name, sample, inst, r)
-                records["interactive"].append({**base, **_public(r)})
-            if "box" in protocols:
-                box = sample.boxes[index] if sample.boxes is not None else inst.box
-                r = box_prompt(predictor, handle, inst.mask, inst.ignore, box)
-                _keep(worst, "box", r["iou"], dataset_name, sample, inst, r, box=box)
-                records["box"].append({**base, **_public(r)})
-                if coco is not None:
-                    detections.append(_detection(sample.image_id, inst.category_id, r["_mask"], r["score"]))
+        stored = done.get(str(sample.image_id))
+        if stored is not None:
+            for protocol in protocols:
+                records[protocol].extend(stored.get(protocol, []))
+        else:
+            found = _evaluate_image(predictor, sample, protocols, dataset_name, settings, coco is not None, worst)
+            for protocol in protocols:
+                records[protocol].extend(found[protocol])
+            if on_records:
+                on_records(sample.image_id, found)
         if on_image:
             on_image(sample)
     results: Dict[str, Dict] = {}
@@ -297,9 +288,42 @@ def evaluate_prompted(predictor: Predictor, samples: Iterable[ImageSample], prot
         else:
             summary = {"instances": len(recs), "mIoU": _mean([r["iou"] for r in recs])}
             if coco is not None:
+                detections = [{"image_id": r["image_id"], "category_id": r["category_id"],
+                               "segmentation": r["segmentation"], "score": r["score"]} for r in recs]
                 summary.update(mask_ap(coco, detections, image_ids))
         results[protocol] = {"summary": summary, "records": recs}
     return results
+
+
+def _evaluate_image(predictor: Predictor, sample: ImageSample, protocols: Sequence[str], dataset_name: str,
+                    settings: EvalSettings, keep_masks: bool, worst: Dict[str, WorstCases]) -> Dict[str, List[Dict]]:
+    """All protocols on all instances of one image, on one embedding."""
+    found: Dict[str, List[Dict]] = {p: [] for p in protocols}
+    if not sample.instances:
+        return found
+    handle = predictor.embed(sample.image)
+    for index, inst in enumerate(sample.instances):
+        base = {"image_id": sample.image_id, "instance": index}
+        if inst.annotation_id is not None:
+            base["annotation_id"] = inst.annotation_id
+        shared = None
+        if "single-point" in protocols:
+            r = single_point(predictor, handle, inst.mask, inst.ignore)
+            _keep(worst, "single-point", r["iou_top"], dataset_name, sample, inst, r)
+            found["single-point"].append({**base, **_public(r)})
+            shared = r["_output"] if settings.first_click_multimask else None
+        if "interactive" in protocols:
+            r = interactive(predictor, handle, inst.mask, inst.ignore, settings.max_clicks,
+                            settings.first_click_multimask, shared)
+            _keep(worst, "interactive", r["ious"][-1], dataset_name, sample, inst, r)
+            found["interactive"].append({**base, **_public(r)})
+        if "box" in protocols:
+            box = sample.boxes[index] if sample.boxes is not None else inst.box
+            r = box_prompt(predictor, handle, inst.mask, inst.ignore, box)
+            _keep(worst, "box", r["iou"], dataset_name, sample, inst, r, box=box)
+            extra = {"category_id": inst.category_id, "segmentation": encode_mask(r["_mask"])} if keep_masks else {}
+            found["box"].append({**base, **_public(r), **extra})
+    return found
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -326,11 +350,6 @@ def encode_mask(mask: np.ndarray) -> Dict:
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
-
-
-def _detection(image_id, category_id, mask, score) -> Dict:
-    return {"image_id": image_id, "category_id": int(category_id), "segmentation": encode_mask(mask),
-            "score": float(score)}
 
 
 def _cocoeval(coco_gt, detections: List[Dict], image_ids: Sequence[Any], use_cats: bool,
@@ -360,21 +379,33 @@ def mask_ap(coco_gt, detections: List[Dict], image_ids: Sequence[Any]) -> Dict[s
 
 def evaluate_proposals(generator: ProposalGenerator, samples: Iterable[ImageSample], coco_gt,
                        max_proposals: int = 1000,
-                       on_image: Optional[Callable[[ImageSample], None]] = None) -> Dict[str, Dict]:
-    """Class-agnostic average recall of everything-mode proposals at 10/100/1000 proposals per image."""
+                       on_image: Optional[Callable[[ImageSample], None]] = None,
+                       done: Optional[Dict[str, Dict[str, List[Dict]]]] = None,
+                       on_records: Optional[Callable[[Any, Dict[str, List[Dict]]], None]] = None) -> Dict[str, Dict]:
+    """Class-agnostic average recall of everything-mode proposals at 10/100/1000 proposals per image.
+    `done` / `on_records` resume as in evaluate_prompted (records: {"proposals": [detections]})."""
     detections: List[Dict] = []
     image_ids: List[Any] = []
     counts: List[int] = []
+    done = done or {}
     for sample in samples:
         image_ids.append(sample.image_id)
-        proposals = sorted(generator.generate(sample.image), key=lambda p: -float(p["score"]))[:max_proposals]
-        counts.append(len(proposals))
-        for p in proposals:
-            seg = p["segmentation"]
-            if not isinstance(seg, dict):
-                seg = encode_mask(seg)
-            detections.append({"image_id": sample.image_id, "category_id": 1, "segmentation": seg,
-                               "score": float(p["score"])})
+        stored = done.get(str(sample.image_id))
+        if stored is not None:
+            found = stored.get("proposals", [])
+        else:
+            proposals = sorted(generator.generate(sample.image), key=lambda p: -float(p["score"]))[:max_proposals]
+            found = []
+            for p in proposals:
+                seg = p["segmentation"]
+                if not isinstance(seg, dict):
+                    seg = encode_mask(seg)
+                found.append({"image_id": sample.image_id, "category_id": 1, "segmentation": seg,
+                              "score": float(p["score"])})
+            if on_records:
+                on_records(sample.image_id, {"proposals": found})
+        detections.extend(found)
+        counts.append(len(found))
         if on_image:
             on_image(sample)
     summary: Dict[str, Any] = {"images": len(image_ids),
