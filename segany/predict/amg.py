@@ -120,9 +120,13 @@ class SamMaskSource:
     """The network as a mask source: a segany Segmenter over a SAM-family model.
 
     predict() returns the decoder's low-resolution (256 x 256) logits; upscale() maps them to the crop
-    exactly as the released post-processing does (bilinear to the padded input square, crop to the
-    resized image, bilinear to the crop's size) but only interpolates the rows and columns of the
-    square that the resized image covers, which gives the same values for less work.
+    exactly as the released post-processing does (Sam.postprocess_masks).
+
+    For the plain SAM mask decoder it also offers the two-stage path the generator prefers:
+    predict_quality() runs the prompt encoder, the two-way transformer and the IoU head only;
+    logits_for() then runs the output upscaling and the hypernetwork dot products only for the
+    (point, mask) pairs that passed the predicted-IoU threshold. Every step is the decoder's own
+    module applied to the same inputs, so the values are those of a full decode.
     """
 
     def __init__(self, model: torch.nn.Module, decode_options: Optional[Dict[str, Any]] = None) -> None:
@@ -132,47 +136,91 @@ class SamMaskSource:
         self.mask_threshold = float(getattr(model, "mask_threshold", 0.0))
         self.decode_options = dict(decode_options or {})
         self.embedding = None
+        if not self._can_split():
+            self.predict_quality = None  # type: ignore[assignment]  # generator falls back to predict()
 
     @property
     def model(self) -> torch.nn.Module:
         return self.segmenter.model
 
+    def _can_split(self) -> bool:
+        from ..modeling.mask_decoder import MaskDecoder
+        from ..modeling.sam import Sam
+
+        model = self.model
+        return (
+            type(getattr(model, "mask_decoder", None)) is MaskDecoder
+            and type(model).decode is Sam.decode
+            and getattr(model, "mode", "exact") == "exact"
+            and not self.decode_options
+        )
+
     def set_crop(self, image: np.ndarray) -> None:
         self.embedding = self.segmenter.embed(np.ascontiguousarray(image))
+
+    def reset(self) -> None:
+        self.embedding = None
 
     def _require_embedding(self):
         if self.embedding is None:
             raise RuntimeError("set_crop() must be called before predict()")
         return self.embedding
 
-    @torch.no_grad()
-    def predict(self, points: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _prompts(self, points: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         emb = self._require_embedding()
+        # float64 coordinates, as the released generator feeds them; the prompt encoder casts after scaling
         coords = self.segmenter.transform.apply_coords(np.asarray(points, dtype=np.float64), emb.original_size)
         coords_t = torch.as_tensor(coords, device=self.segmenter.device)[:, None, :]  # N, 1, 2
         labels = torch.ones(coords_t.shape[0], 1, dtype=torch.int, device=coords_t.device)
-        low_res, iou = self.segmenter.decode_torch(emb, coords_t, labels, None, None, True, **self.decode_options)
-        return low_res, iou
+        return coords_t, labels
+
+    @torch.no_grad()
+    def predict(self, points: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+        coords, labels = self._prompts(points)
+        emb = self._require_embedding()
+        return self.segmenter.decode_torch(emb, coords, labels, None, None, True, **self.decode_options)
+
+    @torch.no_grad()
+    def predict_quality(self, points: np.ndarray) -> Tuple[Any, torch.Tensor]:
+        """(state, iou (N, 3)) without computing any mask; see logits_for()."""
+        coords, labels = self._prompts(points)
+        model, emb = self.model, self._require_embedding()
+        dec = model.mask_decoder
+        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        batch = sparse.shape[0]
+        tokens = torch.cat([dec.output_tokens(batch), sparse], dim=1)
+        image = emb.features["image_embeddings"]
+        pe = model.prompt_encoder.get_dense_pe()
+        if hasattr(dec, "image_side"):  # the decoder shares the image side across prompts
+            src = dec.image_side(image, dense, batch)
+        else:
+            src = dec.expand_to_batch(image, batch) + dense
+            pe = dec.expand_to_batch(pe, batch)
+        hs, src_out = dec.transformer(src, pe, tokens)
+        iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]  # multimask outputs: tokens 1..3
+        state = (hs[:, 1 : 1 + dec.num_mask_tokens, :], src_out, src.shape[1:])
+        return state, iou
+
+    @torch.no_grad()
+    def logits_for(self, state: Any, flat_index: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (M, 256, 256) of the (point, mask) pairs flat_index = point * 3 + mask."""
+        mask_tokens, src_out, (c, h, w) = state
+        dec = self.model.mask_decoder
+        flat_index = flat_index.to(torch.int64)
+        point = flat_index // 3
+        which = flat_index % 3 + 1  # multimask outputs are mask tokens 1..3
+        points_needed, inverse = torch.unique(point, return_inverse=True)
+        image_side = src_out[points_needed].transpose(1, 2).reshape(len(points_needed), c, h, w)
+        upscaled = dec.output_upscaling(image_side)  # P, C/8, 4h, 4w
+        hyper = dec.hypernetwork_weights(mask_tokens[points_needed])  # P, 4, C/8
+        p, c8, uh, uw = upscaled.shape
+        masks = (hyper @ upscaled.reshape(p, c8, uh * uw)).reshape(p, -1, uh, uw)  # as the decoder does
+        return masks[inverse, which]  # M, 4h, 4w
 
     @torch.no_grad()
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
         emb = self._require_embedding()
-        import torch.nn.functional as F
-
-        square = self.model.image_size
-        low = logits.shape[-1]
-        factor = square // low
-        in_h, in_w = emb.input_size
-        # Rows/columns of the low-res map that the visible part of the square interpolates from:
-        # bilinear (align_corners=False) output row i reads source rows floor((i + .5) / f - .5) and
-        # the next, so ceil(in_h / f) + 1 rows suffice; the scale stays exactly 1 / f.
-        rows = min(low, -(-in_h // factor) + 1)
-        cols = min(low, -(-in_w // factor) + 1)
-        x = logits[:, None, :rows, :cols]
-        x = F.interpolate(x, (rows * factor, cols * factor), mode="bilinear", align_corners=False)
-        x = x[..., :in_h, :in_w]
-        x = F.interpolate(x, tuple(emb.original_size), mode="bilinear", align_corners=False)
-        return x[:, 0]
+        return self.segmenter.upscale(logits[:, None], emb)[:, 0]
 
 
 # ----------------------------------------------------------------------------- results
@@ -332,9 +380,13 @@ class MaskGenerator:
     def _process_batch(self, points: np.ndarray, crop_box: List[int], size: Tuple[int, int]) -> MaskRecords:
         s = self.settings
         height, width = size
-        logits, iou = self.source.predict(points)  # (B, 3, h', w'), (B, 3)
+        two_stage = callable(getattr(self.source, "predict_quality", None))
+        if two_stage:
+            state, iou = self.source.predict_quality(points)  # masks are computed after filtering
+        else:
+            logits, iou = self.source.predict(points)  # (B, 3, h', w'), (B, 3)
+            logits = logits.flatten(0, 1)
         per_point = iou.shape[1]
-        logits = logits.flatten(0, 1)
         iou = iou.flatten(0, 1).float()
         point_index = np.repeat(np.arange(len(points)), per_point)
         # Predicted IoU needs no mask: filter before any upscaling.
@@ -344,9 +396,12 @@ class MaskGenerator:
         index_kept: List[np.ndarray] = []
         stability_kept: List[np.ndarray] = []
         threshold = self.mask_threshold
+        if two_stage and len(keep_idx):
+            logits = self.source.logits_for(state, keep_idx)  # (K, h', w') in keep_idx order
         for start in range(0, len(keep_idx), self.upscale_chunk):
             idx = keep_idx[start : start + self.upscale_chunk]
-            full = mask_ops.as_numpy(self.source.upscale(logits[idx.to(logits.device)]))  # (c, h, w) float
+            rows = torch.arange(start, start + len(idx)) if two_stage else idx
+            full = mask_ops.as_numpy(self.source.upscale(logits[rows.to(logits.device)]))  # (c, h, w) float
             stability = mask_ops.stability_score(full, threshold, s.stability_score_offset)
             if s.stability_score_thresh > 0:
                 sel = np.flatnonzero(stability >= np.float32(s.stability_score_thresh))
