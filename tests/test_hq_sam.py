@@ -93,7 +93,8 @@ def _compare_decoders(model, ref_decoder, features, coords, labels, boxes, modes
                 hq_token_only=hq_only,
                 interm_embeddings=[features["interm_embeddings"].permute(0, 2, 3, 1)],
             )
-        assert low_res.shape == ref_low.shape == (coords.shape[0] if coords is not None else boxes.shape[0], 1, 256, 256)
+        prompts = coords.shape[0] if coords is not None else boxes.shape[0]
+        assert low_res.shape == ref_low.shape == (prompts, 1, 256, 256)
         np.testing.assert_allclose(low_res.numpy(), ref_low.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(iou.numpy(), ref_iou.numpy(), atol=1e-5, rtol=0)
 
@@ -112,10 +113,9 @@ def test_hq_token_only_matches_reference(predictors, hq_sam):
 
     # Through the predictor: the HQ mask alone differs from SAM + HQ.
     predictor = predictors("davis345_000")
-    both, _, _ = predictor.predict(point_coords=np.array([[50.0, 200.0]]), point_labels=np.array([1]), return_logits=True)
-    hq_only, _, _ = predictor.predict(
-        point_coords=np.array([[50.0, 200.0]]), point_labels=np.array([1]), return_logits=True, hq_token_only=True
-    )
+    prompt = dict(point_coords=np.array([[50.0, 200.0]]), point_labels=np.array([1]), return_logits=True)
+    both, _, _ = predictor.predict(**prompt)
+    hq_only, _, _ = predictor.predict(**prompt, hq_token_only=True)
     assert both.shape == hq_only.shape == (1, *predictor.original_size)
     assert not np.allclose(both, hq_only)
 

@@ -143,3 +143,18 @@ def test_tiny_vit_matches_reference_on_another_size(seed):
         expected = ref(x)
         got = encoder(x)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_other_tiny_vit_sizes_are_inferred_from_keys(tmp_path):
+    """Widths, depths, heads, windows, ratios and a dropped classifier are all read back from the keys."""
+    from segany.modeling import SamConfig, build_sam
+
+    encoder = TinyViTConfig(
+        embed_dims=(8, 16, 24, 48, 64), depths=(1, 2, 1, 3, 1), num_heads=(2, 2, 3, 4, 8),
+        window_sizes=(7, 5, 3, 6, 4), mlp_ratio=2.0, mbconv_expand_ratio=3.0, local_conv_size=5, num_classes=0,
+    )
+    cfg = SamConfig(encoder=encoder, encoder_kind="tiny_vit")
+    path = save_checkpoint(build_sam(cfg), tmp_path / "custom_tiny.pth")
+    assert infer_config(read_state_dict(path)) == cfg
+    model = segany.load_model(path)
+    assert isinstance(model.image_encoder, TinyViT) and not hasattr(model.image_encoder, "head")
