@@ -134,3 +134,20 @@ def test_davis_and_coco_readers_on_shared_data():
         assert {i.annotation_id for i in s.instances} <= {a["id"] for a in anns if not a["iscrowd"]}
         for inst in s.instances:
             assert inst.mask.shape == s.image.shape[:2] and inst.mask.any()
+
+
+def test_segany_everything_mode_feeds_the_proposals_protocol(tmp_path, tiny_sam):
+    from segany.eval.datasets import CocoDataset
+    from segany.eval.protocols import SeganyProposalGenerator, evaluate_proposals
+    from tests.test_eval_protocols import write_coco
+
+    path, images = write_coco(tmp_path)
+    ds = CocoDataset(path, images)
+    gen = SeganyProposalGenerator(tiny_sam, {"points_per_side": 2, "pred_iou_thresh": 0.0,
+                                             "stability_score_thresh": 0.0})
+    samples = list(ds)[:1]
+    proposals = gen.generate(samples[0].image)
+    assert proposals and all(isinstance(p["segmentation"]["counts"], str) for p in proposals)
+    summary = evaluate_proposals(gen, samples, ds.coco)["proposals"]["summary"]
+    assert summary["images"] == 1 and summary["mean_proposals"] == len(proposals)
+    assert 0.0 <= summary["AR@10"] <= summary["AR@100"] <= summary["AR@1000"] <= 1.0

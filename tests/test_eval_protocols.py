@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segany.eval.clicks import Click
 from segany.eval.datasets import CocoDataset, ImageSample, Instance, MaskFolderDataset, open_dataset
 from segany.eval.protocols import (EvalSettings, Predictor, PredictorOutput, ProposalGenerator, WorstCases,
                                    evaluate_prompted, evaluate_proposals)
@@ -158,6 +159,15 @@ def test_worst_cases_keeps_the_lowest():
     cases = worst.cases()
     assert [c.iou for c in cases] == [0.1, 0.2]
     assert cases[0].image.shape == (11, 16, 3)
+    # a small object in a large image is shown with context around it, prompts moved along
+    big = np.zeros((400, 600, 3), np.uint8)
+    obj = square((400, 600), 100, 120, 300, 340)
+    worst = WorstCases(keep=1, side=1000)
+    worst.add(0.3, "d", "p", "x", big, obj, obj, [Click(310, 105, True)], box=np.array([300, 100, 340, 120]))
+    case = worst.cases()[0]
+    assert case.image.shape == (84, 104, 3)  # rows 68..152, columns 268..372
+    assert case.clicks == [Click(42, 37, True)] and case.box.tolist() == [32, 32, 72, 52]
+    assert case.gt.sum() == obj.sum()
 
 
 # ------------------------------------------------------------------ COCO-format data

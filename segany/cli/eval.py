@@ -40,11 +40,18 @@ def eval_group() -> None:
 @click.option("--split", default="val2017", show_default=True, help="COCO split for a COCO root.")
 @click.option("--gallery", default=8, show_default=True, type=click.IntRange(0, 64),
               help="Worst cases drawn per protocol.")
+@click.option("--points-per-side", default=32, show_default=True, type=click.IntRange(1, 128),
+              help="Proposals: everything-mode grid (points per side).")
+@click.option("--pred-iou-thresh", default=0.88, show_default=True, type=click.FloatRange(0, 1),
+              help="Proposals: keep masks whose predicted IoU is above this.")
+@click.option("--stability-thresh", default=0.95, show_default=True, type=click.FloatRange(0, 1),
+              help="Proposals: keep masks whose stability score is at least this.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @click.option("--restart", is_flag=True, help="Ignore the results of an earlier interrupted run in --out.")
 def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_clicks: int,
         limit: Optional[int], out_dir: Path, fast: bool, device: str, data_root: Optional[Path], split: str,
-        gallery: int, no_progress: bool, restart: bool) -> None:
+        gallery: int, points_per_side: int, pred_iou_thresh: float, stability_thresh: float, no_progress: bool,
+        restart: bool) -> None:
     """Run evaluation protocols and write the reports.
 
     Each finished image is logged in OUT/progress/, so running the same command again after an
@@ -72,7 +79,9 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
     ckpt = checkpoint_info(path)
     model = load_model(path, mode=mode, device=device)
     predictor = SeganyPredictor(model)
-    generator = SeganyProposalGenerator(model) if "proposals" in protocols else None
+    amg = {"points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
+           "stability_score_thresh": stability_thresh}
+    generator = SeganyProposalGenerator(model, dict(amg)) if "proposals" in protocols else None
     settings = EvalSettings(max_clicks=max_clicks, gallery_size=gallery)
     prompted = [p for p in protocols if p != "proposals"]
     worst = {p: WorstCases(gallery) for p in prompted}
@@ -80,6 +89,8 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
     def progress_log(name: str, spec: str, group: Sequence[str]) -> ProgressLog:
         run_key = {"sha256": ckpt["sha256"], "mode": mode, "device": device, "dataset": str(spec),
                    "split": split, "protocols": list(group), "max_clicks": max_clicks}
+        if "proposals" in group:
+            run_key["everything"] = amg
         log_path = out_dir / "progress" / f"{_safe(name)}.{'+'.join(group)}.jsonl"
         if restart and log_path.is_file():
             log_path.unlink()
@@ -113,7 +124,8 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
                      for spec, ds in opened},
         "protocols": protocols,
         "settings": {"max_clicks": max_clicks, "limit": limit, "first_click_multimask": True,
-                     "thresholds": [0.85, 0.90], "split": split},
+                     "thresholds": [0.85, 0.90], "split": split,
+                     **({"everything": amg} if "proposals" in protocols else {})},
         "wall_time_s": round(time.perf_counter() - started, 2),
     }
     report = build_report(meta, results)

@@ -91,21 +91,26 @@ class ProposalGenerator(abc.ABC):
 
 
 class SeganyProposalGenerator(ProposalGenerator):
-    """Everything mode of segany (segany.predict.amg), proposals ranked by predicted IoU."""
+    """segany's everything mode (segany.predict.amg.MaskGenerator); proposals ranked by predicted IoU.
 
-    def __init__(self, model: Any, **generator_options: Any) -> None:
-        try:
-            from ..predict.amg import SamAutomaticMaskGenerator
-        except ImportError as exc:
-            raise ValueError(f"everything mode is not available in this segany build: {exc}") from None
-        self.generator = SamAutomaticMaskGenerator(model, **generator_options)
+    `settings`: an AmgSettings or a dict of its fields; the released generator's defaults otherwise.
+    Masks come back as COCO RLE, so no full-size mask is kept per proposal.
+    """
+
+    def __init__(self, model: Any, settings: Any = None) -> None:
+        from ..predict.amg import AmgSettings, MaskGenerator
+
+        if settings is None:
+            settings = AmgSettings()
+        elif isinstance(settings, dict):
+            settings = AmgSettings(**settings)
+        settings.output_mode = "coco_rle"
+        self.settings = settings
+        self.generator = MaskGenerator(model, settings)
 
     def generate(self, image: np.ndarray) -> List[Dict[str, Any]]:
-        out = []
-        for ann in self.generator.generate(image):
-            score = ann.get("predicted_iou", ann.get("score", 0.0))
-            out.append({"segmentation": ann["segmentation"], "score": float(score)})
-        return out
+        return [{"segmentation": ann["segmentation"], "score": float(ann["predicted_iou"])}
+                for ann in self.generator.generate(image)]
 
 
 # ------------------------------------------------------------------ worst cases for the gallery
@@ -143,16 +148,30 @@ class WorstCases:
             return
         import cv2
 
-        scale = min(1.0, self.side / max(image.shape[:2]))
-        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        # show the object with as much context again around it, and every prompt
+        h, w = gt.shape
+        ys, xs = np.nonzero(gt)
+        x0, x1 = (xs.min(), xs.max() + 1) if len(xs) else (0, w)
+        y0, y1 = (ys.min(), ys.max() + 1) if len(ys) else (0, h)
+        for c in clicks:
+            x0, x1, y0, y1 = min(x0, c.x), max(x1, c.x + 1), min(y0, c.y), max(y1, c.y + 1)
+        pad_x, pad_y = max(32, (x1 - x0) // 2), max(32, (y1 - y0) // 2)
+        x0, y0 = max(0, x0 - pad_x), max(0, y0 - pad_y)
+        x1, y1 = min(w, x1 + pad_x), min(h, y1 + pad_y)
+        scale = min(1.0, self.side / max(x1 - x0, y1 - y0))
+        size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
 
-        def small(mask):
-            return cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        def small(array, interpolation=cv2.INTER_NEAREST):
+            crop = np.ascontiguousarray(array[y0:y1, x0:x1])
+            if crop.dtype == bool:
+                return cv2.resize(crop.astype(np.uint8), size, interpolation=interpolation).astype(bool)
+            return cv2.resize(crop, size, interpolation=interpolation)
 
+        shift = np.array([x0, y0, x0, y0], dtype=np.float64)
         case = Case(iou_value, next(self._counter), dataset, protocol, image_id,
-                    cv2.resize(image, size, interpolation=cv2.INTER_AREA), small(gt), small(pred),
-                    [Click(round(c.x * scale), round(c.y * scale), c.positive) for c in clicks],
-                    None if box is None else np.asarray(box, dtype=np.float64) * scale)
+                    small(image, cv2.INTER_AREA), small(gt), small(pred),
+                    [Click(round((c.x - x0) * scale), round((c.y - y0) * scale), c.positive) for c in clicks],
+                    None if box is None else (np.asarray(box, dtype=np.float64) - shift) * scale)
         entry = (-iou_value, -case.order, case)
         if len(self._heap) < self.keep:
             heapq.heappush(self._heap, entry)
