@@ -121,7 +121,7 @@ def compress(rle: Rle) -> Rle:
 
 def decompress(rle: Rle) -> Rle:
     """COCO compressed RLE -> uncompressed RLE."""
-    return encode(decode(rle))
+    return encode(decode(rle))[0]
 
 
 def encode_coco(masks: MaskArray) -> List[Rle]:

@@ -1,0 +1,98 @@
+"""SA-1B per-image annotation files (the Segment Anything dataset's layout), written atomically.
+
+    {"image": {"image_id", "width", "height", "file_name"},
+     "annotations": [{"id", "segmentation": {"size": [h, w], "counts": "<COCO RLE>"}, "bbox": [x, y, w, h],
+                      "area", "predicted_iou", "stability_score", "crop_box": [x, y, w, h], "point_coords"}]}
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Union
+
+import numpy as np
+
+from . import rle as rle_io
+from .atomic import atomic_write_text
+
+PathLike = Union[str, os.PathLike]
+
+
+def to_coco_rle(segmentation: Any) -> Dict[str, Any]:
+    """A binary mask, an uncompressed or a compressed RLE -> compressed COCO RLE (str counts)."""
+    if isinstance(segmentation, dict):
+        return rle_io.compress(segmentation)
+    mask = np.asarray(segmentation)
+    if mask.ndim != 2:
+        raise ValueError(f"a segmentation must be an (H, W) mask or an RLE dict, got shape {mask.shape}")
+    return rle_io.encode_coco(mask)[0]
+
+
+def sa1b_document(records: Sequence[Dict[str, Any]], image_info: Dict[str, Any]) -> Dict[str, Any]:
+    """The SA-1B dict for one image from generator records (any output mode)."""
+    for key in ("width", "height", "file_name"):
+        if key not in image_info:
+            raise ValueError(f"image_info needs {key!r}")
+    annotations: List[Dict[str, Any]] = []
+    for i, rec in enumerate(records):
+        seg = to_coco_rle(rec["segmentation"])
+        if seg["size"] != [int(image_info["height"]), int(image_info["width"])]:
+            raise ValueError(f"mask {i} has size {seg['size']}, image is {image_info['height']}x{image_info['width']}")
+        annotations.append(
+            {
+                "id": i + 1,
+                "segmentation": seg,
+                "bbox": [float(v) for v in rec["bbox"]],
+                "area": int(rec["area"]),
+                "predicted_iou": float(rec["predicted_iou"]),
+                "stability_score": float(rec["stability_score"]),
+                "crop_box": [float(v) for v in rec["crop_box"]],
+                "point_coords": [[float(x), float(y)] for x, y in rec["point_coords"]],
+            }
+        )
+    image = {"image_id": int(image_info.get("image_id", 0)), "width": int(image_info["width"]),
+             "height": int(image_info["height"]), "file_name": str(image_info["file_name"])}
+    return {"image": image, "annotations": annotations}
+
+
+def write_sa1b(path: PathLike, records: Sequence[Dict[str, Any]], image_info: Dict[str, Any]) -> Path:
+    doc = sa1b_document(records, image_info)
+    atomic_write_text(path, json.dumps(doc))
+    return Path(path)
+
+
+def validate_sa1b(doc: Any) -> Dict[str, Any]:
+    """Raise ValueError unless `doc` is a well-formed SA-1B per-image dict; returns it."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("image"), dict) or not isinstance(doc.get("annotations"), list):
+        raise ValueError("an SA-1B file needs an 'image' object and an 'annotations' list")
+    image = doc["image"]
+    for key in ("width", "height", "file_name"):
+        if key not in image:
+            raise ValueError(f"SA-1B 'image' lacks {key!r}")
+    size = [int(image["height"]), int(image["width"])]
+    for i, ann in enumerate(doc["annotations"]):
+        seg = ann.get("segmentation") if isinstance(ann, dict) else None
+        if not isinstance(seg, dict) or "counts" not in seg or list(seg.get("size", [])) != size:
+            raise ValueError(f"SA-1B annotation {i} has no RLE segmentation of the image's size {size}")
+        for key in ("bbox", "area"):
+            if key not in ann:
+                raise ValueError(f"SA-1B annotation {i} lacks {key!r}")
+    return doc
+
+
+def read_sa1b(path: PathLike) -> Dict[str, Any]:
+    """Load and check an SA-1B per-image file (ValueError if it is damaged or not SA-1B)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read SA-1B file {path}: {exc}") from None
+    return validate_sa1b(doc)
+
+
+def sa1b_masks(doc: Dict[str, Any]) -> np.ndarray:
+    """(N, H, W) bool masks of an SA-1B dict."""
+    image = doc["image"]
+    if not doc["annotations"]:
+        return np.zeros((0, int(image["height"]), int(image["width"])), dtype=bool)
+    return np.stack([rle_io.decode(a["segmentation"]) for a in doc["annotations"]])
