@@ -139,6 +139,15 @@ def test_predictor_returning_no_masks_counts_as_empty():
     assert res["interactive"]["summary"]["NoC@85"] == 3
 
 
+def test_instances_without_valid_pixels_are_skipped():
+    samples = synthetic_samples()
+    empty = Instance(np.zeros((24, 32), bool))
+    hidden = Instance(square((24, 32), 0, 4, 0, 4), ignore=square((24, 32), 0, 5, 0, 5))
+    samples[1].instances += [empty, hidden]
+    res = evaluate_prompted(KnownPredictor(samples, "gt"), samples, ["single-point"], "s")
+    assert res["single-point"]["summary"]["instances"] == 3
+
+
 def test_wrong_mask_size_is_a_clear_error():
     samples = synthetic_samples()
 

@@ -322,6 +322,8 @@ def _evaluate_image(predictor: Predictor, sample: ImageSample, protocols: Sequen
         return found
     handle = predictor.embed(sample.image)
     for index, inst in enumerate(sample.instances):
+        if first_click(inst.mask, inst.ignore) is None:
+            continue  # no object pixel outside the ignored ones: nothing to click, nothing to score
         base = {"image_id": sample.image_id, "instance": index}
         if inst.annotation_id is not None:
             base["annotation_id"] = inst.annotation_id
