@@ -60,16 +60,17 @@ def relative_position_table(q_size: int, k_size: int, rel_pos: torch.Tensor) -> 
     return rel_pos[relative.long()]
 
 
-def decomposed_rel_pos_bias(
+def decomposed_rel_pos_terms(
     q: torch.Tensor,
     rel_pos_h: torch.Tensor,
     rel_pos_w: torch.Tensor,
     q_size: Tuple[int, int],
     k_size: Tuple[int, int],
-) -> torch.Tensor:
-    """Additive attention bias of MViTv2's decomposed relative positions.
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of MViTv2's decomposed relative-position bias.
 
-    q: (B*heads, q_h*q_w, C), unscaled. Returns (B*heads, q_h*q_w, k_h*k_w).
+    q: (B*heads, q_h*q_w, C), unscaled. Returns rel_h (B*heads, q_h, q_w, k_h) and
+    rel_w (B*heads, q_h, q_w, k_w); the bias of query (i, j) on key (y, x) is rel_h[i, j, y] + rel_w[i, j, x].
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
@@ -79,8 +80,62 @@ def decomposed_rel_pos_bias(
     r_q = q.reshape(b, q_h, q_w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h)  # b, q_h, q_w, k_h
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w)  # b, q_h, q_w, k_w
+    return rel_h, rel_w
+
+
+def decomposed_rel_pos_bias(
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: Tuple[int, int],
+    k_size: Tuple[int, int],
+) -> torch.Tensor:
+    """Additive attention bias of MViTv2's decomposed relative positions, materialised.
+
+    q: (B*heads, q_h*q_w, C), unscaled. Returns (B*heads, q_h*q_w, k_h*k_w).
+    """
+    rel_h, rel_w = decomposed_rel_pos_terms(q, rel_pos_h, rel_pos_w, q_size, k_size)
     bias = rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+    b, q_h, q_w, k_h, k_w = bias.shape
     return bias.reshape(b, q_h * q_w, k_h * k_w)
+
+
+# Elements of one attention-logit tile (4 MiB in float32): small enough to stay in cache.
+ATTENTION_TILE = 1 << 20
+
+
+def rel_pos_attention_tiled(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """softmax(scale * q k^T + rel_h + rel_w) v without materialising the (N, N) bias.
+
+    q, k, v: (BH, N, C); rel_h: (BH, q_h, q_w, k_h); rel_w: (BH, q_h, q_w, k_w). The logits are built
+    tile by tile (a few query rows of a few heads), the bias added in place while the tile is in cache.
+    For inference: the in-place additions are not meant for autograd.
+    """
+    bh, n_q, _ = q.shape
+    _, q_h, q_w, k_h = rel_h.shape
+    k_w = rel_w.shape[-1]
+    n_k = k.shape[1]
+    rows = max(1, min(q_h, ATTENTION_TILE // (q_w * n_k)))
+    heads = max(1, min(bh, ATTENTION_TILE // (rows * q_w * n_k)))
+    q = q * scale
+    k_t = k.transpose(1, 2)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+    for b0 in range(0, bh, heads):
+        b1 = min(bh, b0 + heads)
+        for r0 in range(0, q_h, rows):
+            r1 = min(q_h, r0 + rows)
+            logits = torch.bmm(q[b0:b1, r0 * q_w : r1 * q_w], k_t[b0:b1])  # heads, rows*q_w, N
+            tile = logits.view(b1 - b0, r1 - r0, q_w, k_h, k_w)
+            tile.add_(rel_h[b0:b1, r0:r1, :, :, None]).add_(rel_w[b0:b1, r0:r1, :, None, :])
+            out[b0:b1, r0 * q_w : r1 * q_w] = torch.bmm(logits.softmax(-1), v[b0:b1])
+    return out
 
 
 class Attention(nn.Module):
@@ -111,11 +166,21 @@ class Attention(nn.Module):
         # qkv: 3, B*heads, H*W, head_dim
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
-        bias = None
-        if self.use_rel_pos:
+        if not self.use_rel_pos:
+            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        elif torch.is_grad_enabled() and (x.requires_grad or self.rel_pos_h.requires_grad):
+            # Training: fused attention with the materialised bias as the additive mask (4-D, so
+            # the fused kernels apply); differentiable.
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-        # Fused attention; the relative-position bias enters as the additive mask.
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            x = F.scaled_dot_product_attention(
+                *(t.view(b, self.num_heads, h * w, -1) for t in (q, k, v)),
+                attn_mask=bias.view(b, self.num_heads, h * w, h * w),
+                scale=self.scale,
+            )
+        else:
+            # Inference: the (N, N) bias of a global block is 800 MB for vit_b; tile it instead.
+            rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+            x = rel_pos_attention_tiled(q, k, v, rel_h, rel_w, self.scale)
         x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
 

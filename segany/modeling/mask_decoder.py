@@ -6,10 +6,49 @@ from __future__ import annotations
 from typing import List, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d
 from .transformer import TwoWayTransformer
+
+
+def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """A stride-2, 2x2 transposed convolution on channels-last (B, h, w, Cin) -> (B, 2h, 2w, Cout).
+
+    Each input pixel maps to its own 2x2 output block, so this is one matrix product followed by a
+    shuffle of contiguous channel vectors; much faster on a CPU than the generic kernel.
+    """
+    b, h, w, c_in = x.shape
+    c_out = conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # Cin, (dy, dx, Cout)
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    y = F.linear(x, weight.t(), bias).view(b, h, w, 2, 2, c_out)
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c_out)
+
+
+class MaskUpscaling(nn.Sequential):
+    """ConvT(2x2, s2) -> LayerNorm2d -> act -> ConvT(2x2, s2) -> act, as released (same keys).
+
+    forward takes and returns NCHW tensors; internally it runs channels-last (see conv_transpose_2x2) and
+    returns a channels-last-strided NCHW view, which `mask_logits` reads without a copy.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, C, h, w -> B, C/8, 4h, 4w
+        up1, norm, act1, up2, act2 = self
+        x = conv_transpose_2x2(x.permute(0, 2, 3, 1), up1)
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        x = act2(conv_transpose_2x2(x, up2))
+        return x.permute(0, 3, 1, 2)
+
+
+def mask_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
+    """hyper_in (B, T, c) . upscaled (B, c, H, W) over c -> (B, T, H, W), whatever upscaled's layout."""
+    b, c, h, w = upscaled.shape
+    if upscaled.permute(0, 2, 3, 1).is_contiguous():
+        flat = upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of the channels-last data
+        return (flat @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
+    return (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
 
 
 class MaskDecoder(nn.Module):
@@ -30,7 +69,7 @@ class MaskDecoder(nn.Module):
         self.iou_token = nn.Embedding(1, transformer_dim)
         self.num_mask_tokens = num_multimask_outputs + 1  # token 0: single-mask output
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, transformer_dim)
-        self.output_upscaling = nn.Sequential(
+        self.output_upscaling = MaskUpscaling(
             nn.ConvTranspose2d(transformer_dim, transformer_dim // 4, kernel_size=2, stride=2),
             LayerNorm2d(transformer_dim // 4),
             activation(),
@@ -70,6 +109,14 @@ class MaskDecoder(nn.Module):
             raise ValueError(f"image batch {x.shape[0]} does not match prompt batch {batch}")
         return x.expand(batch, *x.shape[1:])
 
+    def image_side(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor, batch: int) -> torch.Tensor:
+        """Image embedding + dense prompt, (B, C, h, w); batch 1 when every prompt shares it (one image and
+        no mask prompt: the dense prompt is one broadcast embedding), so the image side is computed once."""
+        dense = dense_prompt_embeddings
+        if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
+            return image_embeddings + dense[:1]
+        return self.expand_to_batch(image_embeddings, batch) + dense
+
     def hypernetwork_weights(self, mask_tokens_out: torch.Tensor) -> torch.Tensor:
         hyper: List[torch.Tensor] = [
             mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)
@@ -85,17 +132,17 @@ class MaskDecoder(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
-        src = self.expand_to_batch(image_embeddings, batch) + dense_prompt_embeddings
-        pos_src = self.expand_to_batch(image_pe, batch)
-        b, c, h, w = src.shape
+        src = self.image_side(image_embeddings, dense_prompt_embeddings, batch)
+        b, c, h, w = batch, src.shape[1], src.shape[2], src.shape[3]
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
+        hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # B, C/8, 4h, 4w
+        # B, h*w, C viewed as NCHW without a copy (channels-last strides)
+        upscaled = self.output_upscaling(src.reshape(b, h, w, c).permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
         hyper_in = self.hypernetwork_weights(mask_tokens_out)
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        masks = mask_logits(hyper_in, upscaled)
         iou_pred = self.iou_prediction_head(iou_token_out)
         return masks, iou_pred

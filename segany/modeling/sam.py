@@ -51,7 +51,22 @@ class Sam(nn.Module):
     ) -> torch.Tensor:
         """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W)."""
         size = self.image_size
-        masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
+        low_h, low_w = masks.shape[-2:]
+        if size % low_h == 0 and size % low_w == 0:
+            # Upsample only the low-res rows/columns the un-padded region needs (+1 for the bilinear
+            # neighbour): the same scale, so the same values as upsampling everything and cropping.
+            factor_h, factor_w = size // low_h, size // low_w
+            need_h = min(low_h, -(-int(input_size[0]) // factor_h) + 1)
+            need_w = min(low_w, -(-int(input_size[1]) // factor_w) + 1)
+            masks = F.interpolate(
+                masks[..., :need_h, :need_w],
+                scale_factor=(float(factor_h), float(factor_w)),
+                mode="bilinear",
+                align_corners=False,
+                recompute_scale_factor=False,
+            )
+        else:
+            masks = F.interpolate(masks, (size, size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_size[0], : input_size[1]]
         return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 

@@ -38,9 +38,18 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(b, n, h * c)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (B, Nq, C); k, v: (B, Nk, C). Either side may have batch 1 where every prompt shares the
+        image (the first block without a mask prompt): its projections are then computed once."""
+        batch_q, batch_k = q.shape[0], k.shape[0]
+        if batch_k == 1 and batch_q > 1:
+            # Shared keys: the prompts' queries are independent rows of one attention.
+            n_q = q.shape[1]
+            return self.forward(q.reshape(1, batch_q * n_q, q.shape[2]), k, v).reshape(batch_q, n_q, -1)
         q = self._separate_heads(self.q_proj(q))
         k = self._separate_heads(self.k_proj(k))
         v = self._separate_heads(self.v_proj(v))
+        if batch_q == 1 and batch_k > 1:
+            q = q.expand(batch_k, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
         return self.out_proj(self._recombine_heads(out))
 
@@ -84,9 +93,8 @@ class TwoWayAttentionBlock(nn.Module):
 
         queries = self.norm3(queries + self.mlp(queries))
 
-        # The image attends to the tokens.
+        # The image attends to the tokens (keys are unchanged since k was formed above).
         q = queries + query_pe
-        k = keys + key_pe
         keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
         return queries, keys
 
@@ -123,16 +131,21 @@ class TwoWayTransformer(nn.Module):
     def forward(
         self, image_embedding: torch.Tensor, image_pe: torch.Tensor, point_embedding: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """image_embedding, image_pe: (B, C, h, w); point_embedding: (B, N, C).
+        """image_embedding, image_pe: (B or 1, C, h, w); point_embedding: (B, N, C).
 
-        Returns the processed tokens (B, N, C) and image features (B, h*w, C).
+        Returns the processed tokens (B, N, C) and image features (B, h*w, C). An image side of batch 1 is
+        shared by every prompt: its projections in the first block are computed once, not per prompt.
         """
-        image_embedding = image_embedding.flatten(2).permute(0, 2, 1)  # B, h*w, C
-        image_pe = image_pe.flatten(2).permute(0, 2, 1)
+        image_embedding = image_embedding.flatten(2).transpose(1, 2)  # B or 1, h*w, C
+        if image_pe.shape[0] > 1 and image_pe.stride(0) == 0:
+            image_pe = image_pe[:1]  # an expanded PE: keep one copy and broadcast
+        image_pe = image_pe.flatten(2).transpose(1, 2)
         queries, keys = point_embedding, image_embedding
         for layer in self.layers:
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=image_pe)
         q = queries + point_embedding
         k = keys + image_pe
         queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=k, v=keys))
+        if keys.shape[0] != queries.shape[0]:
+            keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
