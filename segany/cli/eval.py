@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import click
 
@@ -82,7 +82,7 @@ def run(checkpoint: str, datasets: Sequence[str], protocols: Sequence[str], max_
     amg = {"points_per_side": points_per_side, "pred_iou_thresh": pred_iou_thresh,
            "stability_score_thresh": stability_thresh}
     generator = SeganyProposalGenerator(model, dict(amg)) if "proposals" in protocols else None
-    settings = EvalSettings(max_clicks=max_clicks, gallery_size=gallery)
+    settings = EvalSettings(max_clicks=max_clicks)
     prompted = [p for p in protocols if p != "proposals"]
     worst = {p: WorstCases(gallery) for p in prompted}
     results: Dict[str, Dict[str, Dict]] = {}

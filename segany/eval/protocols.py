@@ -190,7 +190,6 @@ class EvalSettings:
     max_clicks: int = 20
     first_click_multimask: bool = True
     thresholds: Sequence[float] = (0.85, 0.90)
-    gallery_size: int = 8
 
 
 def _choose(out: PredictorOutput, shape) -> tuple:
@@ -237,8 +236,8 @@ def interactive(predictor: Predictor, handle: Any, gt: np.ndarray, ignore: Optio
     while len(ious) < max_clicks:
         click = next_click(gt, mask, ignore)
         if click is None:  # nothing left to correct: the answer stays as it is
-            ious.append(ious[-1])
-            continue
+            ious += [ious[-1]] * (max_clicks - len(ious))
+            break
         clicks.append(click)
         points = np.array([[c.x, c.y] for c in clicks], dtype=np.float64)
         labels = np.array([c.label for c in clicks])

@@ -175,6 +175,9 @@ def plot_click_curves(report: Dict[str, Any], path: PathLike) -> bool:
         ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, label=ds)
     for t in (0.85, 0.90):
         ax.axhline(t, color="grey", linewidth=0.6, linestyle=":")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("clicks")
     ax.set_ylabel("mIoU")
     ax.set_ylim(0, 1)
