@@ -22,7 +22,7 @@ from .build import ENCODER_BUILDERS, build_prompt_encoder
 from .common import MLP, LayerNorm2d
 from .config import SAM_CONFIGS, SamConfig
 from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder
+from .mask_decoder import MaskDecoder, mask_logits
 from .sam import Sam
 from .transformer import TwoWayTransformer
 
@@ -120,21 +120,19 @@ class MaskDecoderHQ(MaskDecoder):
         """SAM masks (B, 4, 256, 256), HQ mask (B, 1, 256, 256), IoU predictions (B, 4)."""
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
-        src = self.expand_to_batch(image_embeddings, batch) + dense_prompt_embeddings
-        pos_src = self.expand_to_batch(image_pe, batch)
-        b, c, h, w = src.shape
+        # As in MaskDecoder.predict_masks: an image side of batch 1 is shared by every prompt.
+        src = self.image_side(image_embeddings, dense_prompt_embeddings, batch)
+        b, c, h, w = batch, src.shape[1], src.shape[2], src.shape[3]
 
-        hs, src = self.transformer(src, pos_src, tokens)
+        hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens)
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hq_token_out = hs[:, 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # B, C/8, 4h, 4w
+        upscaled = self.output_upscaling(src.reshape(b, h, w, c).permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
         upscaled_hq = self.embedding_maskfeature(upscaled) + self.expand_to_batch(hq_features, batch)
-        b, c, h, w = upscaled.shape
-        sam_masks = (self.hypernetwork_weights(mask_tokens_out) @ upscaled.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        hq_weights = self.hf_mlp(hq_token_out).unsqueeze(1)  # B, 1, C/8
-        hq_mask = (hq_weights @ upscaled_hq.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        sam_masks = mask_logits(self.hypernetwork_weights(mask_tokens_out), upscaled)  # B, 4, 4h, 4w
+        hq_mask = mask_logits(self.hf_mlp(hq_token_out).unsqueeze(1), upscaled_hq)  # B, 1, 4h, 4w
         return sam_masks, hq_mask, self.iou_prediction_head(iou_token_out)
 
 
