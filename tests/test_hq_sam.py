@@ -152,3 +152,34 @@ def test_light_hq_sam_on_tiny_vit_matches_reference(tmp_path):
     )
     boxes = torch.tensor([[100.0, 200.0, 600.0, 700.0], [0.0, 0.0, 1023.0, 511.0]])
     _compare_decoders(model, ref.mask_decoder, features, None, None, boxes, [(True, False), (False, True)])
+
+
+@needs_shared
+def test_forward_and_model_default_take_hq_token_only(hq_sam, predictors):
+    """Sam.forward(..., hq_token_only) as released, and the model-wide default used by callers that pass
+    no decode options; both agree with the predictor's per-call option."""
+    predictor = predictors("davis345_000")
+    point = np.array([[60.0, 300.0]])
+    expected = {
+        flag: predictor.predict(point_coords=point, point_labels=np.array([1]), hq_token_only=flag)[2]
+        for flag in (False, True)
+    }
+    transform = predictor.segmenter.transform  # forward takes the image and points already resized
+    transformed = transform.apply_image(load_rgb(case_image_path("davis345_000")))
+    record = {
+        "image": torch.from_numpy(np.array(transformed)).permute(2, 0, 1).float(),
+        "original_size": predictor.original_size,
+        "point_coords": torch.as_tensor(transform.apply_coords(point, predictor.original_size))[None].float(),
+        "point_labels": torch.tensor([[1]]),
+    }
+    out = hq_sam([record], multimask_output=True, hq_token_only=True)[0]
+    np.testing.assert_allclose(out["low_res_logits"][0].numpy(), expected[True], atol=1e-4, rtol=0)
+    assert hq_sam.hq_token_only is False  # restored after the call
+
+    hq_sam.hq_token_only = True
+    try:
+        default_low = predictor.predict(point_coords=point, point_labels=np.array([1]))[2]
+    finally:
+        hq_sam.hq_token_only = False
+    np.testing.assert_allclose(default_low, expected[True], atol=1e-6, rtol=0)
+    assert not np.allclose(expected[True], expected[False])

@@ -139,6 +139,10 @@ class MaskDecoderHQ(MaskDecoder):
 class HqSam(Sam):
     """Sam whose features include the early encoder feature and whose decoder has the HQ token."""
 
+    # What decode() does when not told: False (SAM's mask + the HQ mask) as released; set it to True
+    # to make every caller that passes no decode options (everything mode, the server) HQ-only.
+    hq_token_only: bool = False
+
     def encode(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         embeddings, interm = self.image_encoder.forward_with_interm(images)
         return {"image_embeddings": embeddings, "interm_embeddings": interm}
@@ -150,7 +154,7 @@ class HqSam(Sam):
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
         multimask_output: bool,
-        hq_token_only: bool = False,
+        hq_token_only: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """As Sam.decode; returns one mask per prompt. `hq_token_only` returns the HQ mask alone."""
         if "interm_embeddings" not in features:
@@ -166,8 +170,18 @@ class HqSam(Sam):
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
             interm_embeddings=features["interm_embeddings"],
-            hq_token_only=hq_token_only,
+            hq_token_only=self.hq_token_only if hq_token_only is None else bool(hq_token_only),
         )
+
+    @torch.no_grad()
+    def forward(self, batched_input, multimask_output: bool, hq_token_only: bool = False):
+        """The released HQ-SAM entry point: Sam.forward with the `hq_token_only` option."""
+        default = self.hq_token_only
+        self.hq_token_only = hq_token_only
+        try:
+            return super().forward(batched_input, multimask_output)
+        finally:
+            self.hq_token_only = default
 
 
 def build_hq_sam(cfg: SamConfig) -> HqSam:
