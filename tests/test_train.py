@@ -241,3 +241,29 @@ def test_cli_train_writes_and_resumes(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["train", "-c", str(ckpt), "-d", "folder:/nonexistent,/nowhere", "-o", str(tmp_path / "x")])
     assert exc.value.code == 2
+
+
+def test_distill_tinyvit_student_learns_teacher_embeddings(tmp_path):
+    from segany.train.distill import DistillConfig, Distiller
+
+    root = synthetic_images(tmp_path / "data", n=3)
+    records = folder_records(root / "images", root / "masks")
+    teacher = tiny_model(dim=32)
+    student = {"embed_dims": (16, 24, 32, 32), "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2),
+               "window_sizes": (4, 4, 4, 4), "num_classes": 0}
+    cfg = DistillConfig(steps=40, images_per_step=3, lr=3e-3, warmup_steps=2, save_every=0, student=student, flip=False)
+    with one_thread():
+        distiller = Distiller(teacher, cfg, tmp_path / "run", records, progress=False)
+        history = distiller.run()
+    assert distiller.cache.misses == 3 and distiller.cache.hits == 3 * 39  # teacher embeddings computed once
+    first, last = history[0]["loss"], np.mean([r["loss"] for r in history[-3:]])
+    assert last < 0.5 * first, (first, last)
+    cfg_student = distiller.student.config
+    loaded = segany.load_model(tmp_path / "run" / "model.pth", config=cfg_student)
+    assert type(loaded.image_encoder).__name__ == "TinyViT"
+    for key, value in teacher.mask_decoder.state_dict().items():
+        assert torch.equal(loaded.mask_decoder.state_dict()[key], value)
+    with torch.no_grad():
+        x = torch.randn(1, 3, 128, 128)
+        distiller.student.eval()  # TinyViT has batch norm: compare in eval mode
+        np.testing.assert_allclose(loaded.image_encoder(x).numpy(), distiller.encoder(x).numpy(), atol=1e-5)

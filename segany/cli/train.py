@@ -105,3 +105,45 @@ def train(checkpoint, data, val, out, mode, steps, images_per_step, instances, l
             click.echo(f"{key[4:]}: {value:.4f}")
     click.echo(f"step {trainer.step}/{cfg.steps} in {time.perf_counter() - started:.0f} s; "
                f"model: {Path(out) / MODEL_FILE}; curves: {Path(out) / PLOT_FILE}")
+
+
+@click.command()
+@click.option("-t", "--teacher", required=True, help="Teacher model: checkpoint file or model name (e.g. vit_h).")
+@click.option("-d", "--data", "data", multiple=True, required=True, help="Images to distil on. " + DATA_HELP)
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Run folder (model.pth, distill_state.pt, log.csv, curves.png).")
+@click.option("--steps", type=int, default=1000, show_default=True)
+@click.option("--images-per-step", type=int, default=2, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--warmup", type=int, default=20, show_default=True)
+@click.option("--flip/--no-flip", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-every", type=int, default=100, show_default=True)
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="Teacher-embedding cache; default OUT/teacher_cache.")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT.")
+@click.option("--progress/--no-progress", default=True)
+def distill(teacher, data, out, steps, images_per_step, lr, warmup, flip, seed, save_every, cache_dir, threads, resume, progress):
+    """Distil a TinyViT image encoder (MobileSAM's vit_t) from a teacher's encoder (embedding MSE).
+
+    The result keeps the teacher's prompt encoder and mask decoder and loads like a MobileSAM checkpoint.
+    """
+    import torch
+
+    import segany
+    from segany.train.data import parse_data_spec
+    from segany.train.distill import MODEL_FILE, STATE_FILE, DistillConfig, Distiller
+
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = DistillConfig(steps=steps, images_per_step=images_per_step, lr=lr, warmup_steps=warmup, flip=flip,
+                        seed=seed, save_every=save_every, cache_dir=cache_dir)
+    records = [r for spec in data for r in parse_data_spec(spec)]
+    distiller = Distiller(segany.load_model(teacher), cfg, Path(out), records, progress=progress)
+    if resume:
+        distiller.load_state_dict(Distiller.resume_state(Path(out)))
+    elif (Path(out) / STATE_FILE).exists():
+        raise click.UsageError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    started = time.perf_counter()
+    history = distiller.run()
+    click.echo(f"step {distiller.step}/{steps}: embedding MSE {history[-1]['loss']:.5g} "
+               f"(first {history[0]['loss']:.5g}) in {time.perf_counter() - started:.0f} s; model: {Path(out) / MODEL_FILE}")

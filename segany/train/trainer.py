@@ -131,6 +131,44 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
+def plot_history(history: List[Dict[str, Any]], path: Path, title: str = "training loss (20 focal + dice + IoU MSE)") -> Optional[Path]:
+    """Loss (raw and smoothed) and validation curves of a run's history as a PNG; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:  # plots are optional (extra "plots")
+        return None
+    train = [r for r in history if "loss" in r]
+    val_keys = sorted({k for r in history for k in r if k.startswith("val_")})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if train:
+        steps = np.array([r["step"] for r in train])
+        loss = np.array([r["loss"] for r in train])
+        axes[0].plot(steps, loss, alpha=0.3, color="C0", label="loss")
+        window = max(1, len(loss) // 20)
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        axes[0].plot(steps[window - 1 :], smooth, color="C0", label=f"loss (mean of {window})")
+        axes[0].set_yscale("log")
+        axes[0].legend()
+    axes[0].set_xlabel("step")
+    axes[0].set_title(title)
+    for key in val_keys:
+        rows = [r for r in history if key in r]
+        axes[1].plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=key[4:])
+    axes[1].set_xlabel("step")
+    axes[1].set_title("validation mIoU")
+    if val_keys:
+        axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
 class Trainer:
     """Runs the training loop; construct with an initial model (already loaded) and the data."""
 
@@ -220,40 +258,7 @@ class Trainer:
         self.plot()
 
     def plot(self) -> Optional[Path]:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # plots are optional (extra "plots")
-            return None
-        train = [r for r in self.history if "loss" in r]
-        val_keys = sorted({k for r in self.history for k in r if k.startswith("val_")})
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        if train:
-            steps = np.array([r["step"] for r in train])
-            loss = np.array([r["loss"] for r in train])
-            axes[0].plot(steps, loss, alpha=0.3, color="C0", label="loss")
-            window = max(1, len(loss) // 20)
-            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
-            axes[0].plot(steps[window - 1 :], smooth, color="C0", label=f"loss (mean of {window})")
-            axes[0].set_yscale("log")
-            axes[0].legend()
-        axes[0].set_xlabel("step")
-        axes[0].set_title("training loss (20 focal + dice + IoU MSE)")
-        for key in val_keys:
-            rows = [r for r in self.history if key in r]
-            axes[1].plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", label=key[4:])
-        axes[1].set_xlabel("step")
-        axes[1].set_title("validation mIoU")
-        if val_keys:
-            axes[1].legend(fontsize=8)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=100)
-        plt.close(fig)
-        atomic_write_bytes(self.out / PLOT_FILE, buffer.getvalue())
-        return self.out / PLOT_FILE
+        return plot_history(self.history, self.out / PLOT_FILE)
 
     # ------------------------------------------------------------ validation
 
