@@ -41,6 +41,11 @@ class Attention(nn.Module):
         """q: (B, Nq, C); k, v: (B, Nk, C). Either side may have batch 1 where every prompt shares the
         image (the first block without a mask prompt): its projections are then computed once."""
         batch_q, batch_k = q.shape[0], k.shape[0]
+        heads_q, heads_k = self.num_heads * q.shape[1], self.num_heads * k.shape[1]
+        if heads_q < self.internal_dim and k.shape[1] >= 8 * q.shape[1]:
+            return self._few_queries(q, k, v)
+        if heads_k < self.internal_dim and q.shape[1] >= 8 * k.shape[1]:
+            return self._few_keys(q, k, v)
         if batch_k == 1 and batch_q > 1:
             # Shared keys: the prompts' queries are independent rows of one attention.
             n_q = q.shape[1]
@@ -52,6 +57,55 @@ class Attention(nn.Module):
             q = q.expand(batch_k, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
         return self.out_proj(self._recombine_heads(out))
+
+
+    # Tokens <-> image attention has a handful of tokens on one side and 4096 image positions on the
+    # other. Projecting all 4096 positions (C -> C/2, per prompt) costs more than folding the projection
+    # into the tokens' side: (q W_k^T) . x instead of q . (x W_k^T), and P (x W_v^T) = (P x) W_v^T.
+    # The same products in another order: equal up to float32 rounding.
+
+    def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Few queries (tokens) on many keys (image): k, v are never projected."""
+        heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
+        head_dim = self.internal_dim // heads
+        batch = max(q.shape[0], k.shape[0])
+        q_heads = self._separate_heads(self.q_proj(q))  # B, H, Nq, d
+        w_k = self.k_proj.weight.view(heads, head_dim, dim)
+        q_k = (q_heads @ w_k).reshape(q.shape[0], heads * n_q, dim)  # B, H*Nq, C
+        q_bias = (q_heads * self.k_proj.bias.view(heads, 1, head_dim)).sum(-1).reshape(q.shape[0], heads * n_q, 1)
+        if k.shape[0] == 1:  # one image for every prompt: one product for all of them
+            logits = (q_k.reshape(-1, dim) @ k[0].t()).view(q.shape[0], heads * n_q, -1)
+        else:
+            logits = q_k @ k.transpose(1, 2)  # B, H*Nq, Nk
+        probs = ((logits + q_bias) * head_dim**-0.5).softmax(-1)
+        if v.shape[0] == 1:
+            mixed = (probs.reshape(-1, probs.shape[-1]) @ v[0]).view(batch, heads, n_q, dim)
+        else:
+            mixed = (probs @ v).view(batch, heads, n_q, dim)  # B, H, Nq, C
+        w_v = self.v_proj.weight.view(heads, head_dim, dim)
+        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)  # rows of probs sum to 1
+        return self.out_proj(self._recombine_heads(out))
+
+    def _few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Many queries (image) on few keys (tokens): q is never projected, nor the output per position."""
+        heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
+        head_dim = self.internal_dim // heads
+        k_heads = self._separate_heads(self.k_proj(k))  # B, H, Nk, d
+        v_heads = self._separate_heads(self.v_proj(v))
+        batch = k_heads.shape[0]
+        w_q = self.q_proj.weight.view(heads, head_dim, dim)
+        m = (w_q.transpose(1, 2) @ k_heads.transpose(2, 3)).permute(0, 2, 1, 3).reshape(batch, dim, heads * n_k)
+        q_bias = (self.q_proj.bias.view(heads, 1, head_dim) * k_heads).sum(-1).reshape(batch, 1, heads * n_k)
+        if q.shape[0] == 1 and batch > 1:  # one image for every prompt: one product, q not repeated
+            logits = (q[0] @ m.permute(1, 0, 2).reshape(dim, batch * heads * n_k)).view(-1, batch, heads * n_k)
+            logits = logits.transpose(0, 1)  # B, Nq, H*Nk
+        else:
+            logits = q @ m  # B, Nq, H*Nk
+        logits = (logits + q_bias) * head_dim**-0.5
+        probs = logits.reshape(batch, -1, heads, n_k).softmax(-1).view(batch, -1, heads * n_k)
+        w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # H, d, C
+        v_out = (v_heads @ w_o).reshape(batch, heads * n_k, dim)  # B, H*Nk, C
+        return torch.baddbmm(self.out_proj.bias.expand(batch, 1, dim), probs, v_out)
 
 
 class TwoWayAttentionBlock(nn.Module):

@@ -1,0 +1,248 @@
+"""Speed of segany (exact and fast modes) against the released implementation, same random weights.
+
+    python benchmarks/bench_speed.py                       # vit_b, vit_t, vit_h; encoder + decode rows
+    python benchmarks/bench_speed.py --models vit_b --reps 1 --rows encoder,decode1   # a quick look
+    python benchmarks/bench_speed.py --everything --memory --out docs/benchmarks.md
+
+Rows: `encoder` (set_image on a 854x480 DAVIS frame: resize, normalise, encoder), `decode1` (one point,
+multimask, masks at the original size), `decode64` (64 one-point prompts through predict_torch, per
+prompt), `everything` (SamAutomaticMaskGenerator.generate, released defaults, 32x32 grid; --everything).
+Each figure is the median of --reps runs; reference, exact and fast runs are interleaved so that load
+from other processes hits them alike. Agreement of fast with exact: relative L2 error of logits (and
+of the embedding) and mask IoU where |exact logit| > 0.05.
+The reference packages are imported through ../shared/tools/refshim (benchmark only).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+REFSHIM = SHARED / "tools" / "refshim"
+IMAGE = SHARED / "datasets" / "davis345" / "images" / "000.jpg"
+ROWS = ("encoder", "decode1", "decode64", "everything")
+
+
+def reference_model(name: str):
+    """A released-code model with seeded random weights."""
+    sys.path.insert(0, str(REFSHIM))
+    torch.manual_seed(0)
+    if name == "vit_t":
+        import mobile_sam
+
+        return mobile_sam.sam_model_registry["vit_t"]().eval(), mobile_sam
+    import segment_anything
+
+    return segment_anything.sam_model_registry[name]().eval(), segment_anything
+
+
+def load_image() -> np.ndarray:
+    from PIL import Image
+
+    if IMAGE.is_file():
+        return np.array(Image.open(IMAGE).convert("RGB"))
+    return np.random.default_rng(0).integers(0, 256, (480, 854, 3), dtype=np.uint8)
+
+
+def median_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rel_l2(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-12))
+
+
+def mask_iou(exact, other, confident: float = 0.05) -> float:
+    exact, other = np.asarray(exact), np.asarray(other)
+    keep = np.abs(exact) > confident
+    a, b = (exact > 0) & keep, (other > 0) & keep
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+
+
+def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
+    import segany
+
+    ref_model, ref_pkg = reference_model(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"random_{name}.pth"
+        torch.save(ref_model.state_dict(), path)
+        exact = segany.load_model(path, mode="exact")
+        fast = segany.load_model(path, mode="fast")
+    predictors = {
+        "reference": ref_pkg.SamPredictor(ref_model),
+        "exact": segany.SamPredictor(exact),
+        "fast": segany.SamPredictor(fast),
+    }
+    result = {"model": name, "times": {}, "agreement": {}}
+    with torch.inference_mode():
+        for predictor in predictors.values():  # warm-up, and the image every later row uses
+            predictor.set_image(image)
+        embeddings = {k: p.get_image_embedding().float().numpy() for k, p in predictors.items()}
+        result["agreement"]["embedding exact vs ref (max abs)"] = float(
+            np.abs(embeddings["exact"] - embeddings["reference"]).max()
+        )
+        result["agreement"]["embedding fast rel L2"] = rel_l2(embeddings["exact"], embeddings["fast"])
+
+        point = dict(point_coords=np.array([[400.0, 250.0]]), point_labels=np.array([1]), multimask_output=True)
+        gen = torch.Generator().manual_seed(1)
+        coords64 = torch.rand(64, 1, 2, generator=gen) * 1000
+        labels64 = torch.ones(64, 1, dtype=torch.int)
+
+        def decode64(p):
+            c = p.transform.apply_coords_torch(coords64, p.original_size)
+            return p.predict_torch(c, labels64, multimask_output=True)
+
+        tasks = {
+            "encoder": lambda p: p.set_image(image),
+            "decode1": lambda p: p.predict(**point),
+            "decode64": decode64,
+        }
+        for row in rows:
+            if row not in tasks:
+                continue
+            samples = {k: [] for k in predictors}
+            for _ in range(reps):
+                for key, predictor in predictors.items():  # interleaved
+                    samples[key].append(median_time(lambda: tasks[row](predictor), 1))
+            result["times"][row] = {k: statistics.median(v) for k, v in samples.items()}
+            if row == "decode64":
+                result["times"][row] = {k: v / 64 for k, v in result["times"][row].items()}
+
+        # Decoder agreement on the same (exact) embedding: fast decoding alone, and fast end to end.
+        low = {}
+        for key in ("reference", "exact", "fast"):
+            out = decode64(predictors[key])
+            low[key] = out[2].float().numpy()
+        result["agreement"]["decode exact vs ref (max abs)"] = float(np.abs(low["exact"] - low["reference"]).max())
+        result["agreement"]["decode fast rel L2"] = rel_l2(low["exact"], low["fast"])
+        result["agreement"]["decode fast mask IoU"] = mask_iou(low["exact"], low["fast"])
+
+        if "everything" in rows:
+            from segany.predict.amg import SamAutomaticMaskGenerator
+
+            generators = {
+                "reference": ref_pkg.SamAutomaticMaskGenerator(ref_model),
+                "exact": SamAutomaticMaskGenerator(exact),
+                "fast": SamAutomaticMaskGenerator(fast),
+            }
+            counts = {}
+            times = {}
+            try:
+                for key, generator in generators.items():
+                    start = time.perf_counter()
+                    counts[key] = len(generator.generate(image))
+                    times[key] = time.perf_counter() - start
+            except Exception as err:  # report the other rows even if the generator fails
+                result["agreement"]["everything"] = f"failed: {type(err).__name__}: {err}"
+            else:
+                result["times"]["everything"] = times
+                result["agreement"]["everything masks ref/exact/fast"] = "/".join(str(counts[k]) for k in generators)
+    return result
+
+
+def peak_rss_vit_h() -> float:
+    """Peak resident memory (GiB) of a fresh process that embeds one image with vit_h (random weights)."""
+    code = (
+        "import resource, numpy as np, torch, segany\n"
+        "from segany.modeling import build_sam\n"
+        "torch.set_num_threads(2)\n"
+        "p = segany.SamPredictor(build_sam('vit_h'))\n"
+        "p.set_image(np.zeros((480, 854, 3), np.uint8))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 2**20
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.python_implementation()} {platform.python_version()}"
+    )
+
+
+def fmt_time(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def table(results) -> str:
+    lines = [
+        "| model | row | reference | segany exact | segany fast | exact speed-up | fast speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for row, t in res["times"].items():
+            label = "decode64 (per prompt)" if row == "decode64" else row
+            lines.append(
+                f"| {res['model']} | {label} | {fmt_time(t['reference'])} | {fmt_time(t['exact'])} | "
+                f"{fmt_time(t['fast'])} | {t['reference'] / t['exact']:.2f}x | {t['reference'] / t['fast']:.2f}x |"
+            )
+    lines += ["", "| model | agreement | value |", "|---|---|---|"]
+    for res in results:
+        for key, value in res["agreement"].items():
+            shown = f"{value:.3g}" if isinstance(value, float) else value
+            lines.append(f"| {res['model']} | {key} | {shown} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="vit_b,vit_t,vit_h", help="comma-separated: vit_b, vit_l, vit_h, vit_t")
+    parser.add_argument("--rows", default="encoder,decode1,decode64", help=f"comma-separated of {', '.join(ROWS)}")
+    parser.add_argument("--everything", action="store_true", help="add the everything-mode row (vit_b only)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory", action="store_true", help="also measure peak RSS of a vit_h embedding")
+    parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [r for r in args.rows.split(",") if r]
+    unknown = set(rows) - set(ROWS)
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(sorted(unknown))}")
+    image = load_image()
+    results = []
+    for name in [m for m in args.models.split(",") if m]:
+        model_rows = rows + (["everything"] if args.everything and name == "vit_b" else [])
+        print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
+        results.append(bench_model(name, model_rows, args.reps, image))
+        print(table(results[-1:]), file=sys.stderr, flush=True)
+    text = f"Machine: {machine()}\nImage: {image.shape[1]}x{image.shape[0]}; median of {args.reps} interleaved runs.\n\n"
+    text += table(results)
+    if args.memory:
+        text += f"\n\nPeak RSS embedding one image with vit_h (fresh process, exact mode): {peak_rss_vit_h():.2f} GiB\n"
+    print(text)
+    if args.out is not None:
+        from segany.io.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
