@@ -97,3 +97,46 @@ def test_coco_rejects_damaged(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"images": [], "annotations": [{"image_id": 3}], "categories": []}))
     with pytest.raises(ValueError):
         coco_io.read_coco(tmp_path / "x.json")
+
+
+def test_records_with_own_ids_categories_and_optional_fields(tmp_path):
+    from pycocotools.coco import COCO
+
+    masks = np.zeros((3, 6, 9), bool)
+    masks[0, 1:3, 2:5] = True
+    masks[1, 4:, :] = True
+    masks[2, 0, 8] = True
+    rles = rle_io.encode_coco(masks)
+    records = [{"id": 40 + i, "category_id": 7 if i else 9, "segmentation": r, "score": [0.5, None, 0.25][i]}
+               for i, r in enumerate(rles)]
+    categories = [{"id": 7, "name": "a", "supercategory": ""}, {"id": 9, "name": "b", "supercategory": ""}]
+    doc = coco_io.coco_document(categories, description="d", version="1")
+    assert doc["info"] == {"description": "d", "version": "1"}
+    assert coco_io.add_image(doc, "x.png", 6, 9, records, image_id=12) == 12
+    coco_io.add_image(doc, "y.png", 6, 9, [], image_id=30)
+    anns = doc["annotations"]
+    assert [a["id"] for a in anns] == [40, 41, 42] and [a["category_id"] for a in anns] == [9, 7, 7]
+    assert [a.get("score") for a in anns] == [0.5, None, 0.25] and all("predicted_iou" not in a for a in anns)
+    assert [a["area"] for a in anns] == [6, 18, 1] and anns[2]["bbox"] == [8.0, 0.0, 1.0, 1.0]
+    path = coco_io.write_coco(tmp_path / "c.json", doc)
+    with contextlib.redirect_stdout(io.StringIO()):
+        api = COCO(str(path))
+    assert api.getImgIds() == [12, 30]
+    for ann, m in zip(anns, masks):
+        assert np.array_equal(api.annToMask(api.anns[ann["id"]]).astype(bool), m)
+    # A reader that needs only file names (the server's import) can ask for other image keys.
+    named = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [], "categories": []}
+    with pytest.raises(ValueError):
+        coco_io.validate_coco(named)
+    assert coco_io.validate_coco(named, image_keys=("id", "file_name")) is named
+
+    # SA-1B: optional fields are written when present, left out when absent; own ids are kept.
+    sa_records = [{"id": 5, "segmentation": rles[0], "bbox": [2, 1, 3, 2], "area": 6, "predicted_iou": 0.5},
+                  {"segmentation": masks[1], "bbox": [0, 4, 9, 2], "area": 18, "crop_box": [0, 0, 9, 6], "point_coords": []}]
+    sa = sa1b.sa1b_document(sa_records, {"image_id": 3, "width": 9, "height": 6, "file_name": "x.png"})
+    assert [a["id"] for a in sa["annotations"]] == [5, 2]
+    assert set(sa["annotations"][0]) == {"id", "segmentation", "bbox", "area", "predicted_iou"}
+    assert sa["annotations"][1]["crop_box"] == [0.0, 0.0, 9.0, 6.0] and sa["annotations"][1]["point_coords"] == []
+    assert np.array_equal(sa1b.sa1b_masks(sa1b.validate_sa1b(sa)), masks[:2])
+    with pytest.raises(ValueError):
+        sa1b.sa1b_document([dict(sa_records[0], crop_box=[1, 2])], {"width": 9, "height": 6, "file_name": "x.png"})

@@ -91,3 +91,21 @@ def test_bad_rle_is_a_value_error():
         rle_io.decode({"counts": [4]})
     with pytest.raises(ValueError):
         rle_io.encode(np.zeros((2, 2, 2, 2)))
+
+
+def test_encode_coco_matches_pycocotools_on_noisy_and_degenerate_masks():
+    rng = np.random.default_rng(11)
+    noisy = np.zeros((3, 48, 85), bool)
+    noisy[:, 10:38, 20:65] = True
+    noisy ^= rng.random(noisy.shape) < 0.05  # many short runs
+    ours = rle_io.encode_coco(noisy)
+    theirs = mask_utils.encode(np.asfortranarray(noisy.transpose(1, 2, 0).astype(np.uint8)))
+    assert [r["counts"] for r in ours] == [r["counts"].decode() for r in theirs]
+    assert all(isinstance(r["counts"], str) and r["size"] == [48, 85] for r in ours)
+    assert [r["counts"] for r in ours] == [rle_io.compress(r)["counts"] for r in rle_io.encode(noisy)]
+    assert rle_io.encode_coco(noisy[1]) == [ours[1]]
+    assert rle_io.encode_coco(np.zeros((0, 4, 5), bool)) == []
+    for shape in [(0, 3), (3, 0)]:
+        empty = rle_io.encode_coco(np.zeros(shape, bool))[0]
+        assert empty["size"] == list(shape) and rle_io.area(empty) == 0
+    assert [rle_io.to_bbox(r) for r in ours] == [[float(v) for v in b] for b in mask_utils.toBbox(theirs)]

@@ -286,7 +286,9 @@ def test_export_coco_and_sa1b_and_import(server, tmp_path):
     mask[5:25, 40:60] = True
     label = c.post(f"/api/projects/{pid}/labels", json={"name": "square"}).json()
     ann = c.post(f"/api/images/{iid}/annotations",
-                 json={"annotations": [{"segmentation": _rle_of(mask), "label_id": label["id"], "score": 0.75}]}).json()["annotations"][0]
+                 json={"annotations": [{"segmentation": _rle_of(mask), "label_id": label["id"], "score": 0.75,
+                                        "meta": {"point_coords": [[30, 12]], "stability_score": 0.5, "crop_box": "junk"}}]}).json()["annotations"][0]
+    plain = c.post(f"/api/images/{iid}/annotations", json={"annotations": [{"segmentation": _rle_of(mask)}]}).json()["annotations"][0]
     r = c.get(f"/api/projects/{pid}/export/coco")
     assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
     path = tmp_path / "coco.json"
@@ -303,6 +305,11 @@ def test_export_coco_and_sa1b_and_import(server, tmp_path):
     assert sa["image"]["width"] == 64 and sa["image"]["height"] == 48
     item = next(a for a in sa["annotations"] if a["id"] == ann["id"])
     assert item["predicted_iou"] == 0.75
+    assert item["point_coords"] == [[30.0, 12.0]] and item["stability_score"] == 0.5 and "crop_box" not in item  # junk meta left out
+    item = next(a for a in sa["annotations"] if a["id"] == plain["id"])
+    assert set(item) == {"id", "segmentation", "bbox", "area"}  # a manual mask without score or SA-1B extras
+    assert coco.loadCats([coco.loadAnns([plain["id"]])[0]["category_id"]])[0]["name"] == "unlabeled"
+    assert "score" not in coco.loadAnns([plain["id"]])[0]
     np.testing.assert_array_equal(mask_utils.decode({"size": item["segmentation"]["size"], "counts": item["segmentation"]["counts"].encode()}).astype(bool), mask)
 
     # Import: a new project with the same image, a COCO file with a polygon and an RLE.

@@ -5,12 +5,14 @@
     write_coco("instances.json", doc)
     doc = read_coco("instances.json"); masks = annotation_mask(doc, doc["annotations"][0])
 
+Records may carry their own "id", "category_id" and "score" (the annotation server's do); generator
+records get running ids, the image's category, and "score" from "predicted_iou".
+
 Segmentations are compressed RLE by default; polygons=True writes polygons (simplified by
 `tolerance` pixels) for masks without holes, since COCO polygons cannot express holes, and RLE otherwise.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -19,16 +21,19 @@ import numpy as np
 
 from . import polygons as poly_io
 from . import rle as rle_io
-from .atomic import atomic_write_text
+from .jsonfile import read_json, write_json
 from .sa1b import to_coco_rle
 
 PathLike = Union[str, os.PathLike]
 DEFAULT_CATEGORIES = [{"id": 1, "name": "object", "supercategory": "object"}]
 
 
-def coco_document(categories: Optional[List[Dict[str, Any]]] = None, description: str = "segany") -> Dict[str, Any]:
+def coco_document(
+    categories: Optional[List[Dict[str, Any]]] = None, description: str = "segany", **info: Any
+) -> Dict[str, Any]:
+    """An empty dataset; `info` adds fields to its "info" (e.g. date_created, version)."""
     return {
-        "info": {"description": description},
+        "info": {"description": description, **info},
         "licenses": [],
         "images": [],
         "annotations": [],
@@ -45,9 +50,11 @@ def add_image(
     category_id: int = 1,
     polygons: bool = False,
     tolerance: float = 1.0,
+    image_id: Optional[int] = None,
 ) -> int:
-    """Append an image and its mask records; returns the new image id."""
-    image_id = max((im["id"] for im in doc["images"]), default=0) + 1
+    """Append an image and its mask records; returns the image id (the next free one unless given)."""
+    if image_id is None:
+        image_id = max((im["id"] for im in doc["images"]), default=0) + 1
     doc["images"].append({"id": image_id, "file_name": str(file_name), "height": int(height), "width": int(width)})
     next_id = max((a["id"] for a in doc["annotations"]), default=0) + 1
     for i, rec in enumerate(records):
@@ -60,19 +67,20 @@ def add_image(
             if polys and not poly_io.has_holes(polys):
                 segmentation = poly_io.to_coco_polygons(polys)
         ann = {
-            "id": next_id + i,
+            "id": int(rec.get("id", next_id + i)),
             "image_id": image_id,
-            "category_id": int(category_id),
+            "category_id": int(rec.get("category_id", category_id)),
             "segmentation": segmentation,
-            "area": int(rec.get("area", rle_io.area(rle))),
-            "bbox": [float(v) for v in rec.get("bbox", rle_io.to_bbox(rle))],
+            "area": int(rec["area"] if "area" in rec else rle_io.area(rle)),
+            "bbox": [float(v) for v in (rec["bbox"] if "bbox" in rec else rle_io.to_bbox(rle))],
             "iscrowd": 0,
         }
         for key in ("predicted_iou", "stability_score"):
             if key in rec:
                 ann[key] = float(rec[key])
-        if "predicted_iou" in rec:
-            ann["score"] = float(rec["predicted_iou"])
+        score = rec.get("score", rec.get("predicted_iou"))
+        if score is not None:
+            ann["score"] = float(score)
         doc["annotations"].append(ann)
     return image_id
 
@@ -92,12 +100,11 @@ def merge_documents(docs: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def write_coco(path: PathLike, doc: Dict[str, Any]) -> Path:
-    validate_coco(doc)
-    atomic_write_text(path, json.dumps(doc))
-    return Path(path)
+    return write_json(path, validate_coco(doc))
 
 
-def validate_coco(doc: Any) -> Dict[str, Any]:
+def validate_coco(doc: Any, image_keys: Sequence[str] = ("id", "height", "width")) -> Dict[str, Any]:
+    """Raise ValueError unless `doc` is a COCO instances dict whose images have `image_keys`; returns it."""
     if not isinstance(doc, dict):
         raise ValueError("a COCO file must hold a JSON object")
     for key in ("images", "annotations", "categories"):
@@ -105,8 +112,8 @@ def validate_coco(doc: Any) -> Dict[str, Any]:
             raise ValueError(f"a COCO instances file needs a {key!r} list")
     images = {}
     for im in doc["images"]:
-        if not isinstance(im, dict) or not {"id", "height", "width"} <= set(im):
-            raise ValueError("each COCO image needs 'id', 'height' and 'width'")
+        if not isinstance(im, dict) or not set(image_keys) <= set(im):
+            raise ValueError("each COCO image needs " + ", ".join(repr(k) for k in image_keys))
         images[im["id"]] = im
     for i, ann in enumerate(doc["annotations"]):
         if not isinstance(ann, dict) or ann.get("image_id") not in images or "segmentation" not in ann:
@@ -115,21 +122,23 @@ def validate_coco(doc: Any) -> Dict[str, Any]:
 
 
 def read_coco(path: PathLike) -> Dict[str, Any]:
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read COCO file {path}: {exc}") from None
-    return validate_coco(doc)
+    """Load and check a COCO instances file (ValueError if it is damaged or not COCO)."""
+    return validate_coco(read_json(path, "COCO"))
 
 
 def annotation_mask(doc: Dict[str, Any], ann: Dict[str, Any]) -> np.ndarray:
     """(H, W) bool mask of a COCO annotation (polygons, uncompressed or compressed RLE)."""
-    from pycocotools import mask as mask_utils
-
     image = next(im for im in doc["images"] if im["id"] == ann["image_id"])
-    h, w = int(image["height"]), int(image["width"])
     seg = ann["segmentation"]
     if isinstance(seg, list):
-        rles = mask_utils.frPyObjects(seg, h, w)
-        return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+        seg = polygons_rle(seg, int(image["height"]), int(image["width"]))
     return rle_io.decode(seg)  # uncompressed or compressed RLE
+
+
+def polygons_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> Dict[str, Any]:
+    """Compressed RLE (str counts) of the union of COCO polygons [x0, y0, x1, y1, ...], rasterised as
+    pycocotools does (so areas match COCO's own tools)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.merge(mask_utils.frPyObjects([list(p) for p in polygons], height, width))
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}

@@ -3,18 +3,20 @@
     {"image": {"image_id", "width", "height", "file_name"},
      "annotations": [{"id", "segmentation": {"size": [h, w], "counts": "<COCO RLE>"}, "bbox": [x, y, w, h],
                       "area", "predicted_iou", "stability_score", "crop_box": [x, y, w, h], "point_coords"}]}
+
+Generator records have every field. Records without some of the optional ones (manual masks have no
+stability score or crop box) leave them out; a record's own "id" is kept.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Callable, Dict, List, Sequence, Union
 
 import numpy as np
 
 from . import rle as rle_io
-from .atomic import atomic_write_text
+from .jsonfile import read_json, write_json
 
 PathLike = Union[str, os.PathLike]
 
@@ -29,6 +31,26 @@ def to_coco_rle(segmentation: Any) -> Dict[str, Any]:
     return rle_io.encode_coco(mask)[0]
 
 
+def _points(value: Any) -> List[List[float]]:
+    return [[float(x), float(y)] for x, y in value]
+
+
+def _box(value: Any) -> List[float]:
+    box = [float(v) for v in value]
+    if len(box) != 4:
+        raise ValueError(f"a box needs 4 numbers, got {len(box)}")
+    return box
+
+
+# The optional per-mask fields of SA-1B and how each is normalised (raises TypeError/ValueError if malformed).
+OPTIONAL_FIELDS: Dict[str, Callable[[Any], Any]] = {
+    "predicted_iou": float,
+    "stability_score": float,
+    "crop_box": _box,
+    "point_coords": _points,
+}
+
+
 def sa1b_document(records: Sequence[Dict[str, Any]], image_info: Dict[str, Any]) -> Dict[str, Any]:
     """The SA-1B dict for one image from generator records (any output mode)."""
     for key in ("width", "height", "file_name"):
@@ -39,27 +61,18 @@ def sa1b_document(records: Sequence[Dict[str, Any]], image_info: Dict[str, Any])
         seg = to_coco_rle(rec["segmentation"])
         if seg["size"] != [int(image_info["height"]), int(image_info["width"])]:
             raise ValueError(f"mask {i} has size {seg['size']}, image is {image_info['height']}x{image_info['width']}")
-        annotations.append(
-            {
-                "id": i + 1,
-                "segmentation": seg,
-                "bbox": [float(v) for v in rec["bbox"]],
-                "area": int(rec["area"]),
-                "predicted_iou": float(rec["predicted_iou"]),
-                "stability_score": float(rec["stability_score"]),
-                "crop_box": [float(v) for v in rec["crop_box"]],
-                "point_coords": [[float(x), float(y)] for x, y in rec["point_coords"]],
-            }
-        )
+        ann = {"id": int(rec.get("id", i + 1)), "segmentation": seg, "bbox": _box(rec["bbox"]), "area": int(rec["area"])}
+        for key, normalise in OPTIONAL_FIELDS.items():
+            if rec.get(key) is not None:
+                ann[key] = normalise(rec[key])
+        annotations.append(ann)
     image = {"image_id": int(image_info.get("image_id", 0)), "width": int(image_info["width"]),
              "height": int(image_info["height"]), "file_name": str(image_info["file_name"])}
     return {"image": image, "annotations": annotations}
 
 
 def write_sa1b(path: PathLike, records: Sequence[Dict[str, Any]], image_info: Dict[str, Any]) -> Path:
-    doc = sa1b_document(records, image_info)
-    atomic_write_text(path, json.dumps(doc))
-    return Path(path)
+    return write_json(path, sa1b_document(records, image_info))
 
 
 def validate_sa1b(doc: Any) -> Dict[str, Any]:
@@ -83,11 +96,7 @@ def validate_sa1b(doc: Any) -> Dict[str, Any]:
 
 def read_sa1b(path: PathLike) -> Dict[str, Any]:
     """Load and check an SA-1B per-image file (ValueError if it is damaged or not SA-1B)."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read SA-1B file {path}: {exc}") from None
-    return validate_sa1b(doc)
+    return validate_sa1b(read_json(path, "SA-1B"))
 
 
 def sa1b_masks(doc: Dict[str, Any]) -> np.ndarray:

@@ -4,77 +4,72 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, List
 
+from ..io import coco as coco_io
+from ..io import sa1b as sa1b_io
 from . import masks
 from .storage import Storage
 
 UNLABELED = "unlabeled"
 
 
-def _rle(annotation: Dict[str, Any]) -> Dict[str, Any]:
-    seg = annotation["segmentation"]
-    return {"size": list(seg["size"]), "counts": seg["counts"]}
-
-
 def coco_instances(
     project: Dict[str, Any], images: List[Dict[str, Any]], labels: List[Dict[str, Any]], annotations: List[Dict[str, Any]]
 ) -> Dict[str, Any]:
-    """COCO instances JSON; unlabeled annotations go to an extra 'unlabeled' category."""
+    """COCO instances JSON (built and checked by segany.io.coco); unlabeled annotations go to an extra
+    'unlabeled' category. Image and annotation ids are the project's."""
     categories = [{"id": label["id"], "name": label["name"], "supercategory": ""} for label in labels]
     unlabeled_id = None
     if any(a["label_id"] is None for a in annotations):
         unlabeled_id = max([c["id"] for c in categories], default=0) + 1
         categories.append({"id": unlabeled_id, "name": UNLABELED, "supercategory": ""})
-    out_annotations = []
+    doc = coco_io.coco_document(
+        categories,
+        description=f"segany project {project['name']}",
+        date_created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        version="1",
+    )
+    per_image: Dict[int, List[Dict[str, Any]]] = {}
     for a in annotations:
-        item = {
-            "id": a["id"],
-            "image_id": a["image_id"],
-            "category_id": a["label_id"] if a["label_id"] is not None else unlabeled_id,
-            "segmentation": _rle(a),
-            "area": a["area"],
-            "bbox": a["bbox"],
-            "iscrowd": 0,
-        }
-        if a["score"] is not None:
-            item["score"] = a["score"]
-        out_annotations.append(item)
-    return {
-        "info": {
-            "description": f"segany project {project['name']}",
-            "date_created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "version": "1",
-        },
-        "licenses": [],
-        "images": [
-            {"id": i["id"], "file_name": i["file_name"], "width": i["width"], "height": i["height"]} for i in images
-        ],
-        "annotations": out_annotations,
-        "categories": categories,
-    }
+        per_image.setdefault(a["image_id"], []).append(
+            {
+                "id": a["id"],
+                "category_id": a["label_id"] if a["label_id"] is not None else unlabeled_id,
+                "segmentation": a["segmentation"],
+                "area": a["area"],
+                "bbox": a["bbox"],
+                "score": a["score"],
+            }
+        )
+    for image in images:
+        coco_io.add_image(doc, image["file_name"], image["height"], image["width"], per_image.get(image["id"], []),
+                          image_id=image["id"])
+    doc["annotations"].sort(key=lambda a: a["id"])  # project order, as stored
+    return coco_io.validate_coco(doc)
+
+
+def _sa1b_extras(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The SA-1B fields among an annotation's meta (client data: a malformed one is left out, not exported)."""
+    out = {}
+    for key, normalise in sa1b_io.OPTIONAL_FIELDS.items():
+        if meta.get(key) is not None:
+            try:
+                out[key] = normalise(meta[key])
+            except (TypeError, ValueError):
+                pass
+    return out
 
 
 def sa1b_image(image: Dict[str, Any], annotations: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """One image's annotations in the SA-1B per-image layout (fields without a value are omitted:
-    manual masks have no stability score or crop box)."""
-    out = []
+    """One image's annotations in the SA-1B per-image layout (built by segany.io.sa1b; fields without a
+    value are omitted: manual masks have no stability score or crop box)."""
+    records = []
     for a in annotations:
-        meta = a.get("meta") or {}
-        item: Dict[str, Any] = {
-            "id": a["id"],
-            "segmentation": _rle(a),
-            "bbox": a["bbox"],
-            "area": a["area"],
-        }
-        if a["score"] is not None:
-            item["predicted_iou"] = a["score"]
-        for key in ("point_coords", "stability_score", "crop_box"):
-            if key in meta:
-                item[key] = meta[key]
-        out.append(item)
-    return {
-        "image": {"image_id": image["id"], "width": image["width"], "height": image["height"], "file_name": image["file_name"]},
-        "annotations": out,
-    }
+        record = {**_sa1b_extras(a.get("meta") or {}), "id": a["id"], "segmentation": a["segmentation"],
+                  "bbox": a["bbox"], "area": a["area"]}
+        record["predicted_iou"] = a["score"]  # the annotation's own score, never the meta's
+        records.append(record)
+    info = {"image_id": image["id"], "width": image["width"], "height": image["height"], "file_name": image["file_name"]}
+    return sa1b_io.validate_sa1b(sa1b_io.sa1b_document(records, info))
 
 
 def import_coco(storage: Storage, project_id: int, data: Any, user: str) -> Dict[str, Any]:
@@ -82,24 +77,20 @@ def import_coco(storage: Storage, project_id: int, data: Any, user: str) -> Dict
 
     Categories become labels (by name). Crowd annotations are imported too (as masks).
     """
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(data.get("annotations"), list):
-        raise ValueError("not a COCO instances file: it needs 'images' and 'annotations' lists")
+    if isinstance(data, dict) and not data.get("categories"):
+        data = dict(data, categories=[])  # categories are optional here: without them, masks come in unlabeled
+    # The project's image gives the size, so a COCO image needs only an id and a file_name.
+    coco_io.validate_coco(data, image_keys=("id", "file_name"))
     categories = {}
-    for c in data.get("categories") or []:
+    for c in data["categories"]:
         if isinstance(c, dict) and "id" in c and "name" in c:
             categories[c["id"]] = str(c["name"])
-    coco_images = {}
-    for i in data["images"]:
-        if not isinstance(i, dict) or "id" not in i or "file_name" not in i:
-            raise ValueError("every COCO image needs an id and a file_name")
-        coco_images[i["id"]] = i
+    coco_images = {i["id"]: i for i in data["images"]}
     # Check everything first, write afterwards: a bad file writes nothing.
     per_image: Dict[int, List[Dict[str, Any]]] = {}
     label_names: Dict[int, str] = {}
     missing = set()
     for a in data["annotations"]:
-        if not isinstance(a, dict) or a.get("image_id") not in coco_images or "segmentation" not in a:
-            raise ValueError("every COCO annotation needs a known image_id and a segmentation")
         coco_image = coco_images[a["image_id"]]
         name = str(coco_image["file_name"]).replace("\\", "/").split("/")[-1]
         image = storage.image_by_file_name(project_id, str(coco_image["file_name"])) or storage.image_by_file_name(

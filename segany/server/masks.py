@@ -1,4 +1,4 @@
-"""Masks as COCO RLE for the server: encode, check what clients send, decode.
+"""Masks as COCO RLE for the server: encode, check what clients send.
 
 pycocotools' decoder writes run lengths without bounds checks, so RLE from a client is parsed and its
 run lengths are checked to add up to exactly H*W before pycocotools sees it.
@@ -8,27 +8,17 @@ from __future__ import annotations
 from typing import Any, Dict, List, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
+
+from ..io import coco as coco_io
+from ..io import rle as rle_io
 
 
 def encode(mask: np.ndarray) -> Dict[str, Any]:
     """A boolean (H, W) mask -> {"counts": compressed RLE str, "area": int, "bbox": [x, y, w, h]}."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be (H, W), got {mask.shape}")
-    # pycocotools' C encoder directly: on the interactive path it is several times faster than going
-    # through uncompressed runs (segany.io.rle), and it writes the same strings.
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {
-        "counts": rle["counts"].decode("ascii"),
-        "area": int(mask_utils.area(rle)),
-        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-    }
-
-
-def decode(counts: str, height: int, width: int) -> np.ndarray:
-    """A compressed RLE string of a (height, width) mask -> bool (H, W)."""
-    rle = {"size": [int(height), int(width)], "counts": counts.encode("ascii")}
-    return mask_utils.decode(rle).astype(bool)
+    rle = rle_io.encode_coco(mask)[0]  # pycocotools' C encoder underneath: fast on the interactive path
+    return {"counts": rle["counts"], "area": rle_io.area(rle), "bbox": rle_io.to_bbox(rle)}
 
 
 def parse_counts_string(counts: str) -> List[int]:
@@ -78,19 +68,17 @@ def from_client(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
     counts = segmentation["counts"]
     if isinstance(counts, str):
         _check_runs(parse_counts_string(counts), height, width)
-        rle = {"size": [height, width], "counts": counts.encode("ascii")}
     elif isinstance(counts, list):
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
             raise ValueError("uncompressed RLE counts must be integers")
         _check_runs(counts, height, width)
-        rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
     else:
         raise ValueError("RLE counts must be a string (compressed) or a list of integers (uncompressed)")
-    area = int(mask_utils.area(rle))
+    rle = rle_io.compress({"size": [height, width], "counts": counts})  # the runs are checked: safe now
+    area = rle_io.area(rle)
     if area == 0:
         raise ValueError("the mask is empty")
-    out_counts = rle["counts"].decode("ascii") if isinstance(rle["counts"], bytes) else rle["counts"]
-    return {"counts": out_counts, "area": area, "bbox": [float(v) for v in mask_utils.toBbox(rle)]}
+    return {"counts": rle["counts"], "area": area, "bbox": rle_io.to_bbox(rle)}
 
 
 def from_coco(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
@@ -99,9 +87,7 @@ def from_coco(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
         if not polygons:
             raise ValueError("polygon segmentation has no polygon with at least 3 points")
-        rles = mask_utils.frPyObjects([[float(v) for v in p] for p in polygons], height, width)
-        rle = mask_utils.merge(rles)
-        counts = rle["counts"].decode("ascii")
-        return from_client({"size": [height, width], "counts": counts}, height, width)
+        rle = coco_io.polygons_rle([[float(v) for v in p] for p in polygons], height, width)
+        return from_client(rle, height, width)
     return from_client(segmentation, height, width)
 
