@@ -19,8 +19,8 @@ IOU_MIN = 0.97
 CONFIDENT = 0.05
 
 
-@pytest.mark.parametrize("q_size,tile", [((14, 14), 1 << 20), ((9, 13), 300), ((16, 16), 1000)])
-def test_tiled_rel_pos_attention_equals_materialised_bias(q_size, tile, monkeypatch):
+@pytest.mark.parametrize("q_size,chunk", [((14, 14), 1 << 26), ((9, 13), 117 * 117 * 4), ((16, 16), 1000)])
+def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monkeypatch):
     torch.manual_seed(1)
     bh, c = 6, 8
     n = q_size[0] * q_size[1]
@@ -29,9 +29,8 @@ def test_tiled_rel_pos_attention_equals_materialised_bias(q_size, tile, monkeypa
     rel_w = torch.randn(2 * q_size[1] - 1, c)
     bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, q_size, q_size)
     expected = torch.softmax(q * c**-0.5 @ k.transpose(1, 2) + bias, -1) @ v
-    monkeypatch.setattr(ie, "ATTENTION_TILE", tile)
-    terms = ie.decomposed_rel_pos_terms(q, rel_h, rel_w, q_size, q_size)
-    got = ie.rel_pos_attention_tiled(q, k, v, *terms, c**-0.5)
+    monkeypatch.setattr(ie, "BIAS_CHUNK", chunk)
+    got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -100,44 +100,6 @@ def decomposed_rel_pos_bias(
     return bias.reshape(b, q_h * q_w, k_h * k_w)
 
 
-# Elements of one attention-logit tile (4 MiB in float32): small enough to stay in cache.
-ATTENTION_TILE = 1 << 20
-
-
-def rel_pos_attention_tiled(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_h: torch.Tensor,
-    rel_w: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """softmax(scale * q k^T + rel_h + rel_w) v without materialising the (N, N) bias.
-
-    q, k, v: (BH, N, C); rel_h: (BH, q_h, q_w, k_h); rel_w: (BH, q_h, q_w, k_w). The logits are built
-    tile by tile (a few query rows of a few heads), the bias added in place while the tile is in cache.
-    For inference: the in-place additions are not meant for autograd.
-    """
-    bh, n_q, _ = q.shape
-    _, q_h, q_w, k_h = rel_h.shape
-    k_w = rel_w.shape[-1]
-    n_k = k.shape[1]
-    rows = max(1, min(q_h, ATTENTION_TILE // (q_w * n_k)))
-    heads = max(1, min(bh, ATTENTION_TILE // (rows * q_w * n_k)))
-    q = q * scale
-    k_t = k.transpose(1, 2)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
-    for b0 in range(0, bh, heads):
-        b1 = min(bh, b0 + heads)
-        for r0 in range(0, q_h, rows):
-            r1 = min(q_h, r0 + rows)
-            logits = torch.bmm(q[b0:b1, r0 * q_w : r1 * q_w], k_t[b0:b1])  # heads, rows*q_w, N
-            tile = logits.view(b1 - b0, r1 - r0, q_w, k_h, k_w)
-            tile.add_(rel_h[b0:b1, r0:r1, :, :, None]).add_(rel_w[b0:b1, r0:r1, :, None, :])
-            out[b0:b1, r0 * q_w : r1 * q_w] = torch.bmm(logits.softmax(-1), v[b0:b1])
-    return out
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with optional decomposed relative-position bias."""
 
@@ -180,11 +142,41 @@ class Attention(nn.Module):
                 scale=self.scale,
             )
         else:
-            # Inference: the (N, N) bias of a global block is 800 MB for vit_b; tile it instead.
-            rel_h, rel_w = decomposed_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-            x = rel_pos_attention_tiled(q, k, v, rel_h, rel_w, self.scale)
+            # Inference: the same fused kernel, the bias built for a few heads at a time (a global
+            # block's full bias is 800 MB for vit_b, 1 GB for vit_h). Few large kernels rather than
+            # many small tiles: on a shared 2-core machine every parallel region pays a barrier.
+            x = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
+
+
+# Elements of the relative-position bias materialised at once (256 MB in float32).
+BIAS_CHUNK = 1 << 26
+
+
+def rel_pos_attention_chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: Tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """Fused attention with the decomposed rel-pos bias, in chunks of (batch*)heads. q, k, v: (BH, N, C)."""
+    bh, n, _ = q.shape
+    step = max(1, min(bh, BIAS_CHUNK // (n * n)))
+    if step >= bh:
+        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size, size)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+    for start in range(0, bh, step):
+        part = slice(start, min(bh, start + step))
+        bias = decomposed_rel_pos_bias(q[part], rel_pos_h, rel_pos_w, size, size)
+        out[part] = F.scaled_dot_product_attention(
+            q[part][None], k[part][None], v[part][None], attn_mask=bias[None], scale=scale
+        )[0]
+    return out
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
