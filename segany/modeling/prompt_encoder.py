@@ -78,8 +78,21 @@ class PromptEncoder(nn.Module):
         self.no_mask_embed = nn.Embedding(1, embed_dim)
 
     def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of the image embedding grid, (1, C, 64, 64)."""
-        return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        """Positional encoding of the image embedding grid, (1, C, 64, 64).
+
+        It depends only on the (fixed) Fourier matrix, so outside training it is computed once and kept
+        (its sin/cos over 4096 cells otherwise cost as much as a small decoder pass); the key includes the
+        matrix's version counter, so loading new weights recomputes it.
+        """
+        gaussian = self.pe_layer.positional_encoding_gaussian_matrix
+        if self.training or torch.is_grad_enabled():
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        key = (gaussian.data_ptr(), gaussian._version, gaussian.device, gaussian.dtype, self.image_embedding_size)
+        cached = self.__dict__.get("_dense_pe_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
+            self.__dict__["_dense_pe_cache"] = cached
+        return cached[1]
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # to the pixel centre

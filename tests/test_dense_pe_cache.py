@@ -1,0 +1,23 @@
+"""The prompt encoder keeps its dense positional encoding between decodes, and recomputes it when
+the Fourier matrix changes (new weights loaded, dtype or device moved)."""
+import torch
+
+from segany.modeling import PromptEncoder
+
+
+def test_dense_pe_cached_and_invalidated():
+    torch.manual_seed(0)
+    enc = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128)).eval()
+    with torch.no_grad():
+        first = enc.get_dense_pe()
+        assert enc.get_dense_pe() is first  # kept
+        enc.pe_layer.positional_encoding_gaussian_matrix.copy_(torch.randn(2, 16))
+        second = enc.get_dense_pe()
+    assert second is not first
+    assert not torch.allclose(first, second)
+    assert torch.equal(second, enc.pe_layer((8, 8)).unsqueeze(0))
+
+
+def test_dense_pe_not_cached_in_training():
+    enc = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128)).train()
+    assert enc.get_dense_pe() is not enc.get_dense_pe()
