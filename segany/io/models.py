@@ -9,9 +9,10 @@ from typing import Callable, Dict, Optional, Union
 import torch
 from torch import nn
 
-from ..modeling import SAM_CONFIGS, SamConfig, build_sam
+from ..modeling import SAM_CONFIGS, SamConfig
 from ..modeling.fast import make_fast
-from .checkpoint import load_checkpoint, model_from_state_dict, read_state_dict
+from ..modeling.tiny_vit import mobile_sam_config
+from .checkpoint import build_model, load_checkpoint, model_from_state_dict, read_state_dict
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,16 +61,16 @@ def load_model(
     return model
 
 
-def _registry_builder(name: str) -> Callable[..., nn.Module]:
+def _registry_builder(name: str, make_config: Callable[[], SamConfig]) -> Callable[..., nn.Module]:
     def build(checkpoint: Optional[PathLike] = None) -> nn.Module:
-        cfg = copy.deepcopy(SAM_CONFIGS[name])
+        cfg = make_config()
         if checkpoint is None:
-            return build_sam(cfg)
+            return build_model(cfg).eval()
         sd = read_state_dict(resolve_checkpoint(checkpoint))
         return model_from_state_dict(sd, cfg, source=f"checkpoint {checkpoint}")
 
     build.__name__ = f"build_sam_{name}"
-    build.__doc__ = f"SAM {name}; loads `checkpoint` (released key names) when given."
+    build.__doc__ = f"{name}; loads `checkpoint` (released key names) when given."
     return build
 
 
@@ -78,7 +79,12 @@ class _Registry(dict):
         raise ValueError(f"unknown model type {key!r}; known: {', '.join(sorted(self))}")
 
 
-# sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth"), as in the released code.
+# sam_model_registry["vit_b"](checkpoint="sam_vit_b_01ec64.pth"), as in the released code; "vit_t" is
+# MobileSAM's name for its TinyViT model, as in MobileSAM's registry.
 sam_model_registry: Dict[str, Callable[..., nn.Module]] = _Registry(
-    {"default": _registry_builder("vit_h"), **{name: _registry_builder(name) for name in SAM_CONFIGS}}
+    {
+        "default": _registry_builder("vit_h", lambda: copy.deepcopy(SAM_CONFIGS["vit_h"])),
+        **{name: _registry_builder(name, lambda name=name: copy.deepcopy(SAM_CONFIGS[name])) for name in SAM_CONFIGS},
+        "vit_t": _registry_builder("vit_t", mobile_sam_config),
+    }
 )

@@ -81,11 +81,18 @@ class Sam(nn.Module):
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
         multimask_output: bool,
+        **options: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the model's input frame -> low-res logits (B, C, 256, 256) and IoU predictions (B, C).
 
         `features` holds one image's features (batch 1, shared by every prompt) or one per prompt.
+        Plain SAM takes no decode options; variants do (HQ-SAM: hq_token_only).
         """
+        if options:
+            raise ValueError(
+                f"{type(self).__name__} takes no decode option {', '.join(sorted(options))} "
+                "(hq_token_only needs an HQ-SAM checkpoint)"
+            )
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
         return self.mask_decoder(
             image_embeddings=features["image_embeddings"],

@@ -153,6 +153,10 @@ class TwoWayAttentionBlock(nn.Module):
         return queries, keys
 
 
+# Prompts run through the transformer together outside autograd (see TwoWayTransformer.forward).
+INFERENCE_MICRO_BATCH = 1
+
+
 class TwoWayTransformer(nn.Module):
     def __init__(
         self,
@@ -190,6 +194,14 @@ class TwoWayTransformer(nn.Module):
         Returns the processed tokens (B, N, C) and image features (B, h*w, C). An image side of batch 1 is
         shared by every prompt: its projections in the first block are computed once, not per prompt.
         """
+        batch = point_embedding.shape[0]
+        if batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled() and image_embedding.shape[0] == 1:
+            # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a CPU).
+            parts = [
+                self(image_embedding, image_pe, point_embedding[start : start + INFERENCE_MICRO_BATCH])
+                for start in range(0, batch, INFERENCE_MICRO_BATCH)
+            ]
+            return torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])
         image_embedding = image_embedding.flatten(2).transpose(1, 2)  # B or 1, h*w, C
         if image_pe.shape[0] > 1 and image_pe.stride(0) == 0:
             image_pe = image_pe[:1]  # an expanded PE: keep one copy and broadcast
