@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Type
 
 from torch import nn
 
@@ -17,9 +17,11 @@ from .transformer import TwoWayTransformer
 ENCODER_BUILDERS: Dict[str, Callable[[object], nn.Module]] = {"vit": ImageEncoderViT}
 
 
-def build_mask_decoder(cfg: SamConfig) -> MaskDecoder:
+def build_mask_decoder(cfg: SamConfig, decoder_cls: Type[MaskDecoder] = MaskDecoder, **extra: Any) -> MaskDecoder:
+    """The mask decoder of `cfg`; variants pass their subclass and its extra arguments (HQ-SAM: vit_dim)."""
     d = cfg.decoder
-    return MaskDecoder(
+    return decoder_cls(
+        **extra,
         transformer_dim=cfg.prompt_embed_dim,
         transformer=TwoWayTransformer(
             depth=d.transformer_depth,

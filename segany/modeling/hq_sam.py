@@ -18,13 +18,12 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .build import ENCODER_BUILDERS, build_prompt_encoder
+from .build import ENCODER_BUILDERS, build_mask_decoder, build_prompt_encoder
 from .common import MLP, LayerNorm2d
 from .config import SAM_CONFIGS, SamConfig
 from .image_encoder import ImageEncoderViT
 from .mask_decoder import MaskDecoder, mask_logits
 from .sam import Sam
-from .transformer import TwoWayTransformer
 
 
 class ImageEncoderViTWithInterm(ImageEncoderViT):
@@ -194,20 +193,7 @@ def build_hq_sam(cfg: SamConfig) -> HqSam:
             raise ValueError(f"encoder kind {cfg.encoder_kind!r} does not provide the early feature HQ-SAM needs")
     else:
         raise ValueError(f"unknown encoder kind {cfg.encoder_kind!r}; known: {', '.join(ENCODER_BUILDERS)}")
-    d = cfg.decoder
-    decoder = MaskDecoderHQ(
-        vit_dim=encoder.interm_dim,
-        transformer_dim=cfg.prompt_embed_dim,
-        transformer=TwoWayTransformer(
-            depth=d.transformer_depth,
-            embedding_dim=cfg.prompt_embed_dim,
-            num_heads=d.transformer_num_heads,
-            mlp_dim=d.transformer_mlp_dim,
-        ),
-        num_multimask_outputs=d.num_multimask_outputs,
-        iou_head_depth=d.iou_head_depth,
-        iou_head_hidden_dim=d.iou_head_hidden_dim,
-    )
+    decoder = build_mask_decoder(cfg, MaskDecoderHQ, vit_dim=encoder.interm_dim)
     model = HqSam(image_encoder=encoder, prompt_encoder=build_prompt_encoder(cfg), mask_decoder=decoder)
     model.config = cfg
     return model.eval()
