@@ -118,17 +118,13 @@ class MaskDecoderHQ(MaskDecoder):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAM masks (B, 4, 256, 256), HQ mask (B, 1, 256, 256), IoU predictions (B, 4)."""
         batch = sparse_prompt_embeddings.shape[0]
-        tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
-        # As in MaskDecoder.predict_masks: an image side of batch 1 is shared by every prompt.
-        src = self.image_side(image_embeddings, dense_prompt_embeddings, batch)
-        b, c, h, w = batch, src.shape[1], src.shape[2], src.shape[3]
-
-        hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens)
+        hs, upscaled = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hq_token_out = hs[:, 1 + self.num_mask_tokens, :]
 
-        upscaled = self.output_upscaling(src.reshape(b, h, w, c).permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
         upscaled_hq = self.embedding_maskfeature(upscaled) + self.expand_to_batch(hq_features, batch)
         sam_masks = mask_logits(self.hypernetwork_weights(mask_tokens_out), upscaled)  # B, 4, 4h, 4w
         hq_mask = mask_logits(self.hf_mlp(hq_token_out).unsqueeze(1), upscaled_hq)  # B, 1, 4h, 4w
@@ -161,13 +157,12 @@ class HqSam(Sam):
                 "HQ-SAM needs the early image-encoder features as well as the image embedding: "
                 "embed the image with this model (set_image / embed) instead of passing a stored embedding"
             )
-        sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
-        return self.mask_decoder(
-            image_embeddings=features["image_embeddings"],
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
+        return self.run_mask_decoder(
+            features,
+            points,
+            boxes,
+            masks,
+            multimask_output,
             interm_embeddings=features["interm_embeddings"],
             hq_token_only=self.hq_token_only if hq_token_only is None else bool(hq_token_only),
         )

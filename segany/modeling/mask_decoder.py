@@ -156,18 +156,31 @@ class MaskDecoder(nn.Module):
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
             return torch.cat([m for m, _ in parts]), torch.cat([i for _, i in parts])
+        hs, upscaled = self.run_transformer(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+        )
+        masks = mask_logits(self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :]), upscaled)
+        iou_pred = self.iou_prediction_head(hs[:, 0, :])
+        return masks, iou_pred
+
+    def run_transformer(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Output tokens after the two-way transformer (B, T, C) and the upscaled image side (B, C/8, 4h, 4w).
+
+        Token order: IoU token, the mask tokens, then whatever a variant's output_tokens adds, then prompts.
+        """
+        batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
         src = self.image_side(image_embeddings, dense_prompt_embeddings, batch)
         b, c, h, w = batch, src.shape[1], src.shape[2], src.shape[3]
 
         # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
         hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens)
-        iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
-
         # B, h*w, C viewed as NCHW without a copy (channels-last strides)
         upscaled = self.output_upscaling(src.reshape(b, h, w, c).permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
-        hyper_in = self.hypernetwork_weights(mask_tokens_out)
-        masks = mask_logits(hyper_in, upscaled)
-        iou_pred = self.iou_prediction_head(iou_token_out)
-        return masks, iou_pred
+        return hs, upscaled

@@ -93,6 +93,18 @@ class Sam(nn.Module):
                 f"{type(self).__name__} takes no decode option {', '.join(sorted(options))} "
                 "(hq_token_only needs an HQ-SAM checkpoint)"
             )
+        return self.run_mask_decoder(features, points, boxes, masks, multimask_output)
+
+    def run_mask_decoder(
+        self,
+        features: Dict[str, torch.Tensor],
+        points: Optional[Tuple[torch.Tensor, torch.Tensor]],
+        boxes: Optional[torch.Tensor],
+        masks: Optional[torch.Tensor],
+        multimask_output: bool,
+        **decoder_inputs: Any,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder, then the mask decoder; variants pass their decoder's extra inputs."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
         return self.mask_decoder(
             image_embeddings=features["image_embeddings"],
@@ -100,6 +112,7 @@ class Sam(nn.Module):
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
+            **decoder_inputs,
         )
 
     @torch.no_grad()
