@@ -27,6 +27,7 @@ from ..modeling import Sam, SamConfig, build_sam
 from ..modeling.tiny_vit import TinyViTConfig
 from .cache import EmbeddingCache
 from .data import AugmentConfig, ImageRecord, augment
+from .loop import run_steps
 from .trainer import _rng_state, _set_rng_state, lr_factor, plot_history
 
 STATE_FILE = "distill_state.pt"
@@ -175,25 +176,10 @@ class Distiller:
 
     def run(self, stop_after: Optional[int] = None) -> List[Dict[str, Any]]:
         end = self.cfg.steps if stop_after is None else min(self.cfg.steps, self.step + stop_after)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
 
-            bar = tqdm(total=self.cfg.steps, initial=self.step, desc="distill", unit="step", dynamic_ncols=True)
-        try:
-            while self.step < end:
-                row = self.train_step()
-                self.step += 1
-                self.history.append(row)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4g}")
-                    bar.update(1)
-                if self.step == end or (self.cfg.save_every > 0 and self.step % self.cfg.save_every == 0):
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.history
+        def next_row() -> Dict[str, Any]:
+            row = self.train_step()
+            self.step += 1
+            return row
+
+        return run_steps(self, end, next_row, "distill", lambda row: {"loss": f"{row['loss']:.4g}"})

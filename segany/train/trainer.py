@@ -35,6 +35,7 @@ from ..io.checkpoint import save_checkpoint
 from ..predict.transforms import ResizeLongestSide
 from .cache import EmbeddingCache, cached_or_fresh, encode_frame
 from .data import AugmentConfig, EvalObject, ImageRecord, InstanceDataset, make_loader
+from .loop import run_steps
 from .lora import add_lora, merge_lora
 from .prompts import PromptConfig, RoundResult, interactive_rounds
 from .validate import evaluate_clicks
@@ -365,33 +366,21 @@ class Trainer:
             self.write_log()
         end = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
         loader = make_loader(self.dataset, cfg.images_per_step, self.step * cfg.images_per_step, cfg.workers, cfg.seed)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
+        batches = iter(loader)
 
-            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train ({cfg.mode})", unit="step", dynamic_ncols=True)
-        try:
-            batches = iter(loader)
-            while self.step < end:
-                row = self.train_step(next(batches))
-                self.step += 1
-                validate_now = self.val_sets and (
-                    self.step == cfg.steps or (cfg.val_every > 0 and self.step % cfg.val_every == 0)
-                )
-                if validate_now:
-                    row.update(self.validate())
-                self.history.append(row)
-                if bar is not None:
-                    shown = {"loss": f"{row['loss']:.3f}", "iou": f"{row['train_iou_last']:.3f}"}
-                    shown.update({k[4:]: f"{v:.3f}" for k, v in row.items() if k.startswith("val_")})
-                    bar.set_postfix(shown)
-                    bar.update(1)
-                if self.step == end or (cfg.save_every > 0 and self.step % cfg.save_every == 0):
-                    self.save()
-        except KeyboardInterrupt:
-            self.save()
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-        return self.history
+        def next_row() -> Dict[str, Any]:
+            row = self.train_step(next(batches))
+            self.step += 1
+            validate_now = self.val_sets and (
+                self.step == cfg.steps or (cfg.val_every > 0 and self.step % cfg.val_every == 0)
+            )
+            if validate_now:
+                row.update(self.validate())
+            return row
+
+        def postfix(row: Dict[str, Any]) -> Dict[str, str]:
+            shown = {"loss": f"{row['loss']:.3f}", "iou": f"{row['train_iou_last']:.3f}"}
+            shown.update({k[4:]: f"{v:.3f}" for k, v in row.items() if k.startswith("val_")})
+            return shown
+
+        return run_steps(self, end, next_row, f"train ({cfg.mode})", postfix)
