@@ -232,7 +232,9 @@ def test_two_tabs_and_proposals_and_timing(live, browser):
 
     # Tab A saves; tab B sees it without reloading.
     a.keyboard.press("Enter")
-    a.wait_for_function(f"document.querySelectorAll('#object-list li').length === {before + 1}")
+    # Same 60 s allowance as the decodes above: the save is an fsync'd SQLite commit plus a list reload,
+    # which once took over the default 30 s when the whole suite shared the 2 cores.
+    a.wait_for_function(f"document.querySelectorAll('#object-list li').length === {before + 1}", timeout=60000)
     b.wait_for_function(f"document.querySelectorAll('#object-list li').length === {before + 1}", timeout=10000)
 
     # Everything mode: proposals shown as outlines, accepted one by one and all above a score.
