@@ -15,6 +15,7 @@ const S = {
   undo: [], redo: [],
   revision: -1, decodeSeq: 0, busy: false,
   lastTiming: null, timings: [],
+  shownImage: null,                // id of the image whose picture and stored objects are both on screen
 };
 window.segany = S;  // for tests and the console
 
@@ -513,7 +514,7 @@ async function loadImages() {
 async function openImage(id) {
   const im = S.images.find((i) => i.id === id);
   if (!im) return;
-  S.image = im; S.annotations = []; S.annCanvas.clear(); S.hidden.clear(); S.highlight = null;
+  S.image = im; S.shownImage = null; S.annotations = []; S.annCanvas.clear(); S.hidden.clear(); S.highlight = null;
   S.proposals = []; S.undo = []; S.redo = []; renderProposals(); clearWork(false);
   for (const li of $("image-list").children) li.className = Number(li.dataset.id) === id ? "current" : "";
   updateUrl();
@@ -525,6 +526,7 @@ async function openImage(id) {
   S.img = img;
   fitView();
   await loadAnnotations();
+  if (S.image && S.image.id === id) S.shownImage = id;
   status(`${im.file_name} (${im.width}x${im.height}), embedding ${im.embedding}`);
 }
 
