@@ -32,7 +32,14 @@ class MaskUpscaling(nn.Sequential):
 
     forward takes and returns NCHW tensors; internally it runs channels-last (see conv_transpose_2x2) and
     returns a channels-last-strided NCHW view, which `mask_logits` reads without a copy.
+
+    `masks` goes further for the hypernetwork dot product: every input pixel owns a 4x4 block of output
+    pixels, and everything after the first convolution is per pixel, so the upscaled features are kept
+    in that blocked order (h, w, dy1, dx1, dy2, dx2, C/8) and only the few mask logits are shuffled into
+    image order at the end; the work runs over bands of rows that stay in cache.
     """
+
+    ROWS_PER_BAND = 8  # of the 64x64 input: 512 pixels -> 8192 upscaled, about 1 MB of features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, C, h, w -> B, C/8, 4h, 4w
         up1, norm, act1, up2, act2 = self
@@ -40,6 +47,36 @@ class MaskUpscaling(nn.Sequential):
         x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
         x = act2(conv_transpose_2x2(x, up2))
         return x.permute(0, 3, 1, 2)
+
+    def _blocked_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, r, w, C) channels-last -> (B, r, w, 4, 4, C/8): each pixel's upscaled 4x4 block, order
+        (dy1, dx1) of the first convolution then (dy2, dx2) of the second."""
+        up1, norm, act1, up2, act2 = self
+        b, r, w, c_in = x.shape
+        c1, c2 = up1.out_channels, up2.out_channels
+        w1 = up1.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c1)
+        y = F.linear(x, w1.t(), up1.bias.repeat(4) if up1.bias is not None else None).view(b, r, w, 4, c1)
+        y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
+        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
+        z = F.linear(y, w2.t(), up2.bias.repeat(4) if up2.bias is not None else None)
+        return act2(z).view(b, r, w, 4, 4, c2)
+
+    def masks(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """Mask logits hyper . upscale(x): x (B, h, w, C) channels-last, hyper (B, T, C/8) -> (B, T, 4h, 4w).
+
+        The same products as forward() followed by mask_logits(), without the two pixel shuffles of the
+        (B, 4h, 4w, C/8) features."""
+        b, h, w, _ = x.shape
+        t = hyper.shape[1]
+        out = x.new_empty(b, t, h, 2, 2, w, 2, 2)  # B, T, (h, dy1, dy2), (w, dx1, dx2)
+        band = self.ROWS_PER_BAND if not torch.is_grad_enabled() else h
+        for r0 in range(0, h, band):
+            feats = self._blocked_features(x[:, r0 : r0 + band])  # B, r, w, 4, 4, C/8
+            r = feats.shape[1]
+            logits = feats.view(b, -1, feats.shape[-1]) @ hyper.transpose(1, 2)  # B, r*w*16, T
+            logits = logits.view(b, r, w, 2, 2, 2, 2, t)  # B, r, w, dy1, dx1, dy2, dx2, T
+            out[:, :, r0 : r0 + r] = logits.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return out.view(b, t, 4 * h, 4 * w)
 
 
 def mask_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
@@ -156,10 +193,9 @@ class MaskDecoder(nn.Module):
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
             return torch.cat([m for m, _ in parts]), torch.cat([i for _, i in parts])
-        hs, upscaled = self.run_transformer(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
-        )
-        masks = mask_logits(self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :]), upscaled)
+        hs, src = self.transform(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        hyper = self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :])
+        masks = self.output_upscaling.masks(src, hyper)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
         return masks, iou_pred
 
@@ -172,15 +208,26 @@ class MaskDecoder(nn.Module):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Output tokens after the two-way transformer (B, T, C) and the upscaled image side (B, C/8, 4h, 4w).
 
-        Token order: IoU token, the mask tokens, then whatever a variant's output_tokens adds, then prompts.
+        Token order: IoU token, the mask tokens, then whatever a variant's output_tokens adds (prompt tokens dropped).
         """
+        hs, src = self.transform(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        upscaled = self.output_upscaling(src.permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
+        return hs, upscaled
+
+    def transform(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Output tokens after the two-way transformer (B, T, C; prompt tokens dropped) and the image side
+        (B, h, w, C), channels-last."""
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
         src = self.image_side(image_embeddings, dense_prompt_embeddings, batch)
         b, c, h, w = batch, src.shape[1], src.shape[2], src.shape[3]
-
         # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
-        hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens)
-        # B, h*w, C viewed as NCHW without a copy (channels-last strides)
-        upscaled = self.output_upscaling(src.reshape(b, h, w, c).permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
-        return hs, upscaled
+        n_out = tokens.shape[1] - sparse_prompt_embeddings.shape[1]  # IoU, mask (and a variant's) tokens
+        hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens, n_out)
+        return hs, src.reshape(b, h, w, c)

@@ -196,7 +196,7 @@ class SamMaskSource:
         else:
             src = dec.expand_to_batch(image, batch) + dense
             pe = dec.expand_to_batch(pe, batch)
-        hs, src_out = dec.transformer(src, pe, tokens)
+        hs, src_out = dec.transformer(src, pe, tokens, tokens.shape[1] - sparse.shape[1])
         iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]  # multimask outputs: tokens 1..3
         state = (hs[:, 1 : 1 + dec.num_mask_tokens, :], src_out, src.shape[1:])
         return state, iou
@@ -210,11 +210,13 @@ class SamMaskSource:
         point = flat_index // 3
         which = flat_index % 3 + 1  # multimask outputs are mask tokens 1..3
         points_needed, inverse = torch.unique(point, return_inverse=True)
-        image_side = src_out[points_needed].transpose(1, 2).reshape(len(points_needed), c, h, w)
-        upscaled = dec.output_upscaling(image_side)  # P, C/8, 4h, 4w
         hyper = dec.hypernetwork_weights(mask_tokens[points_needed])  # P, 4, C/8
-        p, c8, uh, uw = upscaled.shape
-        masks = (hyper @ upscaled.reshape(p, c8, uh * uw)).reshape(p, -1, uh, uw)  # as the decoder does
+        image_sides = src_out.view(src_out.shape[0], h, w, c)  # channels-last views, no copy
+        # One point at a time: its upscaled features (4h x 4w x C/8) stay in cache.
+        masks = torch.stack([
+            dec.output_upscaling.masks(image_sides[p : p + 1], hyper[i : i + 1])[0]
+            for i, p in enumerate(points_needed.tolist())
+        ])  # P, 4, 4h, 4w
         return masks[inverse, which]  # M, 4h, 4w
 
     @torch.no_grad()
