@@ -41,18 +41,23 @@ def _image():
     return load_rgb(case_image_path("davis345_000"))
 
 
-def test_two_stage_decoding_equals_full_decode(fixture_sam):
+def test_filtered_decoding_equals_full_decode(fixture_sam):
     source = SamMaskSource(fixture_sam)
-    assert callable(source.predict_quality)
+    assert callable(source.predict_above)
     image = load_rgb(case_image_path("synthetic_97x61"))
     h, w = image.shape[:2]
     source.set_crop(image)
     points = np.random.default_rng(0).random((7, 2)) * [w, h]
     low, iou = source.predict(points)
-    state, iou_first = source.predict_quality(points)
+    threshold = float(iou.flatten().median())  # about half the outputs pass
+    iou_first, index, logits = source.predict_above(points, threshold)
     torch.testing.assert_close(iou_first, iou, rtol=0, atol=1e-6)
-    pick = torch.tensor([0, 2, 4, 20, 11, 12])
-    torch.testing.assert_close(source.logits_for(state, pick), low.flatten(0, 1)[pick], rtol=0, atol=1e-5)
+    expected_index = torch.nonzero(iou.flatten() > threshold).flatten()
+    assert 0 < len(index) < iou.numel() and torch.equal(index, expected_index)
+    torch.testing.assert_close(logits, low.flatten(0, 1)[index], rtol=0, atol=1e-5)
+    iou_all, index_all, logits_all = source.predict_above(points, 0.0)  # threshold <= 0: every output
+    assert torch.equal(index_all, torch.arange(21))
+    torch.testing.assert_close(logits_all, low.flatten(0, 1), rtol=0, atol=1e-5)
     full = source.upscale(low[:, 0])
     assert full.shape == (7, h, w)
     expected = fixture_sam.postprocess_masks(low[:, :1], source.embedding.input_size, (h, w))[:, 0]

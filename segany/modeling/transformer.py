@@ -209,27 +209,31 @@ class TwoWayTransformer(nn.Module):
         num_outputs: only the first num_outputs tokens go through the final attention and are returned
         (the decoder reads only its output tokens; the prompt tokens' last update is never used).
         """
+        image, image_pe, first_keys = self.prepare(image_embedding, image_pe)
+        batch = point_embedding.shape[0]
+        if first_keys is not None and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
+            # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
+            # CPU): about 2x faster per prompt than a batch of 64, same results.
+            parts = [
+                self.run(image, image_pe, point_embedding[start : start + INFERENCE_MICRO_BATCH], first_keys, num_outputs)
+                for start in range(0, batch, INFERENCE_MICRO_BATCH)
+            ]
+            return torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])
+        return self.run(image, image_pe, point_embedding, first_keys, num_outputs)
+
+    def prepare(
+        self, image_embedding: torch.Tensor, image_pe: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(B or 1, C, h, w) image side and PE -> (B or 1, h*w, C) sequences for run(), and, when one image
+        side serves every prompt, the first block's keys + PE, computed once (else None)."""
         image = image_embedding.flatten(2).transpose(1, 2)  # B or 1, h*w, C
         if image_pe.shape[0] > 1 and image_pe.stride(0) == 0:
             image_pe = image_pe[:1]  # an expanded PE: keep one copy and broadcast
         image_pe = image_pe.flatten(2).transpose(1, 2).contiguous()
-        batch = point_embedding.shape[0]
-        if image.shape[0] == 1:
-            # One image side for every prompt: channels-last once, and the first block's keys + PE once.
-            image = image.contiguous()
-            first_keys = image + image_pe
-            if batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
-                # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
-                # CPU): about 2x faster per prompt than a batch of 64, same results.
-                parts = [
-                    self.run(
-                        image, image_pe, point_embedding[start : start + INFERENCE_MICRO_BATCH], first_keys, num_outputs
-                    )
-                    for start in range(0, batch, INFERENCE_MICRO_BATCH)
-                ]
-                return torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])
-            return self.run(image, image_pe, point_embedding, first_keys, num_outputs)
-        return self.run(image, image_pe, point_embedding, None, num_outputs)
+        if image.shape[0] != 1:
+            return image, image_pe, None
+        image = image.contiguous()  # channels-last once
+        return image, image_pe, image + image_pe
 
     def run(
         self,

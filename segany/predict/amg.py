@@ -122,11 +122,10 @@ class SamMaskSource:
     predict() returns the decoder's low-resolution (256 x 256) logits; upscale() maps them to the crop
     exactly as the released post-processing does (Sam.postprocess_masks).
 
-    For the plain SAM mask decoder it also offers the two-stage path the generator prefers:
-    predict_quality() runs the prompt encoder, the two-way transformer and the IoU head only;
-    logits_for() then runs the output upscaling and the hypernetwork dot products only for the
-    (point, mask) pairs that passed the predicted-IoU threshold. Every step is the decoder's own
-    module applied to the same inputs, so the values are those of a full decode.
+    For the plain SAM mask decoder (exact or fast mode) it also offers predict_above(), the path the
+    generator prefers: the output upscaling and hypernetwork products run only for the (point, mask)
+    pairs that pass the predicted-IoU threshold. Every step is the decoder's own module applied to the
+    same inputs, so the values are those of a full decode.
     """
 
     def __init__(self, model: torch.nn.Module, decode_options: Optional[Dict[str, Any]] = None) -> None:
@@ -137,7 +136,7 @@ class SamMaskSource:
         self.decode_options = dict(decode_options or {})
         self.embedding = None
         if not self._can_split():
-            self.predict_quality = None  # type: ignore[assignment]  # generator falls back to predict()
+            self.predict_above = None  # type: ignore[assignment]  # generator falls back to predict()
 
     @property
     def model(self) -> torch.nn.Module:
@@ -151,7 +150,6 @@ class SamMaskSource:
         return (
             type(getattr(model, "mask_decoder", None)) is MaskDecoder
             and type(model).decode is Sam.decode
-            and getattr(model, "mode", "exact") == "exact"
             and not self.decode_options
         )
 
@@ -181,43 +179,47 @@ class SamMaskSource:
         return self.segmenter.decode_torch(emb, coords, labels, None, None, True, **self.decode_options)
 
     @torch.no_grad()
-    def predict_quality(self, points: np.ndarray) -> Tuple[Any, torch.Tensor]:
-        """(state, iou (N, 3)) without computing any mask; see logits_for()."""
+    def predict_above(
+        self, points: np.ndarray, iou_threshold: float
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Decode one-point prompts, computing masks only for outputs that pass the predicted-IoU filter.
+
+        Returns iou (N, 3) of the multimask outputs, flat_index (K,) = point * 3 + output of the outputs
+        with iou > iou_threshold (all of them when iou_threshold <= 0), ascending, and their low-res
+        logits (K, 256, 256) in that order. Point by point: the two-way transformer and the IoU head,
+        then the output upscaling and hypernetwork products only for a point with a passing output,
+        while that point's image side is still in cache. Every step is the decoder's own module on the
+        same inputs, so the values are those of a full decode (in the decoder's dtype: float32 in exact
+        mode, bfloat16 in fast mode; the results are float32).
+        """
         coords, labels = self._prompts(points)
         model, emb = self.model, self._require_embedding()
         dec = model.mask_decoder
+        dtype = dec.iou_token.weight.dtype
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
-        tokens = torch.cat([dec.output_tokens(batch), sparse], dim=1)
-        image = emb.features["image_embeddings"]
-        pe = model.prompt_encoder.get_dense_pe()
-        if hasattr(dec, "image_side"):  # the decoder shares the image side across prompts
-            src = dec.image_side(image, dense, batch)
-        else:
-            src = dec.expand_to_batch(image, batch) + dense
-            pe = dec.expand_to_batch(pe, batch)
-        hs, src_out = dec.transformer(src, pe, tokens, tokens.shape[1] - sparse.shape[1])
-        iou = dec.iou_prediction_head(hs[:, 0, :])[:, 1:]  # multimask outputs: tokens 1..3
-        state = (hs[:, 1 : 1 + dec.num_mask_tokens, :], src_out, src.shape[1:])
-        return state, iou
-
-    @torch.no_grad()
-    def logits_for(self, state: Any, flat_index: torch.Tensor) -> torch.Tensor:
-        """Low-res logits (M, 256, 256) of the (point, mask) pairs flat_index = point * 3 + mask."""
-        mask_tokens, src_out, (c, h, w) = state
-        dec = self.model.mask_decoder
-        flat_index = flat_index.to(torch.int64)
-        point = flat_index // 3
-        which = flat_index % 3 + 1  # multimask outputs are mask tokens 1..3
-        points_needed, inverse = torch.unique(point, return_inverse=True)
-        hyper = dec.hypernetwork_weights(mask_tokens[points_needed])  # P, 4, C/8
-        image_sides = src_out.view(src_out.shape[0], h, w, c)  # channels-last views, no copy
-        # One point at a time: its upscaled features (4h x 4w x C/8) stay in cache.
-        masks = torch.stack([
-            dec.output_upscaling.masks(image_sides[p : p + 1], hyper[i : i + 1])[0]
-            for i, p in enumerate(points_needed.tolist())
-        ])  # P, 4, 4h, 4w
-        return masks[inverse, which]  # M, 4h, 4w
+        tokens = torch.cat([dec.output_tokens(batch), sparse.to(dtype)], dim=1)
+        n_out = tokens.shape[1] - sparse.shape[1]
+        src = dec.image_side(emb.features["image_embeddings"].to(dtype), dense.to(dtype), batch)  # 1, C, h, w
+        _, c, h, w = src.shape
+        image, pe, first_keys = dec.transformer.prepare(src, model.prompt_encoder.get_dense_pe().to(dtype))
+        ious: List[torch.Tensor] = []
+        index: List[int] = []
+        logits: List[torch.Tensor] = []
+        for i in range(batch):
+            hs, keys = dec.transformer.run(image, pe, tokens[i : i + 1], first_keys, n_out)
+            iou = dec.iou_prediction_head(hs[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
+            ious.append(iou)
+            passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
+            if len(passing) == 0:
+                continue
+            hyper = dec.hypernetwork_weights(hs[:, 1 : 1 + dec.num_mask_tokens, :])[:, passing + 1]
+            logits.append(dec.output_upscaling.masks(keys.view(1, h, w, c), hyper)[0].float())
+            index.extend((3 * i + passing).tolist())
+        iou_all = torch.stack(ious) if ious else torch.zeros(0, 3)
+        if not logits:
+            return iou_all, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4 * h, 4 * w)
+        return iou_all, torch.tensor(index, dtype=torch.int64), torch.cat(logits)
 
     @torch.no_grad()
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:
@@ -382,27 +384,27 @@ class MaskGenerator:
     def _process_batch(self, points: np.ndarray, crop_box: List[int], size: Tuple[int, int]) -> MaskRecords:
         s = self.settings
         height, width = size
-        two_stage = callable(getattr(self.source, "predict_quality", None))
-        if two_stage:
-            state, iou = self.source.predict_quality(points)  # masks are computed after filtering
+        filtered = callable(getattr(self.source, "predict_above", None))
+        if filtered:
+            # Predicted IoU needs no mask: the source computes masks only for outputs that pass it.
+            iou, keep_idx, logits = self.source.predict_above(points, s.pred_iou_thresh)  # logits in keep_idx order
+            per_point = iou.shape[1]
+            iou = iou.flatten(0, 1).float()
         else:
             logits, iou = self.source.predict(points)  # (B, 3, h', w'), (B, 3)
             logits = logits.flatten(0, 1)
-        per_point = iou.shape[1]
-        iou = iou.flatten(0, 1).float()
+            per_point = iou.shape[1]
+            iou = iou.flatten(0, 1).float()
+            keep = torch.ones(len(iou), dtype=torch.bool) if s.pred_iou_thresh <= 0 else iou > s.pred_iou_thresh
+            keep_idx = torch.nonzero(keep.cpu()).flatten()
         point_index = np.repeat(np.arange(len(points)), per_point)
-        # Predicted IoU needs no mask: filter before any upscaling.
-        keep = torch.ones(len(iou), dtype=torch.bool) if s.pred_iou_thresh <= 0 else iou > s.pred_iou_thresh
-        keep_idx = torch.nonzero(keep.cpu()).flatten()
         masks_kept: List[np.ndarray] = []
         index_kept: List[np.ndarray] = []
         stability_kept: List[np.ndarray] = []
         threshold = self.mask_threshold
-        if two_stage and len(keep_idx):
-            logits = self.source.logits_for(state, keep_idx)  # (K, h', w') in keep_idx order
         for start in range(0, len(keep_idx), self.upscale_chunk):
             idx = keep_idx[start : start + self.upscale_chunk]
-            rows = torch.arange(start, start + len(idx)) if two_stage else idx
+            rows = torch.arange(start, start + len(idx)) if filtered else idx
             full = mask_ops.as_numpy(self.source.upscale(logits[rows.to(logits.device)]))  # (c, h, w) float
             stability = mask_ops.stability_score(full, threshold, s.stability_score_offset)
             if s.stability_score_thresh > 0:
