@@ -33,7 +33,14 @@ def bf16_supported() -> bool:
 def _cast(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors (also inside tuples, lists and dicts) to `dtype`; everything else unchanged."""
     if torch.is_tensor(value):
-        return value.to(dtype) if value.is_floating_point() else value
+        if not value.is_floating_point() or value.dtype == dtype:
+            return value
+        if value.dim() and 0 in value.stride() and value.numel() > 1:
+            # A broadcast (expanded) tensor, like the one "no mask" embedding for every prompt: cast
+            # its distinct values and expand again, so the decoder still sees one shared image side.
+            distinct = tuple(slice(0, 1) if st == 0 else slice(None) for st in value.stride())
+            return value[distinct].to(dtype).expand(value.shape)
+        return value.to(dtype)
     if isinstance(value, (tuple, list)):
         return type(value)(_cast(v, dtype) for v in value)
     if isinstance(value, dict):

@@ -244,15 +244,32 @@ class TwoWayTransformer(nn.Module):
         num_outputs: Optional[int] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image: (B or 1, h*w, C), image_pe: (1, h*w, C), point_embedding: (B, N, C)."""
+        queries, keys = self.run_blocks(image, image_pe, point_embedding, first_keys_with_pe)
+        if num_outputs is not None:
+            queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
+        queries = self.final_attention(queries, point_embedding, keys, keys + image_pe)
+        if keys.shape[0] != queries.shape[0]:
+            keys = keys.expand(queries.shape[0], -1, -1)
+        return queries, keys
+
+    def run_blocks(
+        self,
+        image: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        first_keys_with_pe: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two-way blocks: tokens (B, N, C) and image side (B, h*w, C) before the final attention."""
         queries, keys = point_embedding, image
         for i, layer in enumerate(self.layers):
             shared = first_keys_with_pe if i == 0 else None
             queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=image_pe, keys_with_pe=shared)
-        if num_outputs is not None:
-            queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
-        q = queries + point_embedding
-        k = keys + image_pe
-        queries = self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=k, v=keys))
-        if keys.shape[0] != queries.shape[0]:
-            keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
+
+    def final_attention(
+        self, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor, keys_with_pe: torch.Tensor
+    ) -> torch.Tensor:
+        """The last token-to-image attention and norm. Each token's row is independent of the others, so
+        any subset of tokens (with its PE rows) can go through it on its own."""
+        q = queries + query_pe
+        return self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=keys_with_pe, v=keys))

@@ -199,21 +199,29 @@ class SamMaskSource:
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
         tokens = torch.cat([dec.output_tokens(batch), sparse.to(dtype)], dim=1)
-        n_out = tokens.shape[1] - sparse.shape[1]
+        if dense.stride(0) == 0:
+            dense = dense[:1]  # the one "no mask" embedding every prompt shares
         src = dec.image_side(emb.features["image_embeddings"].to(dtype), dense.to(dtype), batch)  # 1, C, h, w
         _, c, h, w = src.shape
         image, pe, first_keys = dec.transformer.prepare(src, model.prompt_encoder.get_dense_pe().to(dtype))
         ious: List[torch.Tensor] = []
         index: List[int] = []
         logits: List[torch.Tensor] = []
+        transformer, masks = dec.transformer, slice(1, 1 + dec.num_mask_tokens)
         for i in range(batch):
-            hs, keys = dec.transformer.run(image, pe, tokens[i : i + 1], first_keys, n_out)
-            iou = dec.iou_prediction_head(hs[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
+            point_tokens = tokens[i : i + 1]
+            queries, keys = transformer.run_blocks(image, pe, point_tokens, first_keys)
+            keys_with_pe = keys + pe
+            # The final attention treats tokens independently: the IoU token first, the mask tokens only
+            # for a point with a passing output.
+            iou_token = transformer.final_attention(queries[:, :1], point_tokens[:, :1], keys, keys_with_pe)
+            iou = dec.iou_prediction_head(iou_token[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
             ious.append(iou)
             passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
             if len(passing) == 0:
                 continue
-            hyper = dec.hypernetwork_weights(hs[:, 1 : 1 + dec.num_mask_tokens, :])[:, passing + 1]
+            mask_tokens = transformer.final_attention(queries[:, masks], point_tokens[:, masks], keys, keys_with_pe)
+            hyper = dec.hypernetwork_weights(mask_tokens)[:, passing + 1]
             logits.append(dec.output_upscaling.masks(keys.view(1, h, w, c), hyper)[0].float())
             index.extend((3 * i + passing).tolist())
         iou_all = torch.stack(ious) if ious else torch.zeros(0, 3)
