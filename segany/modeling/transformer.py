@@ -37,15 +37,24 @@ class Attention(nn.Module):
         b, h, n, c = x.shape
         return x.transpose(1, 2).reshape(b, n, h * c)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, C). Either side may have batch 1 where every prompt shares the
-        image (the first block without a mask prompt): its projections are then computed once."""
+        image (the first block without a mask prompt): its projections are then computed once.
+        With `residual` (B, Nq, C) the result is residual + attention (fused where that saves a pass)."""
         batch_q, batch_k = q.shape[0], k.shape[0]
         heads_q, heads_k = self.num_heads * q.shape[1], self.num_heads * k.shape[1]
+        if heads_k < self.internal_dim and q.shape[1] >= 8 * k.shape[1]:
+            return self._few_keys(q, k, v, residual)
+        out = self._attend(q, k, v)
+        return out if residual is None else residual + out
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        batch_q, batch_k = q.shape[0], k.shape[0]
+        heads_q = self.num_heads * q.shape[1]
         if heads_q < self.internal_dim and k.shape[1] >= 8 * q.shape[1]:
             return self._few_queries(q, k, v)
-        if heads_k < self.internal_dim and q.shape[1] >= 8 * k.shape[1]:
-            return self._few_keys(q, k, v)
         if batch_k == 1 and batch_q > 1:
             # Shared keys: the prompts' queries are independent rows of one attention.
             n_q = q.shape[1]
@@ -86,7 +95,9 @@ class Attention(nn.Module):
         out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)  # rows of probs sum to 1
         return self.out_proj(self._recombine_heads(out))
 
-    def _few_keys(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _few_keys(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Many queries (image) on few keys (tokens): q is never projected, nor the output per position."""
         heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
         head_dim = self.internal_dim // heads
@@ -99,6 +110,8 @@ class Attention(nn.Module):
         if q.shape[0] == 1 and batch > 1:  # one image for every prompt: one product, q not repeated
             logits = (q[0] @ m.permute(1, 0, 2).reshape(dim, batch * heads * n_k)).view(-1, batch, heads * n_k)
             logits = logits.permute(1, 2, 0)  # B, H*Nk, Nq
+        elif batch == 1:  # 2-D products: bfloat16 batched products of transposed views copy them first
+            logits = torch.mm(m[0].t().contiguous(), q[0].t())[None]  # 1, H*Nk, Nq
         else:
             logits = m.transpose(1, 2) @ q.transpose(1, 2)  # B, H*Nk, Nq
         # Heads x keys on the rows, image positions along the rows: the softmax over each head's few keys
@@ -108,7 +121,16 @@ class Attention(nn.Module):
         probs = logits.view(batch, heads, n_k, -1).softmax(2).view(batch, heads * n_k, -1)
         w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # H, d, C
         v_out = (v_heads @ w_o).reshape(batch, heads * n_k, dim)  # B, H*Nk, C
-        return torch.baddbmm(self.out_proj.bias.expand(batch, 1, dim), probs.transpose(1, 2), v_out)
+        if residual is None:
+            start = self.out_proj.bias.expand(batch, 1, dim)
+        else:
+            # Each head's probabilities sum to 1, so the output bias can ride on the values (bias / heads
+            # per head) and the residual be the product's accumulator: one pass over the image side.
+            start = residual
+            v_out = v_out + self.out_proj.bias / heads
+        if batch == 1:
+            return torch.addmm(start[0], probs[0].t(), v_out[0])[None]
+        return torch.baddbmm(start, probs.transpose(1, 2), v_out)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -158,7 +180,7 @@ class TwoWayAttentionBlock(nn.Module):
 
         # The image attends to the tokens (keys are unchanged since k was formed above).
         q = queries + query_pe
-        keys = self.norm4(keys + self.cross_attn_image_to_token(q=k, k=q, v=queries))
+        keys = self.norm4(self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys))
         return queries, keys
 
 
