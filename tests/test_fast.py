@@ -34,6 +34,56 @@ def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monke
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_size,band", [((16, 16), 37), ((9, 13), 117), ((12, 7), 1000)])
+def test_banded_rel_pos_attention_equals_materialised_bias(q_size, band, monkeypatch):
+    """The global-attention path (row bands, bias added in place) on sizes small enough to check."""
+    torch.manual_seed(1)
+    bh, c = 5, 8
+    n = q_size[0] * q_size[1]
+    q, k, v = (torch.randn(bh, n, c) for _ in range(3))
+    rel_h = torch.randn(2 * q_size[0] - 1, c)
+    rel_w = torch.randn(2 * q_size[1] - 1, c)
+    bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, q_size, q_size)
+    expected = torch.softmax(q * c**-0.5 @ k.transpose(1, 2) + bias, -1) @ v
+    monkeypatch.setattr(ie, "GLOBAL_ROWS", 50)
+    monkeypatch.setattr(ie, "BAND_ROWS", band)
+    got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # bfloat16 inputs: the products in bfloat16, bias and softmax in float32
+    low = ie.rel_pos_attention_chunked(*(t.bfloat16() for t in (q, k, v, rel_h, rel_w)), q_size, c**-0.5)
+    assert low.dtype == torch.bfloat16
+    assert ((low.float() - expected).norm() / expected.norm()).item() < 0.02
+
+
+def test_row_chunked_mlp_equals_whole(monkeypatch):
+    from segany.modeling.common import MLPBlock
+
+    torch.manual_seed(6)
+    mlp = MLPBlock(16, 40)
+    x = torch.randn(2, 9, 7, 16)  # 126 rows
+    expected = mlp(x)  # grad enabled: never chunked
+    monkeypatch.setattr(MLPBlock, "CHUNK_ROWS", 20)
+    with torch.no_grad():
+        got = mlp(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_blocked_mask_upscaling_equals_upscale_then_dot(tiny_sam, monkeypatch):
+    from segany.modeling.mask_decoder import MaskUpscaling, mask_logits
+
+    torch.manual_seed(7)
+    up = tiny_sam.mask_decoder.output_upscaling
+    x = torch.randn(2, 10, 6, 256)  # B, h, w, C channels-last
+    hyper = torch.randn(2, 3, 32)
+    expected = mask_logits(hyper, up(x.permute(0, 3, 1, 2)))
+    monkeypatch.setattr(MaskUpscaling, "ROWS_PER_BAND", 3)  # bands that do not divide h
+    with torch.no_grad():
+        got = up.masks(x, hyper)
+    assert got.shape == (2, 3, 40, 24)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_encoder_training_path_matches_inference_and_is_differentiable(tiny_sam):
     torch.manual_seed(2)
     encoder = copy.deepcopy(tiny_sam.image_encoder)
