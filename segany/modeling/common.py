@@ -7,6 +7,11 @@ import torch
 from torch import nn
 
 
+def is_exporting() -> bool:
+    """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of an NCHW tensor."""
 
@@ -37,7 +42,7 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS:
+        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting():
             return self.lin2(self.act(self.lin1(x)))
         # Row chunks keep the (rows, mlp_dim) hidden activations small: for a 64x64 image they are
         # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block.

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock
+from .common import LayerNorm2d, MLPBlock, is_exporting
 
 
 @dataclass
@@ -130,9 +130,7 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
         if not self.use_rel_pos:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        elif (torch.is_grad_enabled() and (x.requires_grad or self.rel_pos_h.requires_grad)) or (
-            torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-        ):
+        elif (torch.is_grad_enabled() and (x.requires_grad or self.rel_pos_h.requires_grad)) or is_exporting():
             # Training (and export): fused attention with the materialised bias as the additive mask
             # (4-D, so the fused kernels apply); differentiable and one graph node.
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, is_exporting
 from .transformer import TwoWayTransformer
 
 
@@ -68,8 +68,12 @@ class MaskUpscaling(nn.Sequential):
         (B, 4h, 4w, C/8) features."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
+        if torch.is_grad_enabled() or is_exporting() or h <= self.ROWS_PER_BAND:  # one band, no buffer
+            logits = self._blocked_features(x).view(b, -1, hyper.shape[-1]) @ hyper.transpose(1, 2)
+            logits = logits.view(b, h, w, 2, 2, 2, 2, t).permute(0, 7, 1, 3, 5, 2, 4, 6)
+            return logits.reshape(b, t, 4 * h, 4 * w)
         out = x.new_empty(b, t, h, 2, 2, w, 2, 2)  # B, T, (h, dy1, dy2), (w, dx1, dx2)
-        band = self.ROWS_PER_BAND if not torch.is_grad_enabled() else h
+        band = self.ROWS_PER_BAND
         for r0 in range(0, h, band):
             feats = self._blocked_features(x[:, r0 : r0 + band])  # B, r, w, 4, 4, C/8
             r = feats.shape[1]
