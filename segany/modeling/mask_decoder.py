@@ -61,6 +61,14 @@ class MaskUpscaling(nn.Sequential):
         z = F.linear(y, w2.t(), up2.bias.repeat(4) if up2.bias is not None else None)
         return act2(z).view(b, r, w, 4, 4, c2)
 
+    def _band_logits(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+        """Logits of a band of rows x (B, r, w, C) as a (B, T, r, dy1, dy2, w, dx1, dx2) view."""
+        b, r, w, _ = x.shape
+        feats = self._blocked_features(x)  # B, r, w, 4, 4, C/8
+        logits = feats.view(b, -1, feats.shape[-1]) @ hyper.transpose(1, 2)  # B, r*w*16, T
+        logits = logits.view(b, r, w, 2, 2, 2, 2, hyper.shape[1])  # B, r, w, dy1, dx1, dy2, dx2, T
+        return logits.permute(0, 7, 1, 3, 5, 2, 4, 6)
+
     def masks(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """Mask logits hyper . upscale(x): x (B, h, w, C) channels-last, hyper (B, T, C/8) -> (B, T, 4h, 4w).
 
@@ -69,17 +77,11 @@ class MaskUpscaling(nn.Sequential):
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         if torch.is_grad_enabled() or is_exporting() or h <= self.ROWS_PER_BAND:  # one band, no buffer
-            logits = self._blocked_features(x).view(b, -1, hyper.shape[-1]) @ hyper.transpose(1, 2)
-            logits = logits.view(b, h, w, 2, 2, 2, 2, t).permute(0, 7, 1, 3, 5, 2, 4, 6)
-            return logits.reshape(b, t, 4 * h, 4 * w)
+            return self._band_logits(x, hyper).reshape(b, t, 4 * h, 4 * w)
         out = x.new_empty(b, t, h, 2, 2, w, 2, 2)  # B, T, (h, dy1, dy2), (w, dx1, dx2)
-        band = self.ROWS_PER_BAND
-        for r0 in range(0, h, band):
-            feats = self._blocked_features(x[:, r0 : r0 + band])  # B, r, w, 4, 4, C/8
-            r = feats.shape[1]
-            logits = feats.view(b, -1, feats.shape[-1]) @ hyper.transpose(1, 2)  # B, r*w*16, T
-            logits = logits.view(b, r, w, 2, 2, 2, 2, t)  # B, r, w, dy1, dx1, dy2, dx2, T
-            out[:, :, r0 : r0 + r] = logits.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        for r0 in range(0, h, self.ROWS_PER_BAND):
+            band = x[:, r0 : r0 + self.ROWS_PER_BAND]
+            out[:, :, r0 : r0 + band.shape[1]] = self._band_logits(band, hyper)
         return out.view(b, t, 4 * h, 4 * w)
 
 

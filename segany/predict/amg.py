@@ -396,13 +396,12 @@ class MaskGenerator:
         if filtered:
             # Predicted IoU needs no mask: the source computes masks only for outputs that pass it.
             iou, keep_idx, logits = self.source.predict_above(points, s.pred_iou_thresh)  # logits in keep_idx order
-            per_point = iou.shape[1]
-            iou = iou.flatten(0, 1).float()
         else:
             logits, iou = self.source.predict(points)  # (B, 3, h', w'), (B, 3)
             logits = logits.flatten(0, 1)
-            per_point = iou.shape[1]
-            iou = iou.flatten(0, 1).float()
+        per_point = iou.shape[1]
+        iou = iou.flatten(0, 1).float()
+        if not filtered:
             keep = torch.ones(len(iou), dtype=torch.bool) if s.pred_iou_thresh <= 0 else iou > s.pred_iou_thresh
             keep_idx = torch.nonzero(keep.cpu()).flatten()
         point_index = np.repeat(np.arange(len(points)), per_point)
