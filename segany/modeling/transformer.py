@@ -236,9 +236,10 @@ class TwoWayTransformer(nn.Module):
         if first_keys is not None and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
             # CPU): about 2x faster per prompt than a batch of 64, same results.
+            step = INFERENCE_MICRO_BATCH
             parts = [
-                self.run(image, image_pe, point_embedding[start : start + INFERENCE_MICRO_BATCH], first_keys, num_outputs)
-                for start in range(0, batch, INFERENCE_MICRO_BATCH)
+                self.run(image, image_pe, point_embedding[start : start + step], first_keys, num_outputs)
+                for start in range(0, batch, step)
             ]
             return torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])
         return self.run(image, image_pe, point_embedding, first_keys, num_outputs)
