@@ -80,7 +80,9 @@ def decomposed_rel_pos_terms(
     r_q = q.reshape(b, q_h, q_w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h)  # b, q_h, q_w, k_h
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, table_w)  # b, q_h, q_w, k_w
-    return rel_h, rel_w
+    # einsum returns these with permuted strides; contiguous (small) factors make the bias built from
+    # them contiguous too, instead of a strided N x N tensor that reshaping copies once more
+    return rel_h.contiguous(), rel_w.contiguous()
 
 
 def decomposed_rel_pos_bias(
