@@ -95,11 +95,20 @@ def main() -> None:
     for layers in [int(x) for x in args.crop_layers.split(",")]:
         cfg = dict(settings, crop_n_layers=layers)
         t = time.perf_counter()
-        ref = ref_pkg.SamAutomaticMaskGenerator(ref_model, output_mode="uncompressed_rle", **cfg).generate(image)
+        try:
+            ref = ref_pkg.SamAutomaticMaskGenerator(ref_model, output_mode="uncompressed_rle", **cfg).generate(image)
+            ref_error = None
+        except Exception as err:  # the released generator fails on an empty result with crops (box_area)
+            ref, ref_error = None, f"{type(err).__name__}: {err}"
         t_ref = time.perf_counter() - t
         t = time.perf_counter()
         ours = segany.SamAutomaticMaskGenerator(ours_model, output_mode="uncompressed_rle", **cfg).generate(image)
         t_ours = time.perf_counter() - t
+        if ref_error is not None:
+            rows.append((layers, None, t_ours, f"failed after {t_ref:.1f} s ({ref_error})", len(ours), "n/a"))
+            print(f"crop_n_layers={layers}: reference failed after {t_ref:.1f} s ({ref_error}); "
+                  f"segany {t_ours:.1f} s ({len(ours)} masks); try --permissive", flush=True)
+            continue
         rows.append((layers, t_ref, t_ours, len(ref), len(ours), agreement(ours, ref)))
         print(f"crop_n_layers={layers}: reference {t_ref:.1f} s ({len(ref)} masks), segany {t_ours:.1f} s ({len(ours)} masks)",
               flush=True)
@@ -113,7 +122,10 @@ def main() -> None:
     print("| crop_n_layers | reference (s) | segany (s) | speed-up | masks ref | masks segany | mask agreement (best IoU) |")
     print("|---|---|---|---|---|---|---|")
     for layers, t_ref, t_ours, n_ref, n_ours, agree in rows:
-        print(f"| {layers} | {t_ref:.1f} | {t_ours:.1f} | {t_ref / t_ours:.2f}x | {n_ref} | {n_ours} | {agree} |")
+        if t_ref is None:  # the reference failed: no time, no ratio
+            print(f"| {layers} | {n_ref} | {t_ours:.1f} | n/a | - | {n_ours} | {agree} |")
+        else:
+            print(f"| {layers} | {t_ref:.1f} | {t_ours:.1f} | {t_ref / t_ours:.2f}x | {n_ref} | {n_ours} | {agree} |")
 
 
 if __name__ == "__main__":
