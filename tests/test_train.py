@@ -20,6 +20,7 @@ from segany.train.prompts import PromptConfig
 from segany.train.trainer import MODEL_FILE, Trainer, TrainConfig, release_state_dict
 
 from .conftest import import_reference
+from .smallsam import one_thread as smallsam_one_thread
 
 
 def tiny_config(side: int = 128, dim: int = 64) -> SamConfig:
@@ -58,15 +59,8 @@ def synthetic_images(root: Path, n: int = 4, size: int = 128, seed: int = 0) -> 
     return root
 
 
-@contextlib.contextmanager
-def one_thread():
-    # Tiny models run faster on one thread, and much faster when other processes share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# Tiny models run faster on one thread (the fixtures' generator, used here as a context manager).
+one_thread = contextlib.contextmanager(smallsam_one_thread)
 
 
 def test_overfit_four_images(tmp_path):
