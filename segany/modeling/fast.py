@@ -30,7 +30,7 @@ def bf16_supported() -> bool:
         return False
 
 
-def _cast(value: Any, dtype: torch.dtype) -> Any:
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
     """Floating tensors (also inside tuples, lists and dicts) to `dtype`; everything else unchanged."""
     if torch.is_tensor(value):
         if not value.is_floating_point() or value.dtype == dtype:
@@ -42,16 +42,16 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
             return value[distinct].to(dtype).expand(value.shape)
         return value.to(dtype)
     if isinstance(value, (tuple, list)):
-        return type(value)(_cast(v, dtype) for v in value)
+        return type(value)(cast_floats(v, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
     return value
 
 
 def _run_in(dtype: torch.dtype, method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return _cast(method(*_cast(args, dtype), **_cast(kwargs, dtype)), torch.float32)
+        return cast_floats(method(*cast_floats(args, dtype), **cast_floats(kwargs, dtype)), torch.float32)
 
     return wrapped
 

@@ -19,12 +19,18 @@ def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tenso
     Each input pixel maps to its own 2x2 output block, so this is one matrix product followed by a
     shuffle of contiguous channel vectors; much faster on a CPU than the generic kernel.
     """
-    b, h, w, c_in = x.shape
-    c_out = conv.out_channels
+    b, h, w, _ = x.shape
+    y = conv_transpose_2x2_blocks(x, conv).view(b, h, w, 2, 2, conv.out_channels)
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, conv.out_channels)
+
+
+def conv_transpose_2x2_blocks(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """The same transposed convolution without the shuffle: (..., Cin) -> (..., 4, Cout), each input
+    pixel's 2x2 output block in (dy, dx) order."""
+    c_in, c_out = x.shape[-1], conv.out_channels
     weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # Cin, (dy, dx, Cout)
     bias = conv.bias.repeat(4) if conv.bias is not None else None
-    y = F.linear(x, weight.t(), bias).view(b, h, w, 2, 2, c_out)
-    return y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, c_out)
+    return F.linear(x, weight.t(), bias).view(*x.shape[:-1], 4, c_out)
 
 
 class MaskUpscaling(nn.Sequential):
@@ -52,14 +58,9 @@ class MaskUpscaling(nn.Sequential):
         """(B, r, w, C) channels-last -> (B, r, w, 4, 4, C/8): each pixel's upscaled 4x4 block, order
         (dy1, dx1) of the first convolution then (dy2, dx2) of the second."""
         up1, norm, act1, up2, act2 = self
-        b, r, w, c_in = x.shape
-        c1, c2 = up1.out_channels, up2.out_channels
-        w1 = up1.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c1)
-        y = F.linear(x, w1.t(), up1.bias.repeat(4) if up1.bias is not None else None).view(b, r, w, 4, c1)
-        y = act1(F.layer_norm(y, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = up2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-        z = F.linear(y, w2.t(), up2.bias.repeat(4) if up2.bias is not None else None)
-        return act2(z).view(b, r, w, 4, 4, c2)
+        y = conv_transpose_2x2_blocks(x, up1)  # B, r, w, 4, C/4
+        y = act1(F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps))
+        return act2(conv_transpose_2x2_blocks(y, up2))  # B, r, w, 4, 4, C/8
 
     def _band_logits(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """Logits of a band of rows x (B, r, w, C) as a (B, T, r, dy1, dy2, w, dx1, dx2) view."""

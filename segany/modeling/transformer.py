@@ -43,9 +43,7 @@ class Attention(nn.Module):
         """q: (B, Nq, C); k, v: (B, Nk, C). Either side may have batch 1 where every prompt shares the
         image (the first block without a mask prompt): its projections are then computed once.
         With `residual` (B, Nq, C) the result is residual + attention (fused where that saves a pass)."""
-        batch_q, batch_k = q.shape[0], k.shape[0]
-        heads_q, heads_k = self.num_heads * q.shape[1], self.num_heads * k.shape[1]
-        if heads_k < self.internal_dim and q.shape[1] >= 8 * k.shape[1]:
+        if self.num_heads * k.shape[1] < self.internal_dim and q.shape[1] >= 8 * k.shape[1]:
             return self._few_keys(q, k, v, residual)
         out = self._attend(q, k, v)
         return out if residual is None else residual + out

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..io import rle as rle_io
+from ..modeling.fast import cast_floats
 from . import mask_ops
 from .inputs import load_image
 
@@ -199,9 +200,9 @@ class SamMaskSource:
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
         tokens = torch.cat([dec.output_tokens(batch), sparse.to(dtype)], dim=1)
-        if dense.stride(0) == 0:
-            dense = dense[:1]  # the one "no mask" embedding every prompt shares
-        src = dec.image_side(emb.features["image_embeddings"].to(dtype), dense.to(dtype), batch)  # 1, C, h, w
+        # cast_floats keeps the broadcast "no mask" embedding broadcast, so the image side stays shared
+        image_embeddings, dense = cast_floats((emb.features["image_embeddings"], dense), dtype)
+        src = dec.image_side(image_embeddings, dense, batch)  # 1, C, h, w
         _, c, h, w = src.shape
         image, pe, first_keys = dec.transformer.prepare(src, model.prompt_encoder.get_dense_pe().to(dtype))
         ious: List[torch.Tensor] = []
