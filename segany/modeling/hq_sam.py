@@ -13,7 +13,7 @@ alone with `hq_token_only=True`. Everything of SAM is reused unchanged; names fo
 from __future__ import annotations
 
 import copy
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -150,8 +150,10 @@ class HqSam(Sam):
         masks: Optional[torch.Tensor],
         multimask_output: bool,
         hq_token_only: Optional[bool] = None,
+        cache: Optional[Dict[str, Any]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """As Sam.decode; returns one mask per prompt. `hq_token_only` returns the HQ mask alone."""
+        """As Sam.decode; returns one mask per prompt. `hq_token_only` returns the HQ mask alone.
+        `cache` is accepted for the common signature; HQ-SAM's decoder prepares its image side per call."""
         if "interm_embeddings" not in features:
             raise ValueError(
                 "HQ-SAM needs the early image-encoder features as well as the image embedding: "

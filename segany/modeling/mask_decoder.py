@@ -3,14 +3,14 @@ image embedding; the image side is upscaled 4x and each mask token's hypernetwor
 weights of a dot product with it; an MLP on the IoU token predicts each mask's quality."""
 from __future__ import annotations
 
-from typing import List, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, is_exporting
-from .transformer import TwoWayTransformer
+from .transformer import ImageSide, TwoWayTransformer, Workspace
 
 
 def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
@@ -101,7 +101,7 @@ INFERENCE_MICRO_BATCH = 1
 
 def _batch_rows(x: torch.Tensor, start: int, size: int, batch: int) -> torch.Tensor:
     """Rows start:start+size of a per-prompt tensor; a tensor shared by all prompts (batch 1) as it is."""
-    if x.shape[0] == batch and batch != 1:
+    if x is not None and x.shape[0] == batch and batch != 1:
         return x[start : start + size]
     return x
 
@@ -143,10 +143,14 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         multimask_output: bool,
+        image_side: Optional[ImageSide] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns low-res mask logits (B, 3 or 1, 256, 256) and IoU predictions (B, 3 or 1)."""
+        """Returns low-res mask logits (B, 3 or 1, 256, 256) and IoU predictions (B, 3 or 1).
+
+        image_side: from shared_image_side() for this image, PE and dense prompt (prepared once per image
+        and re-used); image_embeddings and image_pe may then be None."""
         masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side
         )
         selected = slice(1, None) if multimask_output else slice(0, 1)
         return masks[:, selected], iou_pred[:, selected]
@@ -164,13 +168,25 @@ class MaskDecoder(nn.Module):
             raise ValueError(f"image batch {x.shape[0]} does not match prompt batch {batch}")
         return x.expand(batch, *x.shape[1:])
 
-    def image_side(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor, batch: int) -> torch.Tensor:
+    def add_dense_prompt(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor, batch: int) -> torch.Tensor:
         """Image embedding + dense prompt, (B, C, h, w); batch 1 when every prompt shares it (one image and
         no mask prompt: the dense prompt is one broadcast embedding), so the image side is computed once."""
         dense = dense_prompt_embeddings
         if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
             return image_embeddings + dense[:1]
         return self.expand_to_batch(image_embeddings, batch) + dense
+
+    def shared_image_side(
+        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+    ) -> ImageSide:
+        """The transformer's image side for one image (1, C, h, w) and a dense prompt shared by every
+        prompt (the "no mask" embedding), in this decoder's dtype: what forward() would compute from the
+        same tensors on every call, to be kept with the image embedding and passed as image_side."""
+        if image_embeddings.shape[0] != 1 or not (dense_prompt_embeddings.shape[0] == 1 or dense_prompt_embeddings.stride(0) == 0):
+            raise ValueError("a shared image side needs one image embedding and one dense prompt for every prompt")
+        dtype = self.iou_token.weight.dtype
+        src = self.add_dense_prompt(image_embeddings.to(dtype), dense_prompt_embeddings[:1].to(dtype), 1)
+        return self.transformer.prepare(src, image_pe[:1].to(dtype))
 
     def hypernetwork_weights(self, mask_tokens_out: torch.Tensor) -> torch.Tensor:
         hyper: List[torch.Tensor] = [
@@ -184,9 +200,15 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        image_side: Optional[ImageSide] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         batch = sparse_prompt_embeddings.shape[0]
-        if batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
+        inference = not torch.is_grad_enabled() and not is_exporting()
+        if image_side is None and inference and image_embeddings.shape[0] == 1:
+            dense = dense_prompt_embeddings
+            if dense.shape[0] == 1 or dense.stride(0) == 0:  # one image side for every prompt: prepare it once
+                image_side = self.shared_image_side(image_embeddings, image_pe, dense)
+        if batch > INFERENCE_MICRO_BATCH and inference:
             # Each prompt carries its own (h*w, C) image side through the transformer and the upscaling;
             # on a CPU these are memory-bound, and one prompt's working set fits in cache where 64 do not:
             # prompts one at a time ran about 2x faster per prompt than in one batch of 64 (same results).
@@ -196,11 +218,34 @@ class MaskDecoder(nn.Module):
                     _batch_rows(image_pe, start, INFERENCE_MICRO_BATCH, batch),
                     sparse_prompt_embeddings[start : start + INFERENCE_MICRO_BATCH],
                     _batch_rows(dense_prompt_embeddings, start, INFERENCE_MICRO_BATCH, batch),
+                    image_side,
                 )
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
             return torch.cat([m for m, _ in parts]), torch.cat([i for _, i in parts])
-        hs, src = self.transform(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        if image_side is not None and inference and batch == 1:
+            # The prompt's image side goes through the workspace's buffers; the upscaling reads it
+            # before anyone else can claim them.
+            with image_side.workspace.claim() as workspace:
+                return self._predict_masks(
+                    image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side, workspace
+                )
+        return self._predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side
+        )
+
+    def _predict_masks(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        image_side: Optional[ImageSide] = None,
+        workspace: Optional[Workspace] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        hs, src = self.transform(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side, workspace
+        )
         hyper = self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :])
         masks = self.output_upscaling.masks(src, hyper)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
@@ -227,14 +272,17 @@ class MaskDecoder(nn.Module):
         image_pe: torch.Tensor,
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
+        image_side: Optional[ImageSide] = None,
+        workspace: Optional[Workspace] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Output tokens after the two-way transformer (B, T, C; prompt tokens dropped) and the image side
-        (B, h, w, C), channels-last."""
+        (B, h, w, C), channels-last. With a workspace the image side returned lives in its buffers."""
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
-        src = self.image_side(image_embeddings, dense_prompt_embeddings, batch)
-        b, c, h, w = batch, src.shape[1], src.shape[2], src.shape[3]
-        # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
+        if image_side is None:
+            src = self.add_dense_prompt(image_embeddings, dense_prompt_embeddings, batch)
+            # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
+            image_side = self.transformer.prepare(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe)
         n_out = tokens.shape[1] - sparse_prompt_embeddings.shape[1]  # IoU, mask (and a variant's) tokens
-        hs, src = self.transformer(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe, tokens, n_out)
-        return hs, src.reshape(b, h, w, c)
+        hs, src = self.transformer.run(image_side, tokens, n_out, workspace)
+        return hs, src.reshape(batch, *image_side.size, src.shape[-1])

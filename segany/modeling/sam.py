@@ -1,11 +1,21 @@
 """The Segment Anything model: image encoder + prompt encoder + mask decoder."""
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def _version(tensor: torch.Tensor) -> Optional[int]:
+    """In-place modification counter (None for inference-mode tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -81,11 +91,14 @@ class Sam(nn.Module):
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
         multimask_output: bool,
+        cache: Optional[Dict[str, Any]] = None,
         **options: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the model's input frame -> low-res logits (B, C, 256, 256) and IoU predictions (B, C).
 
         `features` holds one image's features (batch 1, shared by every prompt) or one per prompt.
+        `cache`: a dict kept with these features (segany's ImageEmbedding has one): the decoder's image
+        side, the same for every prompt without a mask prompt, is prepared once and kept there.
         Plain SAM takes no decode options; variants do (HQ-SAM: hq_token_only).
         """
         if options:
@@ -93,7 +106,7 @@ class Sam(nn.Module):
                 f"{type(self).__name__} takes no decode option {', '.join(sorted(options))} "
                 "(hq_token_only needs an HQ-SAM checkpoint)"
             )
-        return self.run_mask_decoder(features, points, boxes, masks, multimask_output)
+        return self.run_mask_decoder(features, points, boxes, masks, multimask_output, cache=cache)
 
     def run_mask_decoder(
         self,
@@ -102,18 +115,53 @@ class Sam(nn.Module):
         boxes: Optional[torch.Tensor],
         masks: Optional[torch.Tensor],
         multimask_output: bool,
+        cache: Optional[Dict[str, Any]] = None,
         **decoder_inputs: Any,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder, then the mask decoder; variants pass their decoder's extra inputs."""
+        """Prompt encoder, then the mask decoder; variants pass their decoder's extra inputs (and are not
+        cached: `cache` serves the plain decoder)."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
+        image_embeddings, image_pe = features["image_embeddings"], self.prompt_encoder.get_dense_pe()
+        if cache is not None and masks is None and not decoder_inputs and not torch.is_grad_enabled():
+            side = self.cached_image_side(cache, image_embeddings, image_pe, dense)
+            if side is not None:  # the decoder reads the prepared side instead of these two
+                decoder_inputs["image_side"] = side
+                image_embeddings = image_pe = None
         return self.mask_decoder(
-            image_embeddings=features["image_embeddings"],
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_embeddings=image_embeddings,
+            image_pe=image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
             **decoder_inputs,
         )
+
+    def cached_image_side(
+        self, cache: Dict[str, Any], image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense: torch.Tensor
+    ) -> Optional[Any]:
+        """The mask decoder's prepared image side for this embedding, from `cache` or made and stored
+        there; None where the decoder cannot share one (several images, another decoder class)."""
+        prepare = getattr(self.mask_decoder, "shared_image_side", None)
+        if prepare is None or image_embeddings.shape[0] != 1:
+            return None
+        # Valid while it is this decoder (in its dtype), this very embedding and PE tensor, and neither they
+        # nor the "no mask" embedding were modified in place.
+        stamp = (
+            tuple(_version(t) for t in (image_embeddings, self.prompt_encoder.no_mask_embed.weight)),
+            self.mask_decoder.iou_token.weight.dtype,
+        )
+        entry = cache.get("mask_decoder_image_side")
+        if (
+            entry is None
+            or entry[0]() is not self.mask_decoder
+            or entry[1] is not image_embeddings
+            or entry[2] is not image_pe
+            or entry[3] != stamp
+        ):
+            side = prepare(image_embeddings, image_pe, dense)
+            entry = (weakref.ref(self.mask_decoder), image_embeddings, image_pe, stamp, side)
+            cache["mask_decoder_image_side"] = entry
+        return entry[4]
 
     @torch.no_grad()
     def forward(self, batched_input: List[Dict[str, Any]], multimask_output: bool) -> List[Dict[str, torch.Tensor]]:

@@ -29,6 +29,9 @@ class ImageEmbedding:
     features: Dict[str, torch.Tensor]  # "image_embeddings": (1, 256, 64, 64), variants add more
     original_size: Tuple[int, int]  # (H, W) of the user's image
     input_size: Tuple[int, int]  # (h, w) after resizing the long side to the model's input size
+    # What the decoder derives from these features and re-uses for every prompt (see Sam.decode).
+    # Treat an ImageEmbedding as a value: replace it rather than editing its tensors in place.
+    decoder_cache: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def image_embeddings(self) -> torch.Tensor:
@@ -147,7 +150,9 @@ class Segmenter:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts already in the model's input frame -> low-res logits (B, C, 256, 256), IoU (B, C)."""
         points = (point_coords, point_labels) if point_coords is not None else None
-        return self.model.decode(embedding.features, points, boxes, mask_input, multimask_output, **decode_options)
+        return self.model.decode(
+            embedding.features, points, boxes, mask_input, multimask_output, cache=embedding.decoder_cache, **decode_options
+        )
 
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
         return self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)

@@ -1,0 +1,119 @@
+"""The decoder's image side is prepared once per embedding and kept with it; one prompt's image side is
+written into re-used workspace buffers. Neither may change a result or leak between calls and threads."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from segany.modeling.fast import make_fast
+from segany.modeling.transformer import Workspace
+from segany.predict.predictor import SamPredictor
+from segany.predict.segmenter import Prompt, Segmenter
+
+from .smallsam import make_image, one_thread, small_sam
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+POINTS = [np.array([[40.0, 50.0]]), np.array([[150.0, 90.0], [60.0, 120.0]]), np.array([[10.0, 170.0]])]
+
+
+def _decode(model, features, coords, cache=None, multimask=True):
+    labels = torch.ones(coords.shape[:2], dtype=torch.int)
+    with torch.no_grad():
+        return model.decode(features, (coords, labels), None, None, multimask, cache=cache)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_cached_decode_equals_uncached(fast):
+    model = small_sam(3)
+    if fast:
+        make_fast(model)
+    seg = Segmenter(model)
+    emb = seg.embed(make_image(180, 240, seed=1))
+    coords = torch.tensor([[[30.0, 40.0]], [[200.0, 100.0]], [[120.0, 60.0]]])
+    plain_low, plain_iou = _decode(model, emb.features, coords)
+    for _ in range(2):  # the second call reads the kept image side
+        low, iou = _decode(model, emb.features, coords, cache=emb.decoder_cache)
+        torch.testing.assert_close(low, plain_low, rtol=0, atol=0)
+        torch.testing.assert_close(iou, plain_iou, rtol=0, atol=0)
+    side = emb.decoder_cache["mask_decoder_image_side"][-1]
+    _decode(model, emb.features, coords[:1], cache=emb.decoder_cache)
+    assert emb.decoder_cache["mask_decoder_image_side"][-1] is side  # re-used, not rebuilt
+
+
+def test_one_prompt_results_do_not_alias_the_workspace():
+    model = small_sam(4)
+    predictor = SamPredictor(model)
+    predictor.set_image(make_image(200, 160, seed=2))
+    first = [predictor.predict(point_coords=p, point_labels=np.ones(len(p)), return_logits=True) for p in POINTS]
+    kept = [tuple(np.copy(a) for a in out) for out in first]
+    again = [predictor.predict(point_coords=p, point_labels=np.ones(len(p)), return_logits=True) for p in POINTS]
+    for before, now, copy in zip(first, again, kept):
+        for a, b, c in zip(before, now, copy):
+            np.testing.assert_array_equal(a, c)  # earlier results untouched by later decodes
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert not np.allclose(first[0][2], first[1][2])  # different prompts, different results
+
+
+def test_cache_follows_the_embedding_tensor():
+    model = small_sam(5)
+    seg = Segmenter(model)
+    emb = seg.embed(make_image(160, 160, seed=3))
+    coords = torch.tensor([[[60.0, 70.0]]])
+    low, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
+    # Another embedding under the same cache: rebuilt, never the stale side.
+    other = seg.embed(make_image(160, 160, seed=9))
+    emb.features["image_embeddings"] = other.image_embeddings
+    low_other, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
+    expected, _ = _decode(model, other.features, coords)
+    torch.testing.assert_close(low_other, expected, rtol=0, atol=0)
+    assert not torch.allclose(low_other, low)
+    # Edited in place (outside inference mode the tensor counts its versions): rebuilt too.
+    tensor = other.image_embeddings.clone()
+    emb.features["image_embeddings"] = tensor
+    _decode(model, emb.features, coords, cache=emb.decoder_cache)
+    with torch.no_grad():
+        tensor.mul_(-1.0)
+    edited, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
+    expected, _ = _decode(model, {"image_embeddings": tensor}, coords)
+    torch.testing.assert_close(edited, expected, rtol=0, atol=0)
+
+
+def test_workspace_is_claimed_by_one_user_at_a_time():
+    ws = Workspace()
+    with ws.claim() as first:
+        assert first is ws
+        with ws.claim() as second:
+            assert second is None  # held: the second user allocates its own tensors
+    with ws.claim() as again:
+        assert again is ws
+
+
+def test_concurrent_decodes_of_one_embedding():
+    model = small_sam(6)
+    seg = Segmenter(model)
+    emb = seg.embed(make_image(192, 192, seed=4))
+    prompts = [Prompt(points=np.array([[20.0 + 15 * i, 30.0 + 10 * i]]), labels=np.array([1])) for i in range(8)]
+    expected = [seg.segment(emb, p, return_logits=True).low_res_logits for p in prompts]
+    results = {}
+    errors = []
+
+    def work(tid):
+        try:
+            for _ in range(3):
+                for i, p in enumerate(prompts):
+                    results[(tid, i)] = seg.segment(emb, p, return_logits=True).low_res_logits
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (tid, i), low in results.items():
+        np.testing.assert_allclose(low, expected[i], rtol=0, atol=1e-6)
