@@ -82,6 +82,13 @@ def test_blocked_mask_upscaling_equals_upscale_then_dot(tiny_sam, monkeypatch):
         got = up.masks(x, hyper)
     assert got.shape == (2, 3, 40, 24)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(up.masks(x, hyper), expected, atol=1e-5, rtol=1e-5)  # autograd path: one band
+    # The convolutions' matrices are kept between calls, and rebuilt when the weights change in place.
+    with torch.no_grad():
+        up[3].weight.mul_(-0.5)
+        changed = mask_logits(hyper, up(x.permute(0, 3, 1, 2)))
+        torch.testing.assert_close(up.masks(x, hyper), changed, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(changed, expected, atol=1e-3)
 
 
 def test_encoder_training_path_matches_inference_and_is_differentiable(tiny_sam):
@@ -115,6 +122,37 @@ def test_postprocess_crops_before_upsampling_without_changing_values(tiny_sam, i
     expected = F.interpolate(full[..., : input_size[0], : input_size[1]], original_size, mode="bilinear", align_corners=False)
     got = tiny_sam.postprocess_masks(low, input_size, original_size)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("input_size,original_size", [((576, 1024), (480, 854)), ((1024, 301), (1700, 500)), ((3, 1024), (2, 700)), ((1024, 1024), (1024, 1024))])
+def test_opencv_upscaling_agrees_with_postprocess_masks(tiny_sam, input_size, original_size):
+    from segany.predict.transforms import upscale_logits_opencv
+
+    torch.manual_seed(6)
+    low = torch.randn(2, 3, 256, 256) * 4
+    expected = tiny_sam.postprocess_masks(low, input_size, original_size)
+    got = upscale_logits_opencv(low, input_size, original_size, 1024)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=5e-4, rtol=0)
+
+
+def test_fast_segmenter_upscales_with_opencv(monkeypatch):
+    from segany.predict import segmenter as segmenter_module
+
+    from segany.modeling.fast import make_fast
+
+    from .smallsam import small_sam
+
+    model = make_fast(small_sam(1))  # 256-pixel input, 64x64 low-res logits
+    seg = segmenter_module.Segmenter(model)
+    emb = seg.embedding_from_tensor(torch.randn(1, 64, 16, 16), (120, 213))
+    low = torch.randn(1, 3, 64, 64)
+    calls = []
+    real = segmenter_module.upscale_logits_opencv
+    monkeypatch.setattr(segmenter_module, "upscale_logits_opencv", lambda *a: calls.append(1) or real(*a))
+    got = seg.upscale(low, emb)
+    assert calls and got.shape == (1, 3, 120, 213)
+    torch.testing.assert_close(got, model.postprocess_masks(low, emb.input_size, emb.original_size), atol=5e-4, rtol=0)
 
 
 def test_shared_image_batch_equals_one_prompt_at_a_time(tiny_sam):

@@ -24,13 +24,21 @@ def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tenso
     return y.permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, conv.out_channels)
 
 
-def conv_transpose_2x2_blocks(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+def conv_transpose_2x2_blocks(
+    x: torch.Tensor, conv: nn.ConvTranspose2d, matrix: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+) -> torch.Tensor:
     """The same transposed convolution without the shuffle: (..., Cin) -> (..., 4, Cout), each input
-    pixel's 2x2 output block in (dy, dx) order."""
-    c_in, c_out = x.shape[-1], conv.out_channels
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # Cin, (dy, dx, Cout)
+    pixel's 2x2 output block in (dy, dx) order. `matrix`: conv_transpose_2x2_matrix(conv), if kept."""
+    weight, bias = conv_transpose_2x2_matrix(conv) if matrix is None else matrix
+    return F.linear(x, weight, bias).view(*x.shape[:-1], 4, conv.out_channels)
+
+
+def conv_transpose_2x2_matrix(conv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The transposed convolution's weight as a linear layer's ((dy, dx, Cout), Cin) matrix, and bias."""
+    c_in, c_out = conv.in_channels, conv.out_channels
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out).t()
     bias = conv.bias.repeat(4) if conv.bias is not None else None
-    return F.linear(x, weight.t(), bias).view(*x.shape[:-1], 4, c_out)
+    return weight, bias
 
 
 class MaskUpscaling(nn.Sequential):
@@ -54,36 +62,103 @@ class MaskUpscaling(nn.Sequential):
         x = act2(conv_transpose_2x2(x, up2))
         return x.permute(0, 3, 1, 2)
 
+    def _matrices(self) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Both convolutions as linear-layer matrices; outside autograd kept until the weights change
+        (rebuilt per band and call they were a tenth of the upscaling's time)."""
+        convs = (self[0], self[3])
+        if torch.is_grad_enabled():
+            return [conv_transpose_2x2_matrix(conv) for conv in convs]
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for conv in convs for p in conv.parameters())
+        cached = self.__dict__.get("_matrix_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, [conv_transpose_2x2_matrix(conv) for conv in convs])
+            self.__dict__["_matrix_cache"] = cached
+        return cached[1]
+
     def _blocked_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, r, w, C) channels-last -> (B, r, w, 4, 4, C/8): each pixel's upscaled 4x4 block, order
         (dy1, dx1) of the first convolution then (dy2, dx2) of the second."""
         up1, norm, act1, up2, act2 = self
-        y = conv_transpose_2x2_blocks(x, up1)  # B, r, w, 4, C/4
+        matrix1, matrix2 = self._matrices()
+        y = conv_transpose_2x2_blocks(x, up1, matrix1)  # B, r, w, 4, C/4
         y = act1(F.layer_norm(y, (y.shape[-1],), norm.weight, norm.bias, norm.eps))
-        return act2(conv_transpose_2x2_blocks(y, up2))  # B, r, w, 4, 4, C/8
+        return act2(conv_transpose_2x2_blocks(y, up2, matrix2))  # B, r, w, 4, 4, C/8
 
     def _band_logits(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
-        """Logits of a band of rows x (B, r, w, C) as a (B, T, r, dy1, dy2, w, dx1, dx2) view."""
+        """Logits of a band of rows x (B, r, w, C) in blocked order: (B, T, r, w, dy1, dx1, (dy2, dx2))."""
         b, r, w, _ = x.shape
         feats = self._blocked_features(x)  # B, r, w, 4, 4, C/8
-        logits = feats.view(b, -1, feats.shape[-1]) @ hyper.transpose(1, 2)  # B, r*w*16, T
-        logits = logits.view(b, r, w, 2, 2, 2, 2, hyper.shape[1])  # B, r, w, dy1, dx1, dy2, dx2, T
-        return logits.permute(0, 7, 1, 3, 5, 2, 4, 6)
+        logits = hyper @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
+        return logits.view(b, hyper.shape[1], r, w, 2, 2, 4)
 
-    def masks(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    def masks(self, x: torch.Tensor, hyper: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
         """Mask logits hyper . upscale(x): x (B, h, w, C) channels-last, hyper (B, T, C/8) -> (B, T, 4h, 4w).
 
         The same products as forward() followed by mask_logits(), without the two pixel shuffles of the
-        (B, 4h, 4w, C/8) features."""
+        (B, 4h, 4w, C/8) features. Outside autograd the logits come out in float32 whatever the
+        module's dtype (the cast rides on the last shuffle), and the bands' features are written into
+        buffers (the workspace's when given, else this call's), never fresh memory per band: fresh
+        megabytes are page faults, which had taken more than half of the upscaling's time."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
-        if torch.is_grad_enabled() or is_exporting() or h <= self.ROWS_PER_BAND:  # one band, no buffer
-            return self._band_logits(x, hyper).reshape(b, t, 4 * h, 4 * w)
-        out = x.new_empty(b, t, h, 2, 2, w, 2, 2)  # B, T, (h, dy1, dy2), (w, dx1, dx2)
-        for r0 in range(0, h, self.ROWS_PER_BAND):
-            band = x[:, r0 : r0 + self.ROWS_PER_BAND]
-            out[:, :, r0 : r0 + band.shape[1]] = self._band_logits(band, hyper)
+        if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle
+            logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
+            return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
+        workspace = Workspace() if workspace is None else workspace
+        # Into image order in two copies: dy1 before w (runs of 4 values, cast to float32 on the way), then
+        # dy2 before w (runs of 2); one copy moving single values was 4x slower.
+        rows_shape = (b, t, h, 2, w, 2, 4)  # B, T, (h, dy1), (w, dx1), (dy2, dx2)
+        rows = workspace.buffer("upscale.rows", rows_shape, x, torch.float32)
+        for i in range(b):
+            for r0 in range(0, h, self.ROWS_PER_BAND):
+                band = x[i, r0 : r0 + self.ROWS_PER_BAND]
+                logits = self._band_logits_into(band, hyper[i], workspace)  # T, r, w, dy1, dx1, (dy2, dx2)
+                rows[i, :, r0 : r0 + band.shape[0]] = logits.permute(0, 1, 3, 2, 4, 5)
+        out = torch.empty(b, t, h, 2, 2, w, 2, 2, dtype=torch.float32, device=x.device)
+        out.copy_(rows.view(b, t, h, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7))
         return out.view(b, t, 4 * h, 4 * w)
+
+    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+        """_band_logits for one image side's band x (r, w, C) and hyper (T, C/8), every intermediate
+        written into the workspace's buffers: (T, r, w, dy1, dx1, (dy2, dx2)), valid until its next use."""
+        up1, norm, act1, up2, act2 = self
+        (w1, b1), (w2, b2) = self._matrices()
+        r, w, c = x.shape
+        n = r * w
+        y1 = workspace.buffer("upscale.y1", (n, w1.shape[0]), x)  # pixels, (dy1, dx1, C/4)
+        _linear_into(x.reshape(n, c), w1, b1, y1)
+        y1 = y1.view(n * 4, -1)  # sub-pixels, C/4
+        normed = workspace.buffer("upscale.norm", y1.shape, x)
+        stats = [workspace.buffer(f"upscale.norm.{k}", (n * 4, 1), x) for k in ("mean", "rstd")]
+        torch.ops.aten.native_layer_norm.out(
+            y1, [y1.shape[-1]], norm.weight, norm.bias, norm.eps, out0=normed, out1=stats[0], out2=stats[1]
+        )
+        _activate_in_place(act1, normed)
+        y2 = workspace.buffer("upscale.y2", (n * 4, w2.shape[0]), x)  # sub-pixels, (dy2, dx2, C/8)
+        _linear_into(normed, w2, b2, y2)
+        _activate_in_place(act2, y2)
+        feats = y2.view(n * 16, -1)  # upscaled pixels in blocked order, C/8
+        logits = workspace.buffer("upscale.logits", (hyper.shape[0], n * 16), x)
+        torch.mm(hyper, feats.t(), out=logits)
+        return logits.view(hyper.shape[0], r, w, 2, 2, 4)
+
+
+def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """F.linear(x, weight, bias) for 2-D x, written into out."""
+    if bias is None:
+        torch.mm(x, weight.t(), out=out)
+    else:
+        torch.addmm(bias, x, weight.t(), out=out)
+
+
+def _activate_in_place(act: nn.Module, x: torch.Tensor) -> None:
+    """act(x) written over x: the same kernels for the activations SAM uses, any other one via a copy."""
+    if type(act) is nn.GELU:
+        torch.ops.aten.gelu_(x, approximate=act.approximate)
+    elif type(act) is nn.ReLU:
+        torch.relu_(x)
+    else:
+        x.copy_(act(x))
 
 
 def mask_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
@@ -247,7 +322,7 @@ class MaskDecoder(nn.Module):
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side, workspace
         )
         hyper = self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :])
-        masks = self.output_upscaling.masks(src, hyper)
+        masks = self.output_upscaling.masks(src, hyper, workspace)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
         return masks, iou_pred
 

@@ -42,10 +42,14 @@ class Workspace:
         finally:
             self._lock.release()
 
-    def buffer(self, name: str, shape: torch.Size, like: torch.Tensor) -> torch.Tensor:
+    def buffer(
+        self, name: str, shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[torch.dtype] = None
+    ) -> torch.Tensor:
+        """The buffer `name` of this shape, on like's device, in `dtype` (default like's)."""
+        dtype = like.dtype if dtype is None else dtype
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[name] = like.new_empty(shape)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
+            buf = self._buffers[name] = like.new_empty(shape, dtype=dtype)
         return buf
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .inputs import check_boxes, check_mask_input, check_points, load_image
-from .transforms import ResizeLongestSide
+from .transforms import ResizeLongestSide, upscale_logits_opencv
 
 
 @dataclass
@@ -155,6 +155,12 @@ class Segmenter:
         )
 
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
+        """Low-res logits (..., 256, 256) -> logits at the original image size. The fast mode resizes with
+        OpenCV on a CPU (see transforms.upscale_logits_opencv); the exact mode as the released code."""
+        fast = getattr(self.model, "fast_dtype", None) is not None
+        size, low_h, low_w = self.model.image_size, low_res.shape[-2], low_res.shape[-1]
+        if fast and low_res.device.type == "cpu" and not low_res.requires_grad and size % low_h == 0 and size % low_w == 0:
+            return upscale_logits_opencv(low_res, embedding.input_size, embedding.original_size, size)
         return self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
 
     def _validate(self, prompt: Prompt, embedding: ImageEmbedding) -> Prompt:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,3 +60,32 @@ class ResizeLongestSide:
         """(B, 3, H, W) float -> resized with antialiased bilinear interpolation."""
         h, w = preprocess_shape(image.shape[2], image.shape[3], self.target_length)
         return F.interpolate(image, (h, w), mode="bilinear", align_corners=False, antialias=True)
+
+
+def upscale_logits_opencv(
+    low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int], image_size: int
+) -> torch.Tensor:
+    """Sam.postprocess_masks (low-res logits (..., h, w) -> logits at the original image size) with
+    OpenCV's bilinear resize: the same two steps (upsample to the model's input frame, drop the padding,
+    resize to the original size), each mask on its own, about 4x faster on a CPU than PyTorch's kernel.
+
+    OpenCV computes the sample positions in its own float arithmetic, so values differ from PyTorch's by
+    up to ~1e-4 (relative ~1e-5): within the noise of the fast mode (bfloat16), which uses this; the
+    exact mode keeps Sam.postprocess_masks."""
+    low_h, low_w = low_res.shape[-2:]
+    in_h, in_w = int(input_size[0]), int(input_size[1])
+    out_h, out_w = int(original_size[0]), int(original_size[1])
+    if image_size % low_h or image_size % low_w:
+        raise ValueError(f"low-res size {(low_h, low_w)} does not divide the input size {image_size}")
+    factor_h, factor_w = image_size // low_h, image_size // low_w
+    # Only the rows/columns the un-padded region needs (+1 bilinear neighbour), as Sam.postprocess_masks.
+    need_h = min(low_h, -(-in_h // factor_h) + 1)
+    need_w = min(low_w, -(-in_w // factor_w) + 1)
+    masks = low_res.detach().to("cpu", torch.float32).reshape(-1, low_h, low_w).numpy()
+    out = np.empty((masks.shape[0], out_h, out_w), np.float32)
+    for mask, target in zip(masks, out):
+        up = cv2.resize(
+            np.ascontiguousarray(mask[:need_h, :need_w]), (need_w * factor_w, need_h * factor_h), interpolation=cv2.INTER_LINEAR
+        )
+        cv2.resize(up[:in_h, :in_w], (out_w, out_h), dst=target, interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(out).view(*low_res.shape[:-2], out_h, out_w)
