@@ -1,5 +1,5 @@
-"""The decoder's image side is prepared once per embedding and kept with it; one prompt's image side is
-written into re-used workspace buffers. Neither may change a result or leak between calls and threads."""
+"""The decoder's image side is prepared once per embedding and kept with it (read-only, shared by every
+decode): it may not change a result, go stale, or leak between calls and threads."""
 from __future__ import annotations
 
 import threading
@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from segany.modeling.fast import make_fast
-from segany.modeling.transformer import Workspace
 from segany.predict.predictor import SamPredictor
 from segany.predict.segmenter import Prompt, Segmenter
 
@@ -44,7 +43,7 @@ def test_cached_decode_equals_uncached(fast):
     assert emb.decoder_cache["mask_decoder_image_side"][-1] is side  # re-used, not rebuilt
 
 
-def test_one_prompt_results_do_not_alias_the_workspace():
+def test_results_do_not_alias_each_other():
     model = small_sam(4)
     predictor = SamPredictor(model)
     predictor.set_image(make_image(200, 160, seed=2))
@@ -80,16 +79,6 @@ def test_cache_follows_the_embedding_tensor():
     edited, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
     expected, _ = _decode(model, {"image_embeddings": tensor}, coords)
     torch.testing.assert_close(edited, expected, rtol=0, atol=0)
-
-
-def test_workspace_is_claimed_by_one_user_at_a_time():
-    ws = Workspace()
-    with ws.claim() as first:
-        assert first is ws
-        with ws.claim() as second:
-            assert second is None  # held: the second user allocates its own tensors
-    with ws.claim() as again:
-        assert again is ws
 
 
 def test_concurrent_decodes_of_one_embedding():

@@ -3,6 +3,7 @@ image embedding; the image side is upscaled 4x and each mask token's hypernetwor
 weights of a dot product with it; an MLP on the IoU token predicts each mask's quality."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional, Tuple, Type
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, is_exporting
-from .transformer import ImageSide, TwoWayTransformer, Workspace
+from .transformer import ImageSide, TwoWayTransformer
 
 
 def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
@@ -91,56 +92,66 @@ class MaskUpscaling(nn.Sequential):
         logits = hyper @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
         return logits.view(b, hyper.shape[1], r, w, 2, 2, 4)
 
-    def masks(self, x: torch.Tensor, hyper: torch.Tensor, workspace: Optional[Workspace] = None) -> torch.Tensor:
+    def masks(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """Mask logits hyper . upscale(x): x (B, h, w, C) channels-last, hyper (B, T, C/8) -> (B, T, 4h, 4w).
 
         The same products as forward() followed by mask_logits(), without the two pixel shuffles of the
         (B, 4h, 4w, C/8) features. Outside autograd the logits come out in float32 whatever the
-        module's dtype (the cast rides on the last shuffle), and the bands' features are written into
-        buffers (the workspace's when given, else this call's), never fresh memory per band: fresh
-        megabytes are page faults, which had taken more than half of the upscaling's time."""
+        module's dtype (the cast rides on a shuffle), and every band's features are written into the
+        same buffers: fresh megabytes per band were fresh pages (page faults), more than half of the
+        float32 upscaling's time."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
-        workspace = Workspace() if workspace is None else workspace
+        (w1, _), (w2, _) = self._matrices()
+        pixels = min(h, self.ROWS_PER_BAND) * w
+        buffers = BandBuffers(
+            first=x.new_empty(pixels, w1.shape[0]),  # pixels, (dy1, dx1, C/4)
+            second=x.new_empty(4 * pixels, w2.shape[0]),  # sub-pixels, (dy2, dx2, C/8)
+            logits=x.new_empty(t, 16 * pixels),
+        )
         # Into image order in two copies: dy1 before w (runs of 4 values, cast to float32 on the way), then
         # dy2 before w (runs of 2); one copy moving single values was 4x slower.
-        rows_shape = (b, t, h, 2, w, 2, 4)  # B, T, (h, dy1), (w, dx1), (dy2, dx2)
-        rows = workspace.buffer("upscale.rows", rows_shape, x, torch.float32)
+        rows = torch.empty(b, t, h, 2, w, 2, 4, dtype=torch.float32, device=x.device)  # B, T, (h, dy1), (w, dx1), (dy2, dx2)
         for i in range(b):
             for r0 in range(0, h, self.ROWS_PER_BAND):
                 band = x[i, r0 : r0 + self.ROWS_PER_BAND]
-                logits = self._band_logits_into(band, hyper[i], workspace)  # T, r, w, dy1, dx1, (dy2, dx2)
+                logits = self._band_logits_into(band, hyper[i], buffers)  # T, r, w, dy1, dx1, (dy2, dx2)
                 rows[i, :, r0 : r0 + band.shape[0]] = logits.permute(0, 1, 3, 2, 4, 5)
         out = torch.empty(b, t, h, 2, 2, w, 2, 2, dtype=torch.float32, device=x.device)
         out.copy_(rows.view(b, t, h, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7))
         return out.view(b, t, 4 * h, 4 * w)
 
-    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        """_band_logits for one image side's band x (r, w, C) and hyper (T, C/8), every intermediate
-        written into the workspace's buffers: (T, r, w, dy1, dx1, (dy2, dx2)), valid until its next use."""
+    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, buffers: "BandBuffers") -> torch.Tensor:
+        """_band_logits for one image side's band x (r, w, C) and hyper (T, C/8), with the convolutions'
+        outputs and the logits written into `buffers`: (T, r, w, dy1, dx1, (dy2, dx2)), a view of them."""
         up1, norm, act1, up2, act2 = self
         (w1, b1), (w2, b2) = self._matrices()
         r, w, c = x.shape
         n = r * w
-        y1 = workspace.buffer("upscale.y1", (n, w1.shape[0]), x)  # pixels, (dy1, dx1, C/4)
+        y1 = buffers.first[:n]
         _linear_into(x.reshape(n, c), w1, b1, y1)
         y1 = y1.view(n * 4, -1)  # sub-pixels, C/4
-        normed = workspace.buffer("upscale.norm", y1.shape, x)
-        stats = [workspace.buffer(f"upscale.norm.{k}", (n * 4, 1), x) for k in ("mean", "rstd")]
-        torch.ops.aten.native_layer_norm.out(
-            y1, [y1.shape[-1]], norm.weight, norm.bias, norm.eps, out0=normed, out1=stats[0], out2=stats[1]
-        )
+        # (A fresh tensor here: PyTorch's layer norm has no kernel writing into a given buffer.)
+        normed = F.layer_norm(y1, (y1.shape[-1],), norm.weight, norm.bias, norm.eps)
         _activate_in_place(act1, normed)
-        y2 = workspace.buffer("upscale.y2", (n * 4, w2.shape[0]), x)  # sub-pixels, (dy2, dx2, C/8)
+        y2 = buffers.second[: 4 * n]
         _linear_into(normed, w2, b2, y2)
         _activate_in_place(act2, y2)
-        feats = y2.view(n * 16, -1)  # upscaled pixels in blocked order, C/8
-        logits = workspace.buffer("upscale.logits", (hyper.shape[0], n * 16), x)
-        torch.mm(hyper, feats.t(), out=logits)
+        logits = buffers.logits[:, : 16 * n]
+        torch.mm(hyper, y2.view(n * 16, -1).t(), out=logits)  # the upscaled pixels in blocked order
         return logits.view(hyper.shape[0], r, w, 2, 2, 4)
+
+
+@dataclass
+class BandBuffers:
+    """Where MaskUpscaling.masks writes each band's intermediate results (sized for the largest band)."""
+
+    first: torch.Tensor
+    second: torch.Tensor
+    logits: torch.Tensor
 
 
 def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
@@ -298,31 +309,11 @@ class MaskDecoder(nn.Module):
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
             return torch.cat([m for m, _ in parts]), torch.cat([i for _, i in parts])
-        if image_side is not None and inference and batch == 1:
-            # The prompt's image side goes through the workspace's buffers; the upscaling reads it
-            # before anyone else can claim them.
-            with image_side.workspace.claim() as workspace:
-                return self._predict_masks(
-                    image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side, workspace
-                )
-        return self._predict_masks(
+        hs, src = self.transform(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side
         )
-
-    def _predict_masks(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
-        image_side: Optional[ImageSide] = None,
-        workspace: Optional[Workspace] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        hs, src = self.transform(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side, workspace
-        )
         hyper = self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :])
-        masks = self.output_upscaling.masks(src, hyper, workspace)
+        masks = self.output_upscaling.masks(src, hyper)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
         return masks, iou_pred
 
@@ -348,10 +339,9 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         image_side: Optional[ImageSide] = None,
-        workspace: Optional[Workspace] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Output tokens after the two-way transformer (B, T, C; prompt tokens dropped) and the image side
-        (B, h, w, C), channels-last. With a workspace the image side returned lives in its buffers."""
+        (B, h, w, C), channels-last."""
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
         if image_side is None:
@@ -359,5 +349,5 @@ class MaskDecoder(nn.Module):
             # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
             image_side = self.transformer.prepare(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe)
         n_out = tokens.shape[1] - sparse_prompt_embeddings.shape[1]  # IoU, mask (and a variant's) tokens
-        hs, src = self.transformer.run(image_side, tokens, n_out, workspace)
+        hs, src = self.transformer.run(image_side, tokens, n_out)
         return hs, src.reshape(batch, *image_side.size, src.shape[-1])

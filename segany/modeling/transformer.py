@@ -5,11 +5,9 @@ cross-attention; then a final token-to-image attention.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple, Type
+from dataclasses import dataclass
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -18,73 +16,16 @@ from torch import nn
 from .common import MLPBlock
 
 
-class Workspace:
-    """Buffers that one prompt's (h*w, C) image side is written into at inference, re-used from prompt
-    to prompt and from call to call.
-
-    Why: a fresh tensor of that size (4 MB in float32) is, once the allocator has handed freed memory
-    back to the OS, fresh pages again: page faults and zeroing took about a quarter of a float32 decode.
-    One user at a time: claim() yields None while another thread holds the workspace (that caller then
-    allocates as usual), so concurrent decodes of one embedding stay correct.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: Dict[str, torch.Tensor] = {}
-        self._lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def claim(self) -> Iterator[Optional["Workspace"]]:
-        if not self._lock.acquire(blocking=False):
-            yield None
-            return
-        try:
-            yield self
-        finally:
-            self._lock.release()
-
-    def buffer(
-        self, name: str, shape: Tuple[int, ...], like: torch.Tensor, dtype: Optional[torch.dtype] = None
-    ) -> torch.Tensor:
-        """The buffer `name` of this shape, on like's device, in `dtype` (default like's)."""
-        dtype = like.dtype if dtype is None else dtype
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != like.device:
-            buf = self._buffers[name] = like.new_empty(shape, dtype=dtype)
-        return buf
-
-
-def add_into(a: torch.Tensor, b: torch.Tensor, workspace: Optional[Workspace], name: str) -> torch.Tensor:
-    """a + b, written into the workspace's buffer `name` when there is one."""
-    if workspace is None:
-        return a + b
-    return torch.add(a, b, out=workspace.buffer(name, torch.broadcast_shapes(a.shape, b.shape), a))
-
-
-def layer_norm_into(x: torch.Tensor, norm: nn.LayerNorm, workspace: Optional[Workspace], name: str) -> torch.Tensor:
-    """norm(x) (the same kernel), written into the workspace's buffer `name` when there is one."""
-    if workspace is None:
-        return norm(x)
-    stats_shape = x.shape[:-1] + (1,)
-    out = workspace.buffer(name, x.shape, x)
-    mean = workspace.buffer(name + ".mean", stats_shape, x)
-    rstd = workspace.buffer(name + ".rstd", stats_shape, x)
-    torch.ops.aten.native_layer_norm.out(
-        x, list(norm.normalized_shape), norm.weight, norm.bias, norm.eps, out0=out, out1=mean, out2=rstd
-    )
-    return out
-
-
 @dataclass
 class ImageSide:
     """The image side of the two-way transformer as sequences, channels-last: image (B or 1, h*w, C) and
     its positional encoding pe (1, h*w, C). For an image side shared by every prompt (batch 1) also the
-    first block's keys image + pe, computed once, and a workspace for the prompts' own image sides."""
+    first block's keys image + pe, computed once. Read-only: any number of decodes may share it."""
 
     image: torch.Tensor
     pe: torch.Tensor
     first_keys_with_pe: Optional[torch.Tensor]
     size: Tuple[int, int]  # (h, w) of the grid
-    workspace: Workspace = field(default_factory=Workspace, repr=False, compare=False)
 
     @property
     def shared(self) -> bool:
@@ -119,14 +60,12 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         residual: Optional[torch.Tensor] = None,
-        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, C). Either side may have batch 1 where every prompt shares the
         image (the first block without a mask prompt): its projections are then computed once.
-        With `residual` (B, Nq, C) the result is residual + attention (fused where that saves a pass).
-        `out`: a buffer the result may be written into (use the returned tensor either way)."""
+        With `residual` (B, Nq, C) the result is residual + attention (fused where that saves a pass)."""
         if self.num_heads * k.shape[1] < self.internal_dim and q.shape[1] >= 8 * k.shape[1]:
-            return self._few_keys(q, k, v, residual, out)
+            return self._few_keys(q, k, v, residual)
         out = self._attend(q, k, v)
         return out if residual is None else residual + out
 
@@ -181,7 +120,6 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         residual: Optional[torch.Tensor] = None,
-        out: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Many queries (image) on few keys (tokens): q is never projected, nor the output per position."""
         heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
@@ -214,8 +152,6 @@ class Attention(nn.Module):
             start = residual
             v_out = v_out + self.out_proj.bias / heads
         if batch == 1:
-            if out is not None and out.shape == (1,) + start.shape[1:]:
-                return torch.addmm(start[0], probs[0].t(), v_out[0], out=out[0]).unsqueeze(0)
             return torch.addmm(start[0], probs[0].t(), v_out[0])[None]
         return torch.baddbmm(start, probs.transpose(1, 2), v_out)
 
@@ -248,11 +184,8 @@ class TwoWayAttentionBlock(nn.Module):
         query_pe: torch.Tensor,
         key_pe: torch.Tensor,
         keys_with_pe: Optional[torch.Tensor] = None,
-        workspace: Optional[Workspace] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """keys_with_pe: keys + key_pe when the caller already has it (an image side shared by prompts).
-        workspace: buffers for the image-side results (inference; see Workspace); the returned keys then
-        live in it until the next use of the workspace."""
+        """keys_with_pe: keys + key_pe when the caller already has it (an image side shared by prompts)."""
         # Token self-attention (the first block sees the raw prompt tokens, which already carry their PE).
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
@@ -263,16 +196,15 @@ class TwoWayAttentionBlock(nn.Module):
 
         # Tokens attend to the image.
         q = queries + query_pe
-        k = add_into(keys, key_pe, workspace, "keys_with_pe") if keys_with_pe is None else keys_with_pe
+        k = keys + key_pe if keys_with_pe is None else keys_with_pe
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))
 
         queries = self.norm3(queries + self.mlp(queries))
 
         # The image attends to the tokens (keys are unchanged since k was formed above).
         q = queries + query_pe
-        mixed_out = None if workspace is None else workspace.buffer("mixed", keys.shape, keys)
-        mixed = self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys, out=mixed_out)
-        return queries, layer_norm_into(mixed, self.norm4, workspace, "keys")
+        keys = self.norm4(self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys))
+        return queries, keys
 
 
 # Prompts run through the transformer together outside autograd (see TwoWayTransformer.forward).
@@ -342,11 +274,8 @@ class TwoWayTransformer(nn.Module):
         side: ImageSide,
         point_embedding: torch.Tensor,
         num_outputs: Optional[int] = None,
-        workspace: Optional[Workspace] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (B, N, C) against a prepared image side -> tokens and image features (B, h*w, C).
-
-        workspace: see TwoWayAttentionBlock.forward; only for one prompt (B = 1) at inference."""
+        """Prompts (B, N, C) against a prepared image side -> tokens and image features (B, h*w, C)."""
         batch = point_embedding.shape[0]
         if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
@@ -357,30 +286,20 @@ class TwoWayTransformer(nn.Module):
                 for start in range(0, batch, step)
             ]
             return torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])
-        if batch != 1 or torch.is_grad_enabled():
-            workspace = None
-        queries, keys = self.run_blocks(side, point_embedding, workspace)
+        queries, keys = self.run_blocks(side, point_embedding)
         if num_outputs is not None:
             queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
-        keys_with_pe = add_into(keys, side.pe, workspace, "keys_with_pe")
-        queries = self.final_attention(queries, point_embedding, keys, keys_with_pe)
+        queries = self.final_attention(queries, point_embedding, keys, keys + side.pe)
         if keys.shape[0] != queries.shape[0]:
             keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
 
-    def run_blocks(
-        self, side: ImageSide, point_embedding: torch.Tensor, workspace: Optional[Workspace] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The two-way blocks: tokens (B, N, C) and image side (B, h*w, C) before the final attention.
-        With a workspace (one prompt, inference) the image side returned lives in it."""
-        if workspace is not None and (point_embedding.shape[0] != 1 or torch.is_grad_enabled()):
-            workspace = None
+    def run_blocks(self, side: ImageSide, point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The two-way blocks: tokens (B, N, C) and image side (B, h*w, C) before the final attention."""
         queries, keys = point_embedding, side.image
         for i, layer in enumerate(self.layers):
             shared = side.first_keys_with_pe if i == 0 else None
-            queries, keys = layer(
-                queries, keys, query_pe=point_embedding, key_pe=side.pe, keys_with_pe=shared, workspace=workspace
-            )
+            queries, keys = layer(queries, keys, query_pe=point_embedding, key_pe=side.pe, keys_with_pe=shared)
         return queries, keys
 
     def final_attention(

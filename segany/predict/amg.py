@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..io import rle as rle_io
-from ..modeling.transformer import add_into
 from . import mask_ops
 from .inputs import load_image
 
@@ -209,23 +208,22 @@ class SamMaskSource:
         index: List[int] = []
         logits: List[torch.Tensor] = []
         transformer, masks = dec.transformer, slice(1, 1 + dec.num_mask_tokens)
-        with side.workspace.claim() as workspace:
-            for i in range(batch):
-                point_tokens = tokens[i : i + 1]
-                queries, keys = transformer.run_blocks(side, point_tokens, workspace)
-                keys_with_pe = add_into(keys, side.pe, workspace, "keys_with_pe")
-                # The final attention treats tokens independently: the IoU token first, the mask tokens only
-                # for a point with a passing output.
-                iou_token = transformer.final_attention(queries[:, :1], point_tokens[:, :1], keys, keys_with_pe)
-                iou = dec.iou_prediction_head(iou_token[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
-                ious.append(iou)
-                passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
-                if len(passing) == 0:
-                    continue
-                mask_tokens = transformer.final_attention(queries[:, masks], point_tokens[:, masks], keys, keys_with_pe)
-                hyper = dec.hypernetwork_weights(mask_tokens)[:, passing + 1]
-                logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper)[0].float())
-                index.extend((3 * i + passing).tolist())
+        for i in range(batch):
+            point_tokens = tokens[i : i + 1]
+            queries, keys = transformer.run_blocks(side, point_tokens)
+            keys_with_pe = keys + side.pe
+            # The final attention treats tokens independently: the IoU token first, the mask tokens only
+            # for a point with a passing output.
+            iou_token = transformer.final_attention(queries[:, :1], point_tokens[:, :1], keys, keys_with_pe)
+            iou = dec.iou_prediction_head(iou_token[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
+            ious.append(iou)
+            passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
+            if len(passing) == 0:
+                continue
+            mask_tokens = transformer.final_attention(queries[:, masks], point_tokens[:, masks], keys, keys_with_pe)
+            hyper = dec.hypernetwork_weights(mask_tokens)[:, passing + 1]
+            logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper)[0].float())
+            index.extend((3 * i + passing).tolist())
         iou_all = torch.stack(ious) if ious else torch.zeros(0, 3)
         if not logits:
             return iou_all, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4 * h, 4 * w)
