@@ -36,8 +36,8 @@ def test_cached_decode_equals_uncached(fast):
     plain_low, plain_iou = _decode(model, emb.features, coords)
     for _ in range(2):  # the second call reads the kept image side
         low, iou = _decode(model, emb.features, coords, cache=emb.decoder_cache)
-        torch.testing.assert_close(low, plain_low, rtol=0, atol=0)
-        torch.testing.assert_close(iou, plain_iou, rtol=0, atol=0)
+        torch.testing.assert_close(low, plain_low, rtol=0, atol=1e-5)
+        torch.testing.assert_close(iou, plain_iou, rtol=0, atol=1e-5)
     side = emb.decoder_cache["mask_decoder_image_side"][-1]
     _decode(model, emb.features, coords[:1], cache=emb.decoder_cache)
     assert emb.decoder_cache["mask_decoder_image_side"][-1] is side  # re-used, not rebuilt
@@ -68,7 +68,7 @@ def test_cache_follows_the_embedding_tensor():
     emb.features["image_embeddings"] = other.image_embeddings
     low_other, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
     expected, _ = _decode(model, other.features, coords)
-    torch.testing.assert_close(low_other, expected, rtol=0, atol=0)
+    torch.testing.assert_close(low_other, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(low_other, low)
     # Edited in place (outside inference mode the tensor counts its versions): rebuilt too.
     tensor = other.image_embeddings.clone()
@@ -78,7 +78,7 @@ def test_cache_follows_the_embedding_tensor():
         tensor.mul_(-1.0)
     edited, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
     expected, _ = _decode(model, {"image_embeddings": tensor}, coords)
-    torch.testing.assert_close(edited, expected, rtol=0, atol=0)
+    torch.testing.assert_close(edited, expected, rtol=0, atol=1e-5)
 
 
 def test_concurrent_decodes_of_one_embedding():
@@ -106,3 +106,25 @@ def test_concurrent_decodes_of_one_embedding():
     assert not errors
     for (tid, i), low in results.items():
         np.testing.assert_allclose(low, expected[i], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.12)])
+def test_projected_first_block_equals_the_plain_path(dtype, atol):
+    """The first block's attentions against a shared image projected once (prepare(project=True)) give
+    the same tokens and image side as folding the projections into the tokens (the default path)."""
+    model = small_sam(7)
+    transformer = model.mask_decoder.transformer.to(dtype)
+    torch.manual_seed(0)
+    image = (torch.randn(1, 64, 16, 16) * 2).to(dtype)
+    pe = torch.randn(1, 64, 16, 16).to(dtype)
+    tokens = (torch.randn(1, 7, 64) * 2).to(dtype)
+    with torch.no_grad():
+        plain_side = transformer.prepare(image, pe)
+        projected_side = transformer.prepare(image, pe, project=True)
+        assert plain_side.first_block is None and projected_side.first_block is not None
+        plain = transformer.run(plain_side, tokens, 5)
+        projected = transformer.run(projected_side, tokens, 5)
+    for a, b in zip(plain, projected):
+        assert a.dtype == dtype
+        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=atol)
+        assert a.float().abs().max() > 0.5  # not trivially small

@@ -263,16 +263,21 @@ class MaskDecoder(nn.Module):
         return self.expand_to_batch(image_embeddings, batch) + dense
 
     def shared_image_side(
-        self, image_embeddings: torch.Tensor, image_pe: torch.Tensor, dense_prompt_embeddings: torch.Tensor
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        project: bool = True,
     ) -> ImageSide:
         """The transformer's image side for one image (1, C, h, w) and a dense prompt shared by every
         prompt (the "no mask" embedding), in this decoder's dtype: what forward() would compute from the
-        same tensors on every call, to be kept with the image embedding and passed as image_side."""
+        same tensors on every call, to be kept with the image embedding and passed as image_side.
+        project: also the first block's projections of it (see TwoWayTransformer.prepare)."""
         if image_embeddings.shape[0] != 1 or not (dense_prompt_embeddings.shape[0] == 1 or dense_prompt_embeddings.stride(0) == 0):
             raise ValueError("a shared image side needs one image embedding and one dense prompt for every prompt")
         dtype = self.iou_token.weight.dtype
         src = self.add_dense_prompt(image_embeddings.to(dtype), dense_prompt_embeddings[:1].to(dtype), 1)
-        return self.transformer.prepare(src, image_pe[:1].to(dtype))
+        return self.transformer.prepare(src, image_pe[:1].to(dtype), project=project)
 
     def hypernetwork_weights(self, mask_tokens_out: torch.Tensor) -> torch.Tensor:
         hyper: List[torch.Tensor] = [
@@ -293,7 +298,8 @@ class MaskDecoder(nn.Module):
         if image_side is None and inference and image_embeddings.shape[0] == 1:
             dense = dense_prompt_embeddings
             if dense.shape[0] == 1 or dense.stride(0) == 0:  # one image side for every prompt: prepare it once
-                image_side = self.shared_image_side(image_embeddings, image_pe, dense)
+                # (its projections pay for themselves from about three prompts on)
+                image_side = self.shared_image_side(image_embeddings, image_pe, dense, project=batch >= 3)
         if batch > INFERENCE_MICRO_BATCH and inference:
             # Each prompt carries its own (h*w, C) image side through the transformer and the upscaling;
             # on a CPU these are memory-bound, and one prompt's working set fits in cache where 64 do not:
