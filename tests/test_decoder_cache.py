@@ -108,23 +108,32 @@ def test_concurrent_decodes_of_one_embedding():
         np.testing.assert_allclose(low, expected[i], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 0.12)])
-def test_projected_first_block_equals_the_plain_path(dtype, atol):
-    """The first block's attentions against a shared image projected once (prepare(project=True)) give
-    the same tokens and image side as folding the projections into the tokens (the default path)."""
-    model = small_sam(7)
-    transformer = model.mask_decoder.transformer.to(dtype)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projected_image_side_equals_the_plain_path(dtype):
+    """One prompt against a shared image side whose projections were made once (prepare(project=True):
+    the first block's attentions on the projected image, later ones and the final attention with the
+    PE projected) gives the tokens and image side of the plain path (projections folded into the
+    tokens, image + PE formed): in float32 up to rounding; in bfloat16 as close to float32 as the
+    plain bfloat16 path is."""
+    transformer = small_sam(7).mask_decoder.transformer
     torch.manual_seed(0)
-    image = (torch.randn(1, 64, 16, 16) * 2).to(dtype)
-    pe = torch.randn(1, 64, 16, 16).to(dtype)
-    tokens = (torch.randn(1, 7, 64) * 2).to(dtype)
+    image, pe, tokens = torch.randn(1, 64, 16, 16) * 2, torch.randn(1, 64, 16, 16), torch.randn(1, 7, 64) * 2
     with torch.no_grad():
+        truth = transformer.run(transformer.prepare(image, pe), tokens, 5)  # float32, plain
+        transformer.to(dtype)
+        image, pe, tokens = image.to(dtype), pe.to(dtype), tokens.to(dtype)
         plain_side = transformer.prepare(image, pe)
         projected_side = transformer.prepare(image, pe, project=True)
-        assert plain_side.first_block is None and projected_side.first_block is not None
+        assert plain_side.first_block is None and plain_side.pe_projections is None
+        assert projected_side.first_block is not None and len(projected_side.pe_projections) == 2
         plain = transformer.run(plain_side, tokens, 5)
         projected = transformer.run(projected_side, tokens, 5)
-    for a, b in zip(plain, projected):
-        assert a.dtype == dtype
-        torch.testing.assert_close(b.float(), a.float(), rtol=0, atol=atol)
-        assert a.float().abs().max() > 0.5  # not trivially small
+    for t, a, b in zip(truth, plain, projected):
+        assert a.dtype == b.dtype == dtype
+        assert t.abs().max() > 0.5  # not trivially small
+        if dtype == torch.float32:
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        else:
+            plain_error = float((a.float() - t).norm() / t.norm())
+            projected_error = float((b.float() - t).norm() / t.norm())
+            assert plain_error < 0.04 and projected_error < 1.25 * plain_error + 0.005

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple, Type
+from typing import List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,15 @@ class ProjectedImage:
 
 
 @dataclass
+class ProjectedPE:
+    """A block's projections of the positional encoding alone (weights without bias), per head (H, d, N):
+    for the token-to-image keys and (except in the final attention) the image-to-token queries."""
+
+    keys_t: torch.Tensor
+    queries_t: Optional[torch.Tensor] = None
+
+
+@dataclass
 class ImageSide:
     """The image side of the two-way transformer as sequences, channels-last: image (B or 1, h*w, C) and
     its positional encoding pe (1, h*w, C). For an image side shared by every prompt (batch 1) also the
@@ -36,7 +45,10 @@ class ImageSide:
     pe: torch.Tensor
     first_keys_with_pe: Optional[torch.Tensor]
     size: Tuple[int, int]  # (h, w) of the grid
-    first_block: Optional[ProjectedImage] = None  # see TwoWayTransformer.prepare(project=True)
+    # With prepare(project=True): the first block's projections of the shared side, and every later
+    # block's (and the final attention's, last) projections of the PE.
+    first_block: Optional[ProjectedImage] = None
+    pe_projections: Optional[List[ProjectedPE]] = None
 
     @property
     def shared(self) -> bool:
@@ -151,10 +163,11 @@ class Attention(nn.Module):
         return self._mix_into_image(logits.add_(q_bias.transpose(1, 2)), v_heads, residual)
 
     def _mix_into_image(
-        self, logits: torch.Tensor, v_heads: torch.Tensor, residual: Optional[torch.Tensor]
+        self, logits: torch.Tensor, v_heads: torch.Tensor, residual: Optional[torch.Tensor], in_place: bool = False
     ) -> torch.Tensor:
         """The image side's attention output from unscaled logits (B, H*Nk, Nq) (heads x token keys on the
-        rows) and the tokens' values (B, H, Nk, d): out_proj(attention) (+ residual), (B, Nq, C)."""
+        rows) and the tokens' values (B, H, Nk, d): out_proj(attention) (+ residual), (B, Nq, C).
+        in_place: accumulate into `residual` itself (a tensor nothing else reads any more)."""
         batch, heads, n_k, head_dim = v_heads.shape
         dim = self.embedding_dim
         # The softmax over each head's few keys reduces across rows with the image positions vectorised
@@ -170,6 +183,9 @@ class Attention(nn.Module):
             # per head) and the residual be the product's accumulator: one pass over the image side.
             start = residual
             v_out = v_out + self.out_proj.bias / heads
+        if in_place and residual is not None and batch == 1:
+            residual[0].addmm_(probs[0].t(), v_out[0])
+            return residual
         if batch == 1:
             return torch.addmm(start[0], probs[0].t(), v_out[0])[None]
         return torch.baddbmm(start, probs.transpose(1, 2), v_out)
@@ -201,6 +217,48 @@ class Attention(nn.Module):
         logits = (k_heads[0] @ queries_t).view(1, -1, queries_t.shape[-1])  # 1, H*Nk, N
         return self._mix_into_image(logits, v_heads, residual)
 
+    # Later blocks attend between the tokens and a prompt's own image side plus the shared PE. The PE's
+    # projections are computed once (project_pe); then image + PE is never formed: the logits are the
+    # image's part folded into the tokens (as in _few_queries/_few_keys) plus the PE's part, a small
+    # product with the tokens' heads. Two fewer passes over the (N, C) image side per attention.
+
+    def project_pe(self, pe: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """pe (1, N, C) through proj's weight alone (no bias), per head: (H, d, N)."""
+        return self._separate_heads(F.linear(pe, proj.weight))[0].transpose(1, 2).contiguous()
+
+    def attend_to_image_and_pe(self, q: torch.Tensor, image: torch.Tensor, pe_keys_t: torch.Tensor) -> torch.Tensor:
+        """One prompt's tokens q (1, Nq, C) attending to keys image + PE and values image (1, N, C), with
+        pe_keys_t = project_pe(pe, k_proj). Equals forward(q, image + pe, image)."""
+        heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
+        head_dim = self.internal_dim // heads
+        q_heads = self._separate_heads(self.q_proj(q))[0]  # H, Nq, d
+        q_k = (q_heads @ self.k_proj.weight.view(heads, head_dim, dim)).reshape(heads * n_q, dim)  # H*Nq, C
+        q_bias = (q_heads * self.k_proj.bias.view(heads, 1, head_dim)).sum(-1).reshape(heads * n_q, 1)
+        logits = torch.addmm(q_bias, q_k, image[0].t()).view(heads, n_q, -1)  # H, Nq, N
+        logits = logits.baddbmm_(q_heads, pe_keys_t)  # + the PE's part
+        probs = (logits * head_dim**-0.5).softmax(-1)
+        mixed = (probs.view(heads * n_q, -1) @ image[0]).view(heads, n_q, dim)  # H, Nq, C
+        w_v = self.v_proj.weight.view(heads, head_dim, dim)
+        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)  # rows of probs sum to 1
+        return self.out_proj(self._recombine_heads(out[None]))
+
+    def attend_from_image_and_pe(
+        self, image: torch.Tensor, pe_queries_t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_place: bool
+    ) -> torch.Tensor:
+        """Queries image + PE (1, N, C), with pe_queries_t = project_pe(pe, q_proj), attending to one
+        prompt's tokens k, v (1, Nk, C): image + attention, accumulated into `image` when in_place.
+        Equals forward(image + pe, k, v, residual=image)."""
+        heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
+        head_dim = self.internal_dim // heads
+        k_heads = self._separate_heads(self.k_proj(k))  # 1, H, Nk, d
+        v_heads = self._separate_heads(self.v_proj(v))
+        w_q = self.q_proj.weight.view(heads, head_dim, dim)
+        m_t = (k_heads[0] @ w_q).reshape(heads * n_k, dim)  # H*Nk, C
+        q_bias = (self.q_proj.bias.view(heads, 1, head_dim) * k_heads[0]).sum(-1).reshape(heads * n_k, 1)
+        logits = torch.addmm(q_bias, m_t, image[0].t()).view(heads, n_k, -1)  # H, Nk, N
+        logits = logits.baddbmm_(k_heads[0], pe_queries_t)  # + the PE's part
+        return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
+
 
 class TwoWayAttentionBlock(nn.Module):
     def __init__(
@@ -231,9 +289,13 @@ class TwoWayAttentionBlock(nn.Module):
         key_pe: torch.Tensor,
         keys_with_pe: Optional[torch.Tensor] = None,
         projected: Optional[ProjectedImage] = None,
+        projected_pe: Optional[ProjectedPE] = None,
+        keys_owned: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """keys_with_pe: keys + key_pe when the caller already has it (an image side shared by prompts);
-        projected: this block's projections of that shared side (for one prompt), see project()."""
+        projected: this block's projections of that shared side (for one prompt), see project();
+        projected_pe: this block's projections of key_pe (for one prompt's own keys), see project_pe();
+        keys_owned: keys is the caller's to overwrite (inference), the image update accumulates into it."""
         # Token self-attention (the first block sees the raw prompt tokens, which already carry their PE).
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
@@ -246,6 +308,8 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         if projected is not None:
             attn = self.cross_attn_token_to_image.attend_to_projected(q, projected.keys_t, projected.values)
+        elif projected_pe is not None:
+            attn = self.cross_attn_token_to_image.attend_to_image_and_pe(q, keys, projected_pe.keys_t)
         else:
             k = keys + key_pe if keys_with_pe is None else keys_with_pe
             attn = self.cross_attn_token_to_image(q=q, k=k, v=keys)
@@ -257,6 +321,10 @@ class TwoWayAttentionBlock(nn.Module):
         q = queries + query_pe
         if projected is not None:
             attn = self.cross_attn_image_to_token.attend_from_projected(projected.queries_t, q, queries, residual=keys)
+        elif projected_pe is not None:
+            attn = self.cross_attn_image_to_token.attend_from_image_and_pe(
+                keys, projected_pe.queries_t, q, queries, in_place=keys_owned
+            )
         else:
             attn = self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys)
         return queries, self.norm4(attn)
@@ -269,6 +337,11 @@ class TwoWayAttentionBlock(nn.Module):
             values=t2i.project_image(image, t2i.v_proj, transposed=False),
             queries_t=i2t.project_image(image_with_pe, i2t.q_proj, transposed=True),
         )
+
+    def project_pe(self, pe: torch.Tensor) -> ProjectedPE:
+        """This block's projections of the PE (1, N, C), for forward(projected_pe=)."""
+        t2i, i2t = self.cross_attn_token_to_image, self.cross_attn_image_to_token
+        return ProjectedPE(keys_t=t2i.project_pe(pe, t2i.k_proj), queries_t=i2t.project_pe(pe, i2t.q_proj))
 
 
 # Prompts run through the transformer together outside autograd (see TwoWayTransformer.forward).
@@ -336,6 +409,9 @@ class TwoWayTransformer(nn.Module):
         side = ImageSide(image, image_pe, image + image_pe, size)
         if project and not torch.is_grad_enabled():
             side.first_block = self.layers[0].project(side.image, side.first_keys_with_pe)
+            final = self.final_attn_token_to_image
+            side.pe_projections = [layer.project_pe(image_pe) for layer in self.layers[1:]]
+            side.pe_projections.append(ProjectedPE(keys_t=final.project_pe(image_pe, final.k_proj)))
         return side
 
     def run(
@@ -358,7 +434,7 @@ class TwoWayTransformer(nn.Module):
         queries, keys = self.run_blocks(side, point_embedding)
         if num_outputs is not None:
             queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
-        queries = self.final_attention(queries, point_embedding, keys, keys + side.pe)
+        queries = self.final_attention(queries, point_embedding, keys, side=side)
         if keys.shape[0] != queries.shape[0]:
             keys = keys.expand(queries.shape[0], -1, -1)
         return queries, keys
@@ -366,23 +442,37 @@ class TwoWayTransformer(nn.Module):
     def run_blocks(self, side: ImageSide, point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two-way blocks: tokens (B, N, C) and image side (B, h*w, C) before the final attention."""
         queries, keys = point_embedding, side.image
-        projected = side.first_block if point_embedding.shape[0] == 1 and not torch.is_grad_enabled() else None
+        one_prompt = point_embedding.shape[0] == 1 and not torch.is_grad_enabled()
+        projected = side.first_block if one_prompt else None
+        pe_projections = side.pe_projections if one_prompt else None
         for i, layer in enumerate(self.layers):
-            shared = side.first_keys_with_pe if i == 0 else None
             queries, keys = layer(
                 queries,
                 keys,
                 query_pe=point_embedding,
                 key_pe=side.pe,
-                keys_with_pe=shared,
+                keys_with_pe=side.first_keys_with_pe if i == 0 else None,
                 projected=projected if i == 0 else None,
+                projected_pe=pe_projections[i - 1] if pe_projections is not None and i > 0 else None,
+                keys_owned=i > 0 and not torch.is_grad_enabled(),  # the previous block's fresh output
             )
         return queries, keys
 
     def final_attention(
-        self, queries: torch.Tensor, query_pe: torch.Tensor, keys: torch.Tensor, keys_with_pe: torch.Tensor
+        self,
+        queries: torch.Tensor,
+        query_pe: torch.Tensor,
+        keys: torch.Tensor,
+        keys_with_pe: Optional[torch.Tensor] = None,
+        side: Optional[ImageSide] = None,
     ) -> torch.Tensor:
-        """The last token-to-image attention and norm. Each token's row is independent of the others, so
-        any subset of tokens (with its PE rows) can go through it on its own."""
+        """The last token-to-image attention and norm, keys (B, h*w, C) + PE: keys_with_pe if given, else
+        keys + side.pe (or, for one prompt of a side with projected PE, without forming it). Each token's
+        row is independent of the others, so any subset of tokens (with its PE rows) can go through it."""
         q = queries + query_pe
-        return self.norm_final_attn(queries + self.final_attn_token_to_image(q=q, k=keys_with_pe, v=keys))
+        attention = self.final_attn_token_to_image
+        if keys_with_pe is None and side is not None and side.pe_projections and keys.shape[0] == 1 and not torch.is_grad_enabled():
+            return self.norm_final_attn(queries + attention.attend_to_image_and_pe(q, keys, side.pe_projections[-1].keys_t))
+        if keys_with_pe is None:
+            keys_with_pe = keys + side.pe
+        return self.norm_final_attn(queries + attention(q=q, k=keys_with_pe, v=keys))

@@ -211,16 +211,15 @@ class SamMaskSource:
         for i in range(batch):
             point_tokens = tokens[i : i + 1]
             queries, keys = transformer.run_blocks(side, point_tokens)
-            keys_with_pe = keys + side.pe
             # The final attention treats tokens independently: the IoU token first, the mask tokens only
             # for a point with a passing output.
-            iou_token = transformer.final_attention(queries[:, :1], point_tokens[:, :1], keys, keys_with_pe)
+            iou_token = transformer.final_attention(queries[:, :1], point_tokens[:, :1], keys, side=side)
             iou = dec.iou_prediction_head(iou_token[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
             ious.append(iou)
             passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
             if len(passing) == 0:
                 continue
-            mask_tokens = transformer.final_attention(queries[:, masks], point_tokens[:, masks], keys, keys_with_pe)
+            mask_tokens = transformer.final_attention(queries[:, masks], point_tokens[:, masks], keys, side=side)
             hyper = dec.hypernetwork_weights(mask_tokens)[:, passing + 1]
             logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper)[0].float())
             index.extend((3 * i + passing).tolist())
