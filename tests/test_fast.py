@@ -31,13 +31,17 @@ def attention_case(q_size, bh, c):
     return q, k, v, rel_h, rel_w, expected
 
 
-@pytest.mark.parametrize("q_size,chunk", [((14, 14), 1 << 26), ((9, 13), 117 * 117 * 4), ((16, 16), 1000)])
+@pytest.mark.parametrize("q_size,chunk", [((14, 14), 1 << 20), ((9, 13), 117 * 117 * 4), ((16, 16), 1000)])
 def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monkeypatch):
+    """The windowed path (chunks of windows x heads, bias added in place, float32 softmax)."""
     c = 8
     q, k, v, rel_h, rel_w, expected = attention_case(q_size, 6, c)
-    monkeypatch.setattr(ie, "BIAS_CHUNK", chunk)
+    monkeypatch.setattr(ie, "WINDOW_CHUNK_ELEMENTS", chunk)
     got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    low = ie.rel_pos_attention_chunked(*(t.bfloat16() for t in (q, k, v, rel_h, rel_w)), q_size, c**-0.5)
+    assert low.dtype == torch.bfloat16
+    assert ((low.float() - expected).norm() / expected.norm()).item() < 0.02
 
 
 @pytest.mark.parametrize("q_size,band", [((16, 16), 37), ((9, 13), 117), ((12, 7), 1000)])
