@@ -66,16 +66,19 @@ def decomposed_rel_pos_terms(
     rel_pos_w: torch.Tensor,
     q_size: Tuple[int, int],
     k_size: Tuple[int, int],
+    tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The two factors of MViTv2's decomposed relative-position bias.
 
     q: (B*heads, q_h*q_w, C), unscaled. Returns rel_h (B*heads, q_h, q_w, k_h) and
     rel_w (B*heads, q_h, q_w, k_w); the bias of query (i, j) on key (y, x) is rel_h[i, j, y] + rel_w[i, j, x].
+    tables: the two relative_position_table()s, when the caller already has them.
     """
     q_h, q_w = q_size
     k_h, k_w = k_size
-    table_h = relative_position_table(q_h, k_h, rel_pos_h)  # q_h, k_h, C
-    table_w = relative_position_table(q_w, k_w, rel_pos_w)  # q_w, k_w, C
+    if tables is None:
+        tables = relative_position_table(q_h, k_h, rel_pos_h), relative_position_table(q_w, k_w, rel_pos_w)
+    table_h, table_w = tables  # (q_h, k_h, C), (q_w, k_w, C)
     b, _, dim = q.shape
     r_q = q.reshape(b, q_h, q_w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, table_h)  # b, q_h, q_w, k_h
@@ -127,9 +130,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
-        # qkv: 3, B*heads, H*W, head_dim
-        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        q, k, v = self.heads(x)  # each B*heads, H*W, head_dim
         if not self.use_rel_pos:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         elif (torch.is_grad_enabled() and (x.requires_grad or self.rel_pos_h.requires_grad)) or is_exporting():
@@ -148,6 +149,19 @@ class Attention(nn.Module):
             x = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
+
+    def heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v, each (B*heads, H*W, head_dim), from x (B, H, W, C)."""
+        b, h, w, _ = x.shape
+        if self.qkv.bias is None or torch.is_grad_enabled() or is_exporting():
+            qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        else:
+            # The split into heads copies the projection anyway: the bias is added in that same pass
+            # (a linear layer with bias first writes the bias into its whole output).
+            product = F.linear(x, self.qkv.weight).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+            qkv = torch.empty(product.shape, dtype=product.dtype, device=product.device)
+            torch.add(product, self.qkv.bias.view(3, 1, self.num_heads, 1, -1), out=qkv)
+        return qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
 
 
 # Logits of windowed attention computed at once (4 MB in float32: they stay in cache).
@@ -178,9 +192,10 @@ def rel_pos_attention_chunked(
     h, w = size
     step = max(1, WINDOW_CHUNK_ELEMENTS // (n * n))
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+    tables = relative_position_table(h, h, rel_pos_h), relative_position_table(w, w, rel_pos_w)
     for start in range(0, bh, step):
         part = slice(start, min(bh, start + step))
-        rel_h, rel_w = decomposed_rel_pos_terms(q[part], rel_pos_h, rel_pos_w, size, size)
+        rel_h, rel_w = decomposed_rel_pos_terms(q[part], rel_pos_h, rel_pos_w, size, size, tables)
         logits = torch.bmm(q[part] * scale, k[part].transpose(1, 2)).float()  # chunk, N, N
         grid = logits.view(-1, h, w, h, w)
         grid.add_(rel_h.float()[..., None]).add_(rel_w.float()[..., None, :])
