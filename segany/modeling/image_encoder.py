@@ -133,7 +133,7 @@ class Attention(nn.Module):
         q, k, v = self.heads(x)  # each B*heads, H*W, head_dim
         if not self.use_rel_pos:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        elif (torch.is_grad_enabled() and (x.requires_grad or self.rel_pos_h.requires_grad)) or is_exporting():
+        elif (torch.is_grad_enabled() and (q.requires_grad or self.rel_pos_h.requires_grad)) or is_exporting():
             # Training (and export): fused attention with the materialised bias as the additive mask
             # (4-D, so the fused kernels apply); differentiable and one graph node.
             bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
@@ -143,9 +143,8 @@ class Attention(nn.Module):
                 scale=self.scale,
             )
         else:
-            # Inference: the same fused kernel, the bias built for a few heads at a time (a global
-            # block's full bias is 800 MB for vit_b, 1 GB for vit_h). Few large kernels rather than
-            # many small tiles: on a shared 2-core machine every parallel region pays a barrier.
+            # Inference (nothing to differentiate): the bias is never materialised whole (a global
+            # block's is 800 MB for vit_b, 1 GB for vit_h); see rel_pos_attention_chunked.
             x = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
         return self.proj(x)
