@@ -7,6 +7,7 @@ move the masks:
 - layer norms' statistics and softmax accumulate in float32 inside PyTorch's kernels,
 - the interfaces: the encoder returns float32 embeddings (interchangeable with exact mode's, storable)
   and the decoder float32 logits and scores; inputs are cast on the way in.
+(segany.predict's Segmenter also resizes fast-mode masks to the image with OpenCV.)
 The casts are hooks on the two modules, so variants (MobileSAM, HQ-SAM with its early features) get the
 same treatment without code of their own. The weights are converted once; the state-dict keys are
 unchanged (the values are rounded to bfloat16).
