@@ -137,3 +137,15 @@ def test_projected_image_side_equals_the_plain_path(dtype):
             plain_error = float((a.float() - t).norm() / t.norm())
             projected_error = float((b.float() - t).norm() / t.norm())
             assert plain_error < 0.04 and projected_error < 1.25 * plain_error + 0.005
+
+
+def test_batched_hypernetworks_equal_one_mlp_per_token():
+    decoder = small_sam(8).mask_decoder
+    tokens = torch.randn(3, decoder.num_mask_tokens, decoder.transformer_dim)
+    expected = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder.hypernetwork_weights(tokens), expected.detach(), rtol=0, atol=1e-5)
+        decoder.output_hypernetworks_mlps[2].layers[1].weight.mul_(-1.0)  # kept weights follow a change
+        changed = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
+        assert not torch.allclose(changed, expected, atol=1e-3)
+        torch.testing.assert_close(decoder.hypernetwork_weights(tokens), changed, rtol=0, atol=1e-5)

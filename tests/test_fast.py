@@ -138,6 +138,10 @@ def test_opencv_upscaling_agrees_with_postprocess_masks(tiny_sam, input_size, or
     got = upscale_logits_opencv(low, input_size, original_size, 1024)
     assert got.shape == expected.shape and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=5e-4, rtol=0)
+    masks = upscale_logits_opencv(low, input_size, original_size, 1024, threshold=0.5)
+    assert masks.dtype == torch.bool and masks.shape == expected.shape
+    confident = (expected - 0.5).abs() > 1e-3
+    assert torch.equal(masks[confident], (expected > 0.5)[confident])
 
 
 def test_fast_segmenter_upscales_with_opencv(monkeypatch):

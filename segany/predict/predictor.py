@@ -190,7 +190,5 @@ class SamPredictor:
         low_res, iou = self.segmenter.decode_torch(
             embedding, point_coords, point_labels, boxes, mask_input, multimask_output, **decode_options
         )
-        masks = self.segmenter.upscale(low_res, embedding)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
+        masks = self.segmenter.upscale(low_res, embedding, None if return_logits else self.model.mask_threshold)
         return masks, iou, low_res

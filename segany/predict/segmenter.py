@@ -154,14 +154,16 @@ class Segmenter:
             embedding.features, points, boxes, mask_input, multimask_output, cache=embedding.decoder_cache, **decode_options
         )
 
-    def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding) -> torch.Tensor:
-        """Low-res logits (..., 256, 256) -> logits at the original image size. The fast mode resizes with
-        OpenCV on a CPU (see transforms.upscale_logits_opencv); the exact mode as the released code."""
+    def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding, threshold: Optional[float] = None) -> torch.Tensor:
+        """Low-res logits (..., 256, 256) -> logits at the original image size, or with `threshold` the
+        masks logits > threshold. The fast mode resizes with OpenCV on a CPU (see
+        transforms.upscale_logits_opencv); the exact mode as the released code."""
         fast = getattr(self.model, "fast_dtype", None) is not None
         size, low_h, low_w = self.model.image_size, low_res.shape[-2], low_res.shape[-1]
         if fast and low_res.device.type == "cpu" and not low_res.requires_grad and size % low_h == 0 and size % low_w == 0:
-            return upscale_logits_opencv(low_res, embedding.input_size, embedding.original_size, size)
-        return self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
+            return upscale_logits_opencv(low_res, embedding.input_size, embedding.original_size, size, threshold)
+        full = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
+        return full if threshold is None else full > threshold
 
     def _validate(self, prompt: Prompt, embedding: ImageEmbedding) -> Prompt:
         coords, labels = check_points(prompt.points, prompt.labels, embedding.original_size)
@@ -229,9 +231,7 @@ class Segmenter:
         if prompts[0].mask is not None:
             masks = torch.as_tensor(np.concatenate([p.mask for p in prompts]), dtype=torch.float, device=device)
         low_res, iou = self.decode_torch(embedding, coords, labels, boxes, masks, multimask_output, **decode_options)
-        full = self.upscale(low_res, embedding)
-        if not return_logits:
-            full = full > self.model.mask_threshold
+        full = self.upscale(low_res, embedding, None if return_logits else self.model.mask_threshold)
         full_np = full.cpu().numpy()
         iou_np = iou.float().cpu().numpy()
         low_np = low_res.float().cpu().numpy()

@@ -5,7 +5,7 @@ torchvision's PIL path), torch does tensor resizes.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -63,7 +63,11 @@ class ResizeLongestSide:
 
 
 def upscale_logits_opencv(
-    low_res: torch.Tensor, input_size: Tuple[int, int], original_size: Tuple[int, int], image_size: int
+    low_res: torch.Tensor,
+    input_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+    image_size: int,
+    threshold: Optional[float] = None,
 ) -> torch.Tensor:
     """Sam.postprocess_masks (low-res logits (..., h, w) -> logits at the original image size) with
     OpenCV's bilinear resize: the same two steps (upsample to the model's input frame, drop the padding,
@@ -71,7 +75,10 @@ def upscale_logits_opencv(
 
     OpenCV computes the sample positions in its own float arithmetic, so values differ from PyTorch's by
     up to ~1e-4 (relative ~1e-5): within the noise of the fast mode (bfloat16), which uses this; the
-    exact mode keeps Sam.postprocess_masks."""
+    exact mode keeps Sam.postprocess_masks.
+
+    threshold: return the masks logits > threshold (bool) instead, each mask thresholded as it is
+    resized (no full-size float copy of all of them)."""
     low_h, low_w = low_res.shape[-2:]
     in_h, in_w = int(input_size[0]), int(input_size[1])
     out_h, out_w = int(original_size[0]), int(original_size[1])
@@ -82,10 +89,13 @@ def upscale_logits_opencv(
     need_h = min(low_h, -(-in_h // factor_h) + 1)
     need_w = min(low_w, -(-in_w // factor_w) + 1)
     masks = low_res.detach().to("cpu", torch.float32).reshape(-1, low_h, low_w).numpy()
-    out = np.empty((masks.shape[0], out_h, out_w), np.float32)
+    out = np.empty((masks.shape[0], out_h, out_w), np.float32 if threshold is None else bool)
+    resized = np.empty((out_h, out_w), np.float32)
     for mask, target in zip(masks, out):
         up = cv2.resize(
             np.ascontiguousarray(mask[:need_h, :need_w]), (need_w * factor_w, need_h * factor_h), interpolation=cv2.INTER_LINEAR
         )
-        cv2.resize(up[:in_h, :in_w], (out_w, out_h), dst=target, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(up[:in_h, :in_w], (out_w, out_h), dst=target if threshold is None else resized, interpolation=cv2.INTER_LINEAR)
+        if threshold is not None:
+            np.greater(resized, threshold, out=target)
     return torch.from_numpy(out).view(*low_res.shape[:-2], out_h, out_w)
