@@ -21,3 +21,22 @@ def test_dense_pe_cached_and_invalidated():
 def test_dense_pe_not_cached_in_training():
     enc = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128)).train()
     assert enc.get_dense_pe() is not enc.get_dense_pe()
+
+
+def test_model_built_in_inference_mode_decodes():
+    """Parameters made under torch.inference_mode have no version counter; the kept derived tensors
+    (dense PE, upscaling matrices, stacked hypernetworks, the decoder's image side) must still work."""
+    import numpy as np
+
+    from segany.predict.predictor import SamPredictor
+
+    from .smallsam import small_sam
+
+    with torch.inference_mode():
+        model = small_sam(0)
+        predictor = SamPredictor(model)
+        predictor.set_image_embedding(torch.randn(1, 64, 16, 16), (120, 213))
+        first = predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
+        again = predictor.predict(point_coords=np.array([[10.0, 10.0]]), point_labels=np.array([1]))
+    assert first[0].shape == (3, 120, 213)
+    np.testing.assert_array_equal(first[2], again[2])

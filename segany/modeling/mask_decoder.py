@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d, is_exporting
+from .common import MLP, LayerNorm2d, is_exporting, kept_until_changed
 from .transformer import ImageSide, TwoWayTransformer
 
 
@@ -78,12 +78,8 @@ class MaskUpscaling(nn.Sequential):
         convs = (self[0], self[3])
         if torch.is_grad_enabled():
             return [conv_transpose_2x2_matrix(conv) for conv in convs]
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for conv in convs for p in conv.parameters())
-        cached = self.__dict__.get("_matrix_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, [conv_transpose_2x2_matrix(conv) for conv in convs])
-            self.__dict__["_matrix_cache"] = cached
-        return cached[1]
+        params = [p for conv in convs for p in conv.parameters()]
+        return kept_until_changed(self, "_matrix_cache", params, lambda: [conv_transpose_2x2_matrix(c) for c in convs])
 
     def _blocked_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, r, w, C) channels-last -> (B, r, w, 4, 4, C/8): each pixel's upscaled 4x4 block, order
@@ -308,21 +304,18 @@ class MaskDecoder(nn.Module):
     def _stacked_hypernetworks(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the T hypernetwork MLPs' weights (T, in, out) and biases (T, 1, out), kept until
         any of them changes."""
-        params = list(self.output_hypernetworks_mlps.parameters())
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        cached = self.__dict__.get("_hypernetwork_cache")
-        if cached is None or cached[0] != key:
-            mlps = self.output_hypernetworks_mlps
-            layers = [
+        mlps = self.output_hypernetworks_mlps
+
+        def stack() -> List[Tuple[torch.Tensor, torch.Tensor]]:
+            return [
                 (
                     torch.stack([mlp.layers[i].weight.t() for mlp in mlps]),
                     torch.stack([mlp.layers[i].bias[None] for mlp in mlps]),
                 )
                 for i in range(mlps[0].num_layers)
             ]
-            cached = (key, layers)
-            self.__dict__["_hypernetwork_cache"] = cached
-        return cached[1]
+
+        return kept_until_changed(self, "_hypernetwork_cache", list(mlps.parameters()), stack)
 
     def predict_masks(
         self,

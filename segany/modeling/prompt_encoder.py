@@ -11,7 +11,7 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, kept_until_changed
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -87,12 +87,10 @@ class PromptEncoder(nn.Module):
         gaussian = self.pe_layer.positional_encoding_gaussian_matrix
         if self.training or torch.is_grad_enabled():
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
-        key = (gaussian.data_ptr(), gaussian._version, gaussian.device, gaussian.dtype, self.image_embedding_size)
-        cached = self.__dict__.get("_dense_pe_cache")
-        if cached is None or cached[0] != key:
-            cached = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
-            self.__dict__["_dense_pe_cache"] = cached
-        return cached[1]
+        size = tuple(self.image_embedding_size)
+        return kept_until_changed(
+            self, f"_dense_pe_{size}", [gaussian], lambda: self.pe_layer(self.image_embedding_size).unsqueeze(0)
+        )
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
         points = points + 0.5  # to the pixel centre

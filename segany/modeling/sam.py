@@ -8,13 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _version(tensor: torch.Tensor) -> Optional[int]:
-    """In-place modification counter (None for inference-mode tensors, which have none)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
+from .common import tensor_version
 
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -147,7 +141,7 @@ class Sam(nn.Module):
         # Valid while it is this decoder (in its dtype), this very embedding and PE tensor, and neither they
         # nor the "no mask" embedding were modified in place.
         stamp = (
-            tuple(_version(t) for t in (image_embeddings, self.prompt_encoder.no_mask_embed.weight)),
+            tuple(tensor_version(t) for t in (image_embeddings, self.prompt_encoder.no_mask_embed.weight)),
             self.mask_decoder.iou_token.weight.dtype,
         )
         entry = cache.get("mask_decoder_image_side")
