@@ -31,17 +31,23 @@ def attention_case(q_size, bh, c):
     return q, k, v, rel_h, rel_w, expected
 
 
+def check_rel_pos_attention(q, k, v, rel_h, rel_w, q_size, c, expected):
+    """rel_pos_attention_chunked equals the materialised-bias attention in float32 (1e-5), and with
+    bfloat16 inputs (products in bfloat16, bias and softmax in float32) within 2% relative L2."""
+    got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    low = ie.rel_pos_attention_chunked(*(t.bfloat16() for t in (q, k, v, rel_h, rel_w)), q_size, c**-0.5)
+    assert low.dtype == torch.bfloat16
+    assert ((low.float() - expected).norm() / expected.norm()).item() < 0.02
+
+
 @pytest.mark.parametrize("q_size,chunk", [((14, 14), 1 << 20), ((9, 13), 117 * 117 * 4), ((16, 16), 1000)])
 def test_chunked_rel_pos_attention_equals_materialised_bias(q_size, chunk, monkeypatch):
     """The windowed path (chunks of windows x heads, bias added in place, float32 softmax)."""
     c = 8
     q, k, v, rel_h, rel_w, expected = attention_case(q_size, 6, c)
     monkeypatch.setattr(ie, "WINDOW_CHUNK_ELEMENTS", chunk)
-    got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    low = ie.rel_pos_attention_chunked(*(t.bfloat16() for t in (q, k, v, rel_h, rel_w)), q_size, c**-0.5)
-    assert low.dtype == torch.bfloat16
-    assert ((low.float() - expected).norm() / expected.norm()).item() < 0.02
+    check_rel_pos_attention(q, k, v, rel_h, rel_w, q_size, c, expected)
 
 
 @pytest.mark.parametrize("q_size,band", [((16, 16), 37), ((9, 13), 117), ((12, 7), 1000)])
@@ -51,12 +57,7 @@ def test_banded_rel_pos_attention_equals_materialised_bias(q_size, band, monkeyp
     q, k, v, rel_h, rel_w, expected = attention_case(q_size, 5, c)
     monkeypatch.setattr(ie, "GLOBAL_ROWS", 50)
     monkeypatch.setattr(ie, "BAND_ROWS", band)
-    got = ie.rel_pos_attention_chunked(q, k, v, rel_h, rel_w, q_size, c**-0.5)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    # bfloat16 inputs: the products in bfloat16, bias and softmax in float32
-    low = ie.rel_pos_attention_chunked(*(t.bfloat16() for t in (q, k, v, rel_h, rel_w)), q_size, c**-0.5)
-    assert low.dtype == torch.bfloat16
-    assert ((low.float() - expected).norm() / expected.norm()).item() < 0.02
+    check_rel_pos_attention(q, k, v, rel_h, rel_w, q_size, c, expected)
 
 
 def test_row_chunked_mlp_equals_whole(monkeypatch):

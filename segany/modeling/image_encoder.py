@@ -195,11 +195,27 @@ def rel_pos_attention_chunked(
     for start in range(0, bh, step):
         part = slice(start, min(bh, start + step))
         rel_h, rel_w = decomposed_rel_pos_terms(q[part], rel_pos_h, rel_pos_w, size, size, tables)
-        logits = torch.bmm(q[part] * scale, k[part].transpose(1, 2)).float()  # chunk, N, N
-        grid = logits.view(-1, h, w, h, w)
-        grid.add_(rel_h.float()[..., None]).add_(rel_w.float()[..., None, :])
-        torch.bmm(logits.softmax(-1).to(v.dtype), v[part], out=out[part])
+        rel_h = rel_h.float().reshape(-1, n, h, 1)
+        rel_w = rel_w.float().reshape(-1, n, 1, w)
+        attend_with_rel_pos(q[part], k[part], v[part], rel_h, rel_w, scale, out[part])
     return out
+
+
+def attend_with_rel_pos(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """out = softmax((q * scale) k^T + rel_h + rel_w) v for q (..., Nq, C), k, v (..., N, C), the keys
+    on a (k_h, k_w) grid: rel_h (..., Nq, k_h, 1) and rel_w (..., Nq, 1, k_w) float32, added in place
+    onto float32 logits (whatever q's dtype), softmax in float32, the products in q's dtype."""
+    logits = torch.matmul(q * scale, k.transpose(-2, -1)).float()  # ..., Nq, N (q scaled first, as released)
+    logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
+    torch.matmul(logits.softmax(-1).to(v.dtype), v, out=out)
 
 
 # Attention over at least this many positions runs in row bands (rel_pos_attention_banded).
@@ -230,9 +246,7 @@ def rel_pos_attention_banded(
     for b in range(bh):
         for r0 in range(0, n, BAND_ROWS):
             rows = slice(r0, min(n, r0 + BAND_ROWS))
-            logits = torch.mm(q[b, rows] * scale, k[b].t()).float()  # rows, N (q scaled first, as released)
-            logits.view(-1, k_h, k_w).add_(rel_h[b, rows]).add_(rel_w[b, rows])
-            torch.mm(logits.softmax(-1).to(v.dtype), v[b], out=out[b, rows])
+            attend_with_rel_pos(q[b, rows], k[b], v[b], rel_h[b, rows], rel_w[b, rows], scale, out[b, rows])
     return out
 
 

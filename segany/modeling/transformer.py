@@ -78,11 +78,7 @@ class Attention(nn.Module):
         return x.transpose(1, 2).reshape(b, n, h * c)
 
     def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        residual: Optional[torch.Tensor] = None,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """q: (B, Nq, C); k, v: (B, Nk, C). Either side may have batch 1 where every prompt shares the
         image (the first block without a mask prompt): its projections are then computed once.
@@ -138,11 +134,7 @@ class Attention(nn.Module):
         return self.out_proj(self._recombine_heads(out))
 
     def _few_keys(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        residual: Optional[torch.Tensor] = None,
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Many queries (image) on few keys (tokens): q is never projected, nor the output per position."""
         heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
