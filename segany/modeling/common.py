@@ -6,6 +6,8 @@ from typing import Callable, Optional, Sequence, Type, TypeVar
 import torch
 from torch import nn
 
+from .kernels import Linear, is_exporting, linear  # noqa: F401 (is_exporting: imported from here too)
+
 T = TypeVar("T")
 
 
@@ -26,11 +28,6 @@ def kept_until_changed(owner: nn.Module, slot: str, tensors: Sequence[torch.Tens
         cached = (key, build())
         owner.__dict__[slot] = cached
     return cached[1]
-
-
-def is_exporting() -> bool:
-    """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class LayerNorm2d(nn.Module):
@@ -54,29 +51,34 @@ class MLPBlock(nn.Module):
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
-        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
+        self.lin1 = Linear(embedding_dim, mlp_dim)
+        self.lin2 = Linear(mlp_dim, embedding_dim)
         self.act = act()
 
     # Inference over more positions than this runs in row chunks (see forward).
     CHUNK_ROWS = 1024
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """lin2(act(lin1(x))), plus `residual` when given (added as each chunk is computed)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting():
-            return self.lin2(self.act(self.lin1(x)))
+            y = self.lin2(self.act(self.lin1(x)))
+            return y if residual is None else residual + y
         # Row chunks keep the (rows, mlp_dim) hidden activations small: for a 64x64 image they are
         # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block.
         # Each row's arithmetic is unchanged.
         flat = x.reshape(rows, x.shape[-1])
+        flat_residual = None if residual is None else residual.reshape(rows, self.lin2.out_features)
         out = flat.new_empty(rows, self.lin2.out_features)
-        weight, bias = self.lin2.weight.t(), self.lin2.bias
+        exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
         for r0 in range(0, rows, self.CHUNK_ROWS):
-            hidden = self.act(self.lin1(flat[r0 : r0 + self.CHUNK_ROWS]))
-            if bias is None:
-                torch.mm(hidden, weight, out=out[r0 : r0 + self.CHUNK_ROWS])
-            else:  # what lin2 computes, written in place
-                torch.addmm(bias, hidden, weight, out=out[r0 : r0 + self.CHUNK_ROWS])
+            chunk = slice(r0, r0 + self.CHUNK_ROWS)
+            if exact_gelu:  # applied by the product's kernel as it writes
+                hidden = linear(flat[chunk], self.lin1.weight, self.lin1.bias, activation="gelu")
+            else:
+                hidden = self.act(linear(flat[chunk], self.lin1.weight, self.lin1.bias))
+            shortcut = None if flat_residual is None else flat_residual[chunk]
+            out[chunk] = linear(hidden, self.lin2.weight, self.lin2.bias, residual=shortcut)
         return out.view(*x.shape[:-1], self.lin2.out_features)
 
 

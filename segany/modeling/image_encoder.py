@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import LayerNorm2d, MLPBlock, is_exporting
+from .kernels import Linear, linear
 
 
 @dataclass
@@ -120,8 +121,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         head_dim = dim // num_heads
         self.scale = head_dim**-0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.use_rel_pos = use_rel_pos
         if use_rel_pos:
             assert input_size is not None, "relative positions need the attention input size"
@@ -129,6 +130,10 @@ class Attention(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.mix(x))
+
+    def mix(self, x: torch.Tensor) -> torch.Tensor:
+        """The attention's output before the output projection: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, _ = x.shape
         q, k, v = self.heads(x)  # each B*heads, H*W, head_dim
         if not self.use_rel_pos:
@@ -146,21 +151,48 @@ class Attention(nn.Module):
             # Inference (nothing to differentiate): the bias is never materialised whole (a global
             # block's is 800 MB for vit_b, 1 GB for vit_h); see rel_pos_attention_chunked.
             x = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
-        x = x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(x)
+        return x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+
+    def mix_windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
+        """mix() within non-overlapping windows, x zero-padded to whole windows (inference).
+
+        Equal to window_unpartition(mix(window_partition(x))) as released, with fewer passes: the qkv
+        projection runs on the unpadded positions only (a zero-padded position's q, k and v are the qkv
+        bias), one copy cuts the windows and splits the heads, and one copy puts the output back in
+        image order without the padding. (B, H, W, C) -> (B, H, W, C)."""
+        b, h, w, c = x.shape
+        ws, heads = window_size, self.num_heads
+        n_h, n_w = -(-h // ws), -(-w // ws)
+        product = linear(x, self.qkv.weight, self.qkv.bias).view(b, h, w, 3, heads, -1)
+        head_dim = product.shape[-1]
+        windows = product.new_empty(3, b, n_h, n_w, heads, ws, ws, head_dim)
+        grid = windows.permute(0, 1, 2, 5, 3, 6, 4, 7)  # 3, B, n_h, ws (y), n_w, ws (x), heads, head_dim
+        for (y0, y1, iy, ny, ry), (x0, x1, ix, nx, rx) in window_regions(h, w, ws):
+            src = product[:, y0:y1, x0:x1].view(b, ny, ry, nx, rx, 3, heads, head_dim).permute(5, 0, 1, 2, 3, 4, 6, 7)
+            grid[:, :, iy : iy + ny, :ry, ix : ix + nx, :rx].copy_(src)
+        for padding in (grid[:, :, -1:, h - (n_h - 1) * ws :], grid[:, :, :, :, -1:, w - (n_w - 1) * ws :]):
+            if padding.numel() and self.qkv.bias is None:
+                padding.zero_()
+            elif padding.numel():
+                padding.copy_(self.qkv.bias.view(3, 1, 1, 1, 1, 1, heads, head_dim).expand(padding.shape))
+        q, k, v = windows.view(3, b * n_h * n_w * heads, ws * ws, head_dim).unbind(0)
+        if self.use_rel_pos:
+            mixed = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (ws, ws), self.scale)
+        else:
+            mixed = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        mixed = mixed.view(b, n_h, n_w, heads, ws, ws, head_dim)
+        out = x.new_empty(b, h, w, heads, head_dim)
+        for (y0, y1, iy, ny, ry), (x0, x1, ix, nx, rx) in window_regions(h, w, ws):
+            region = mixed[:, iy : iy + ny, ix : ix + nx, :, :ry, :rx].permute(0, 1, 4, 2, 5, 3, 6)
+            out[:, y0:y1, x0:x1].view(b, ny, ry, nx, rx, heads, head_dim).copy_(region)
+        return out.view(b, h, w, c)
 
     def heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, each (B*heads, H*W, head_dim), from x (B, H, W, C)."""
         b, h, w, _ = x.shape
-        if self.qkv.bias is None or torch.is_grad_enabled() or is_exporting():
-            qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        else:
-            # The split into heads copies the projection anyway: the bias is added in that same pass
-            # (a linear layer with bias first writes the bias into its whole output).
-            product = F.linear(x, self.qkv.weight).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-            qkv = torch.empty(product.shape, dtype=product.dtype, device=product.device)
-            torch.add(product, self.qkv.bias.view(3, 1, self.num_heads, 1, -1), out=qkv)
-        return qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)
+        qkv = self.qkv(x).view(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        # a copy that gives each head its own contiguous block (the products then read it directly)
+        return qkv.contiguous().view(3, b * self.num_heads, h * w, -1).unbind(0)
 
 
 # Logits of windowed attention computed at once (4 MB in float32: they stay in cache).
@@ -212,10 +244,18 @@ def attend_with_rel_pos(
 ) -> None:
     """out = softmax((q * scale) k^T + rel_h + rel_w) v for q (..., Nq, C), k, v (..., N, C), the keys
     on a (k_h, k_w) grid: rel_h (..., Nq, k_h, 1) and rel_w (..., Nq, 1, k_w) float32, added in place
-    onto float32 logits (whatever q's dtype), softmax in float32, the products in q's dtype."""
-    logits = torch.matmul(q * scale, k.transpose(-2, -1)).float()  # ..., Nq, N (q scaled first, as released)
+    onto float32 logits (whatever q's dtype), softmax in float32, the products in q's dtype.
+    One head (2-D q, k, v): both products through kernels.linear (v^T as the weight)."""
+    if q.dim() == 2:
+        logits = linear(q * scale, k).float()  # Nq, N (q scaled first, as released)
+    else:
+        logits = torch.matmul(q * scale, k.transpose(-2, -1)).float()
     logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
-    torch.matmul(logits.softmax(-1).to(v.dtype), v, out=out)
+    probs = logits.softmax(-1).to(v.dtype)
+    if q.dim() == 2:
+        out.copy_(linear(probs, v.t()))
+    else:
+        torch.matmul(probs, v, out=out)
 
 
 # Attention over at least this many positions runs in row bands (rel_pos_attention_banded).
@@ -248,6 +288,22 @@ def rel_pos_attention_banded(
             rows = slice(r0, min(n, r0 + BAND_ROWS))
             attend_with_rel_pos(q[b, rows], k[b], v[b], rel_h[b, rows], rel_w[b, rows], scale, out[b, rows])
     return out
+
+
+def window_regions(h: int, w: int, window_size: int):
+    """The image split into at most 4 regions of windows: whole windows, and the partial last row and
+    column of windows. Yields ((y0, y1, first window row, window rows, rows per window), (same for x))."""
+
+    def spans(size: int):
+        whole = size // window_size
+        if whole:
+            yield 0, whole * window_size, 0, whole, window_size
+        if size % window_size:
+            yield whole * window_size, size, whole, 1, size % window_size
+
+    for y_span in spans(h):
+        for x_span in spans(w):
+            yield y_span, x_span
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
@@ -307,15 +363,19 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0:
+        if self.window_size > 0 and not (torch.is_grad_enabled() or is_exporting()):
+            x = self.attn.mix_windowed(x, self.window_size)
+        elif self.window_size > 0:
             h, w = x.shape[1], x.shape[2]
             x, pad_hw = window_partition(x, self.window_size)
-            x = self.attn(x)
-            x = window_unpartition(x, self.window_size, pad_hw, (h, w))
+            x = window_unpartition(self.attn.mix(x), self.window_size, pad_hw, (h, w))
         else:
-            x = self.attn(x)
-        x = shortcut + x
-        return x + self.mlp(self.norm2(x))
+            x = self.attn.mix(x)
+        # The output projection acts on each position alone: applied after un-partitioning it skips
+        # the padding positions, and the residual is added as it is computed.
+        proj = self.attn.proj
+        x = linear(x, proj.weight, proj.bias, residual=shortcut)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class ImageEncoderViT(nn.Module):
