@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, LayerNorm2d, is_exporting, kept_until_changed
+from .kernels import linear
 from .transformer import ImageSide, TwoWayTransformer
 
 
@@ -137,15 +138,14 @@ class MaskUpscaling(nn.Sequential):
         (w1, b1), (w2, b2) = self._matrices()
         r, w, c = x.shape
         n = r * w
-        y1 = buffers.first[:n]
-        _linear_into(x.reshape(n, c), w1, b1, y1)
-        y1 = y1.view(n * 4, -1)  # sub-pixels, C/4
-        # (A fresh tensor here: PyTorch's layer norm has no kernel writing into a given buffer.)
+        y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels, C/4
         normed = F.layer_norm(y1, (y1.shape[-1],), norm.weight, norm.bias, norm.eps)
         _activate_in_place(act1, normed)
-        y2 = buffers.second[: 4 * n]
-        _linear_into(normed, w2, b2, y2)
-        _activate_in_place(act2, y2)
+        if type(act2) is nn.GELU and act2.approximate == "none":  # applied by the product's kernel
+            y2 = linear(normed, w2, b2, activation="gelu")
+        else:
+            y2 = linear(normed, w2, b2)
+            _activate_in_place(act2, y2)
         logits = buffers.logits[:, : 16 * n]
         torch.mm(hyper, y2.view(n * 16, -1).t(), out=logits)  # the upscaled pixels in blocked order
         return logits.view(hyper.shape[0], r, w, 2, 2, 4)
@@ -241,11 +241,11 @@ class MaskDecoder(nn.Module):
 
         image_side: from shared_image_side() for this image, PE and dense prompt (prepared once per image
         and re-used); image_embeddings and image_pe may then be None."""
-        masks, iou_pred = self.predict_masks(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side
-        )
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selected], iou_pred[:, selected]
+        masks, iou_pred = self.predict_masks(
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side, selected
+        )
+        return masks, iou_pred[:, selected]
 
     def output_tokens(self, batch: int) -> torch.Tensor:
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
@@ -324,7 +324,10 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         image_side: Optional[ImageSide] = None,
+        mask_tokens: slice = slice(None),
     ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits (B, T', 4h, 4w) of the mask tokens `mask_tokens` selects (all T by default: only
+        these are upscaled) and the IoU predictions of all T."""
         batch = sparse_prompt_embeddings.shape[0]
         inference = not torch.is_grad_enabled() and not is_exporting()
         if image_side is None and inference and image_embeddings.shape[0] == 1:
@@ -343,6 +346,7 @@ class MaskDecoder(nn.Module):
                     sparse_prompt_embeddings[start : start + INFERENCE_MICRO_BATCH],
                     _batch_rows(dense_prompt_embeddings, start, INFERENCE_MICRO_BATCH, batch),
                     image_side,
+                    mask_tokens,
                 )
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
@@ -351,7 +355,7 @@ class MaskDecoder(nn.Module):
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side
         )
         hyper = self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :])
-        masks = self.output_upscaling.masks(src, hyper)
+        masks = self.output_upscaling.masks(src, hyper[:, mask_tokens])
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
         return masks, iou_pred
 

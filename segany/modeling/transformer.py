@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
+from .kernels import Linear, linear
 
 
 @dataclass
@@ -64,10 +65,10 @@ class Attention(nn.Module):
         self.internal_dim = embedding_dim // downsample_rate
         self.num_heads = num_heads
         assert self.internal_dim % num_heads == 0, "num_heads must divide embedding_dim / downsample_rate"
-        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.k_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.v_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.q_proj = Linear(embedding_dim, self.internal_dim)
+        self.k_proj = Linear(embedding_dim, self.internal_dim)
+        self.v_proj = Linear(embedding_dim, self.internal_dim)
+        self.out_proj = Linear(self.internal_dim, embedding_dim)
 
     def _separate_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
@@ -121,12 +122,12 @@ class Attention(nn.Module):
         q_k = (q_heads @ w_k).reshape(q.shape[0], heads * n_q, dim)  # B, H*Nq, C
         q_bias = (q_heads * self.k_proj.bias.view(heads, 1, head_dim)).sum(-1).reshape(q.shape[0], heads * n_q, 1)
         if k.shape[0] == 1:  # one image for every prompt: one product for all of them
-            logits = (q_k.reshape(-1, dim) @ k[0].t()).view(q.shape[0], heads * n_q, -1)
+            logits = linear(q_k.reshape(-1, dim), k[0]).view(q.shape[0], heads * n_q, -1)
         else:
             logits = q_k @ k.transpose(1, 2)  # B, H*Nq, Nk
         probs = ((logits + q_bias) * head_dim**-0.5).softmax(-1)
         if v.shape[0] == 1:
-            mixed = (probs.reshape(-1, probs.shape[-1]) @ v[0]).view(batch, heads, n_q, dim)
+            mixed = linear(probs.reshape(-1, probs.shape[-1]), v[0].t()).view(batch, heads, n_q, dim)
         else:
             mixed = (probs @ v).view(batch, heads, n_q, dim)  # B, H, Nq, C
         w_v = self.v_proj.weight.view(heads, head_dim, dim)
@@ -149,7 +150,7 @@ class Attention(nn.Module):
             logits = (q[0] @ m.permute(1, 0, 2).reshape(dim, batch * heads * n_k)).view(-1, batch, heads * n_k)
             logits = logits.permute(1, 2, 0)  # B, H*Nk, Nq
         elif batch == 1:  # 2-D products: bfloat16 batched products of transposed views copy them first
-            logits = torch.mm(m[0].t().contiguous(), q[0].t())[None]  # 1, H*Nk, Nq
+            logits = linear(m[0].t().contiguous(), q[0])[None]  # 1, H*Nk, Nq
         else:
             logits = m.transpose(1, 2) @ q.transpose(1, 2)  # B, H*Nk, Nq
         return self._mix_into_image(logits.add_(q_bias.transpose(1, 2)), v_heads, residual)
@@ -226,10 +227,10 @@ class Attention(nn.Module):
         q_heads = self._separate_heads(self.q_proj(q))[0]  # H, Nq, d
         q_k = (q_heads @ self.k_proj.weight.view(heads, head_dim, dim)).reshape(heads * n_q, dim)  # H*Nq, C
         q_bias = (q_heads * self.k_proj.bias.view(heads, 1, head_dim)).sum(-1).reshape(heads * n_q, 1)
-        logits = torch.addmm(q_bias, q_k, image[0].t()).view(heads, n_q, -1)  # H, Nq, N
+        logits = linear(q_k, image[0]).add_(q_bias).view(heads, n_q, -1)  # H, Nq, N
         logits = logits.baddbmm_(q_heads, pe_keys_t)  # + the PE's part
         probs = (logits * head_dim**-0.5).softmax(-1)
-        mixed = (probs.view(heads * n_q, -1) @ image[0]).view(heads, n_q, dim)  # H, Nq, C
+        mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(heads, n_q, dim)  # H, Nq, C
         w_v = self.v_proj.weight.view(heads, head_dim, dim)
         out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)  # rows of probs sum to 1
         return self.out_proj(self._recombine_heads(out[None]))
@@ -247,7 +248,7 @@ class Attention(nn.Module):
         w_q = self.q_proj.weight.view(heads, head_dim, dim)
         m_t = (k_heads[0] @ w_q).reshape(heads * n_k, dim)  # H*Nk, C
         q_bias = (self.q_proj.bias.view(heads, 1, head_dim) * k_heads[0]).sum(-1).reshape(heads * n_k, 1)
-        logits = torch.addmm(q_bias, m_t, image[0].t()).view(heads, n_k, -1)  # H, Nk, N
+        logits = linear(m_t, image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
         logits = logits.baddbmm_(k_heads[0], pe_queries_t)  # + the PE's part
         return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
 
