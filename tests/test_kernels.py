@@ -96,3 +96,23 @@ def test_windowed_attention_inference_path_matches_released_order(dtype, h, w, w
         fast = block(x)
     slow = block(x).detach()  # grad mode: window_partition / SDPA / plain linear layers
     _close(fast, slow, dtype)
+
+
+def test_small_bfloat16_layers_run_in_float32_and_follow_weight_changes():
+    """A few bfloat16 rows through a small layer: a float32 product of the same values (kept float32
+    weights), rounded to bfloat16; an in-place change of the weights is seen on the next call."""
+    torch.manual_seed(0)
+    layer = kernels.Linear(64, 32).to(torch.bfloat16)
+    x = torch.randn(1, 7, 64).to(torch.bfloat16)
+    with torch.inference_mode():
+        got = layer(x)
+        assert got.dtype == torch.bfloat16
+        expected = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        assert torch.equal(got, expected.to(torch.bfloat16))
+        before = got.clone()
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    with torch.inference_mode():
+        changed = layer(x)
+    assert not torch.equal(changed, before)
+    _close(changed, F.linear(x.float(), layer.weight.float(), layer.bias.float()), torch.bfloat16)

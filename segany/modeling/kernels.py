@@ -30,6 +30,10 @@ ENABLED = True
 # float32 products of fewer multiply-adds than this stay with F.linear (MKL is quicker for tiny ones,
 # such as a few tokens through a 256 x 256 layer: 16 against 36 us here).
 MIN_FLOAT32_MACS = 1 << 20
+# bfloat16 products of fewer rows than this with a layer's weights of at most SMALL_WEIGHT elements
+# run as float32 products of the same values (see _small_bfloat16_linear).
+SMALL_BFLOAT16_ROWS = 64
+SMALL_WEIGHT = 256 * 256
 _DTYPES = (torch.float32, torch.bfloat16)
 ACTIVATIONS = ("gelu",)
 
@@ -81,6 +85,11 @@ def linear(
         raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
     if activation is not None and residual is not None:
         return linear(x, weight, bias, activation) + residual
+    if _small_bfloat16_product(x, weight, bias):
+        y = _small_bfloat16_linear(x, weight, bias)
+        if activation == "gelu":
+            y = F.gelu(y)
+        return y if residual is None else residual + y
     if not _use_onednn(x, weight, bias):
         y = F.linear(x, weight, bias)
         if activation == "gelu":
@@ -99,6 +108,42 @@ def linear(
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "none")
     y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return y if residual is None else residual + y
+
+
+def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    return (
+        ENABLED
+        and x.dtype == torch.bfloat16
+        and isinstance(weight, nn.Parameter)
+        and weight.dtype == torch.bfloat16
+        and weight.numel() <= SMALL_WEIGHT
+        and (bias is None or bias.dtype == torch.bfloat16)
+        and x.device.type == "cpu"
+        and x.numel() < SMALL_BFLOAT16_ROWS * x.shape[-1]
+        and not torch.is_grad_enabled()
+        and not is_exporting()
+    )
+
+
+def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear for bfloat16 x of a few rows (the decoder's tokens) and a small layer, in float32.
+
+    bfloat16 values are exact in float32 and a bfloat16 product accumulates in float32 anyway: the same
+    arithmetic up to the order of the sums, the result rounded to bfloat16 as before. For a few rows
+    and weights that stay in cache the float32 kernel is quicker here (the bfloat16 one pays for
+    packing its operands). The float32 copies are kept on the weight tensors until they change."""
+    w32 = _float32_copy(weight)
+    b32 = None if bias is None else _float32_copy(bias)
+    return F.linear(x.float(), w32, b32).to(torch.bfloat16)
+
+
+def _float32_copy(t: torch.Tensor) -> torch.Tensor:
+    key = (t.data_ptr(), None if t.is_inference() else t._version)
+    cached = getattr(t, "_segany_float32", None)
+    if cached is None or cached[0] != key:
+        cached = (key, t.detach().float())
+        t._segany_float32 = cached
+    return cached[1]
 
 
 class Linear(nn.Linear):

@@ -101,11 +101,11 @@ class SamPredictor:
         embedding = self.embedding
         prompts, batched = self._to_prompts(point_coords, point_labels, box, mask_input, embedding.original_size)
         preds = self.segmenter.segment(embedding, prompts, multimask_output, return_logits, **decode_options)
+        if not batched:  # (no stacked copy of one prompt's full-size masks)
+            return preds[0].masks, preds[0].scores, preds[0].low_res_logits
         masks = np.stack([p.masks for p in preds])
         scores = np.stack([p.scores for p in preds])
         low_res = np.stack([p.low_res_logits for p in preds])
-        if not batched:
-            return masks[0], scores[0], low_res[0]
         return masks, scores, low_res
 
     def _to_prompts(
