@@ -24,6 +24,7 @@ from torch import nn
 from .build import ENCODER_BUILDERS
 from .common import LayerNorm2d
 from .config import SamConfig
+from .kernels import Linear, linear
 
 
 @dataclass
@@ -129,8 +130,8 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.norm = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)  # per head: [q | k | v]
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)  # per head: [q | k | v]
+        self.proj = Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("bias_index", window_offsets_index(window), persistent=False)
 
@@ -156,11 +157,12 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")  # fc1, then GELU
+        return self.fc2(hidden)
 
 
 def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
