@@ -5,7 +5,9 @@ PyTorch sends a float32 linear layer or matrix product on the CPU to MKL's sgemm
 products about twice as fast on an AVX-512 CPU (measured here: 350-500 against ~210 GFLOP/s) and can
 apply a GELU or add a residual while the output is still in cache. The sums run in another order,
 so results differ from F.linear's by float32 rounding (~1e-6 relative). bfloat16 products already
-go to oneDNN in PyTorch; here they skip a few copies.
+go to oneDNN in PyTorch; here they skip a few copies and get the same fusions, except a few rows
+(the decoder's tokens) through a small layer, which run as float32 products of the same values
+(_small_bfloat16_linear).
 
 `linear` is used where nothing needs gradients and nothing is traced; training, export, other devices
 and tiny float32 products (where MKL's small-matrix path is quicker) take F.linear.
@@ -85,13 +87,9 @@ def linear(
         raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
     if activation is not None and residual is not None:
         return linear(x, weight, bias, activation) + residual
-    if _small_bfloat16_product(x, weight, bias):
-        y = _small_bfloat16_linear(x, weight, bias)
-        if activation == "gelu":
-            y = F.gelu(y)
-        return y if residual is None else residual + y
-    if not _use_onednn(x, weight, bias):
-        y = F.linear(x, weight, bias)
+    small = _small_bfloat16_product(x, weight, bias)
+    if small or not _use_onednn(x, weight, bias):
+        y = _small_bfloat16_linear(x, weight, bias) if small else F.linear(x, weight, bias)
         if activation == "gelu":
             y = F.gelu(y)
         return y if residual is None else residual + y

@@ -3,7 +3,6 @@ image embedding; the image side is upscaled 4x and each mask token's hypernetwor
 weights of a dot product with it; an MLP on the IoU token predicts each mask's quality."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Tuple, Type
 
 import torch
@@ -103,37 +102,31 @@ class MaskUpscaling(nn.Sequential):
 
         The same products as forward() followed by mask_logits(), without the two pixel shuffles of the
         (B, 4h, 4w, C/8) features. Outside autograd the logits come out in float32 whatever the
-        module's dtype (the cast rides on a shuffle), and every band's features are written into the
-        same buffers: fresh megabytes per band were fresh pages (page faults), more than half of the
-        float32 upscaling's time."""
+        module's dtype (the cast rides on a shuffle), and every band's logits are written into the
+        same buffer."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
-        (w1, _), (w2, _) = self._matrices()
         band_rows = self._band_rows(x)
-        pixels = min(h, band_rows) * w
-        buffers = BandBuffers(
-            first=x.new_empty(pixels, w1.shape[0]),  # pixels, (dy1, dx1, C/4)
-            second=x.new_empty(4 * pixels, w2.shape[0]),  # sub-pixels, (dy2, dx2, C/8)
-            logits=x.new_empty(t, 16 * pixels),
-        )
+        band_logits = x.new_empty(t, 16 * min(h, band_rows) * w)
         # Into image order in two copies: dy1 before w (runs of 4 values, cast to float32 on the way), then
         # dy2 before w (runs of 2); one copy moving single values was 4x slower.
         rows = torch.empty(b, t, h, 2, w, 2, 4, dtype=torch.float32, device=x.device)  # B, T, (h, dy1), (w, dx1), (dy2, dx2)
         for i in range(b):
             for r0 in range(0, h, band_rows):
                 band = x[i, r0 : r0 + band_rows]
-                logits = self._band_logits_into(band, hyper[i], buffers)  # T, r, w, dy1, dx1, (dy2, dx2)
+                logits = self._band_logits_into(band, hyper[i], band_logits)  # T, r, w, dy1, dx1, (dy2, dx2)
                 rows[i, :, r0 : r0 + band.shape[0]] = logits.permute(0, 1, 3, 2, 4, 5)
         out = torch.empty(b, t, h, 2, 2, w, 2, 2, dtype=torch.float32, device=x.device)
         out.copy_(rows.view(b, t, h, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7))
         return out.view(b, t, 4 * h, 4 * w)
 
-    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, buffers: "BandBuffers") -> torch.Tensor:
-        """_band_logits for one image side's band x (r, w, C) and hyper (T, C/8), with the convolutions'
-        outputs and the logits written into `buffers`: (T, r, w, dy1, dx1, (dy2, dx2)), a view of them."""
+    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+        """_band_logits for one image side's band x (r, w, C) and hyper (T, C/8), the logits written into
+        `buffer` (T, >= 16 r w): (T, r, w, dy1, dx1, (dy2, dx2)), a view of it. The convolutions run
+        through kernels.linear (the second one's GELU applied by its kernel)."""
         up1, norm, act1, up2, act2 = self
         (w1, b1), (w2, b2) = self._matrices()
         r, w, c = x.shape
@@ -146,26 +139,9 @@ class MaskUpscaling(nn.Sequential):
         else:
             y2 = linear(normed, w2, b2)
             _activate_in_place(act2, y2)
-        logits = buffers.logits[:, : 16 * n]
+        logits = buffer[:, : 16 * n]
         torch.mm(hyper, y2.view(n * 16, -1).t(), out=logits)  # the upscaled pixels in blocked order
         return logits.view(hyper.shape[0], r, w, 2, 2, 4)
-
-
-@dataclass
-class BandBuffers:
-    """Where MaskUpscaling.masks writes each band's intermediate results (sized for the largest band)."""
-
-    first: torch.Tensor
-    second: torch.Tensor
-    logits: torch.Tensor
-
-
-def _linear_into(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
-    """F.linear(x, weight, bias) for 2-D x, written into out."""
-    if bias is None:
-        torch.mm(x, weight.t(), out=out)
-    else:
-        torch.addmm(bias, x, weight.t(), out=out)
 
 
 def _activate_in_place(act: nn.Module, x: torch.Tensor) -> None:
