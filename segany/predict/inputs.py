@@ -59,7 +59,7 @@ def check_points(
     if coords.shape[-2] == 0:
         raise ValueError("point_coords is empty: give at least one point or leave it out")
     _finite("point_coords", coords)
-    if not np.all(np.isin(labels, (0, 1))):
+    if not ((labels == 0) | (labels == 1)).all():  # (np.isin costs tens of microseconds per click)
         raise ValueError(f"point_labels must be 0 (background) or 1 (foreground), got {np.unique(labels).tolist()}")
     h, w = image_size
     outside = (coords[..., 0] < 0) | (coords[..., 0] > w) | (coords[..., 1] < 0) | (coords[..., 1] > h)
