@@ -1,33 +1,12 @@
 """Small building blocks shared by the SAM modules."""
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Type, TypeVar
+from typing import Optional, Type
 
 import torch
 from torch import nn
 
-from .kernels import Linear, is_exporting, linear  # noqa: F401 (is_exporting: imported from here too)
-
-T = TypeVar("T")
-
-
-def tensor_version(tensor: torch.Tensor) -> Optional[int]:
-    """In-place modification counter (None for inference-mode tensors, which have none)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
-def kept_until_changed(owner: nn.Module, slot: str, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
-    """build(), kept on `owner` (outside its state dict) under `slot` until any of `tensors` is replaced
-    or modified in place (its storage, version counter, dtype or device changes)."""
-    key = tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors)
-    cached = owner.__dict__.get(slot)
-    if cached is None or cached[0] != key:
-        cached = (key, build())
-        owner.__dict__[slot] = cached
-    return cached[1]
+from .kernels import Linear, fusable_activation, is_exporting, linear  # noqa: F401 (is_exporting: imported from here too)
 
 
 class LayerNorm2d(nn.Module):
@@ -70,13 +49,12 @@ class MLPBlock(nn.Module):
         flat = x.reshape(rows, x.shape[-1])
         flat_residual = None if residual is None else residual.reshape(rows, self.lin2.out_features)
         out = flat.new_empty(rows, self.lin2.out_features)
-        exact_gelu = isinstance(self.act, nn.GELU) and self.act.approximate == "none"
+        fused = fusable_activation(self.act)  # applied by the product's kernel as it writes
         for r0 in range(0, rows, self.CHUNK_ROWS):
             chunk = slice(r0, r0 + self.CHUNK_ROWS)
-            if exact_gelu:  # applied by the product's kernel as it writes
-                hidden = linear(flat[chunk], self.lin1.weight, self.lin1.bias, activation="gelu")
-            else:
-                hidden = self.act(linear(flat[chunk], self.lin1.weight, self.lin1.bias))
+            hidden = linear(flat[chunk], self.lin1.weight, self.lin1.bias, activation=fused)
+            if fused is None:
+                hidden = self.act(hidden)
             shortcut = None if flat_residual is None else flat_residual[chunk]
             out[chunk] = linear(hidden, self.lin2.weight, self.lin2.bias, residual=shortcut)
         return out.view(*x.shape[:-1], self.lin2.out_features)

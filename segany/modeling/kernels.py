@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import kept_until_changed
+
 
 def is_exporting() -> bool:
     """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully."""
@@ -136,12 +138,12 @@ def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional
 
 
 def _float32_copy(t: torch.Tensor) -> torch.Tensor:
-    key = (t.data_ptr(), None if t.is_inference() else t._version)
-    cached = getattr(t, "_segany_float32", None)
-    if cached is None or cached[0] != key:
-        cached = (key, t.detach().float())
-        t._segany_float32 = cached
-    return cached[1]
+    return kept_until_changed(t, "_segany_float32", [t], lambda: t.detach().float())
+
+
+def fusable_activation(act: nn.Module) -> Optional[str]:
+    """The `activation` name under which linear() applies `act` itself, or None when it cannot."""
+    return "gelu" if type(act) is nn.GELU and act.approximate == "none" else None
 
 
 class Linear(nn.Linear):

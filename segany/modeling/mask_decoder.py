@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP, LayerNorm2d, is_exporting, kept_until_changed
-from .kernels import linear
+from .cache import kept_until_changed
+from .common import MLP, LayerNorm2d, is_exporting
+from .kernels import fusable_activation, linear
 from .transformer import ImageSide, TwoWayTransformer
 
 
@@ -134,10 +135,9 @@ class MaskUpscaling(nn.Sequential):
         y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels, C/4
         normed = F.layer_norm(y1, (y1.shape[-1],), norm.weight, norm.bias, norm.eps)
         _activate_in_place(act1, normed)
-        if type(act2) is nn.GELU and act2.approximate == "none":  # applied by the product's kernel
-            y2 = linear(normed, w2, b2, activation="gelu")
-        else:
-            y2 = linear(normed, w2, b2)
+        fused = fusable_activation(act2)  # applied by the product's kernel as it writes
+        y2 = linear(normed, w2, b2, activation=fused)
+        if fused is None:
             _activate_in_place(act2, y2)
         logits = buffer[:, : 16 * n]
         torch.mm(hyper, y2.view(n * 16, -1).t(), out=logits)  # the upscaled pixels in blocked order

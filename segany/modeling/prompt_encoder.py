@@ -11,7 +11,8 @@ from typing import Optional, Tuple, Type
 import torch
 from torch import nn
 
-from .common import LayerNorm2d, kept_until_changed
+from .cache import kept_until_changed
+from .common import LayerNorm2d
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -8,11 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import tensor_version
+from .cache import tensor_version
 
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def low_res_region(
+    low_size: Sequence[int], image_size: int, input_size: Sequence[int]
+) -> Optional[Tuple[int, int, int, int]]:
+    """For low-res masks (low_h, low_w) whose sides divide the model's input size: the upsampling factors
+    and the low-res rows and columns the un-padded input region (input_size) needs, +1 for the bilinear
+    neighbour: (factor_h, factor_w, need_h, need_w). None when the sides do not divide it."""
+    low_h, low_w = int(low_size[0]), int(low_size[1])
+    if image_size % low_h or image_size % low_w:
+        return None
+    factor_h, factor_w = image_size // low_h, image_size // low_w
+    need_h = min(low_h, -(-int(input_size[0]) // factor_h) + 1)
+    need_w = min(low_w, -(-int(input_size[1]) // factor_w) + 1)
+    return factor_h, factor_w, need_h, need_w
 
 
 class Sam(nn.Module):
@@ -55,13 +70,11 @@ class Sam(nn.Module):
     ) -> torch.Tensor:
         """Low-res logits (B, C, 256, 256) -> logits at the original image size (B, C, H, W)."""
         size = self.image_size
-        low_h, low_w = masks.shape[-2:]
-        if size % low_h == 0 and size % low_w == 0:
-            # Upsample only the low-res rows/columns the un-padded region needs (+1 for the bilinear
-            # neighbour): the same scale, so the same values as upsampling everything and cropping.
-            factor_h, factor_w = size // low_h, size // low_w
-            need_h = min(low_h, -(-int(input_size[0]) // factor_h) + 1)
-            need_w = min(low_w, -(-int(input_size[1]) // factor_w) + 1)
+        region = low_res_region(masks.shape[-2:], size, input_size)
+        if region is not None:
+            # Upsample only the low-res rows/columns the un-padded region needs: the same scale, so the
+            # same values as upsampling everything and cropping.
+            factor_h, factor_w, need_h, need_w = region
             masks = F.interpolate(
                 masks[..., :need_h, :need_w],
                 scale_factor=(float(factor_h), float(factor_w)),

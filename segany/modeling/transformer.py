@@ -78,6 +78,22 @@ class Attention(nn.Module):
         b, h, n, c = x.shape
         return x.transpose(1, 2).reshape(b, n, h * c)
 
+    def _fold_into(self, heads: torch.Tensor, proj: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
+        """proj folded into the other side's heads (..., H, N, d): rows (..., H*N, C) and biases
+        (..., H*N, 1) such that rows . x + biases = heads . proj(x) per head, for any x (..., C)."""
+        *lead, n_heads, n, head_dim = heads.shape
+        rows = (heads @ proj.weight.view(n_heads, head_dim, -1)).reshape(*lead, n_heads * n, -1)
+        biases = (heads * proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(*lead, n_heads * n, 1)
+        return rows, biases
+
+    def _values_out(self, mixed: torch.Tensor) -> torch.Tensor:
+        """out_proj of the attention's values from mixed = P x (B, H, Nq, C) of unprojected values x:
+        (P x) W_v^T + b_v per head (the rows of P sum to 1), heads recombined: (B, Nq, C)."""
+        heads, head_dim = self.num_heads, self.internal_dim // self.num_heads
+        w_v = self.v_proj.weight.view(heads, head_dim, -1)
+        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)
+        return self.out_proj(self._recombine_heads(out))
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
@@ -118,9 +134,7 @@ class Attention(nn.Module):
         head_dim = self.internal_dim // heads
         batch = max(q.shape[0], k.shape[0])
         q_heads = self._separate_heads(self.q_proj(q))  # B, H, Nq, d
-        w_k = self.k_proj.weight.view(heads, head_dim, dim)
-        q_k = (q_heads @ w_k).reshape(q.shape[0], heads * n_q, dim)  # B, H*Nq, C
-        q_bias = (q_heads * self.k_proj.bias.view(heads, 1, head_dim)).sum(-1).reshape(q.shape[0], heads * n_q, 1)
+        q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # B, H*Nq, C and B, H*Nq, 1
         if k.shape[0] == 1:  # one image for every prompt: one product for all of them
             logits = linear(q_k.reshape(-1, dim), k[0]).view(q.shape[0], heads * n_q, -1)
         else:
@@ -130,30 +144,25 @@ class Attention(nn.Module):
             mixed = linear(probs.reshape(-1, probs.shape[-1]), v[0].t()).view(batch, heads, n_q, dim)
         else:
             mixed = (probs @ v).view(batch, heads, n_q, dim)  # B, H, Nq, C
-        w_v = self.v_proj.weight.view(heads, head_dim, dim)
-        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)  # rows of probs sum to 1
-        return self.out_proj(self._recombine_heads(out))
+        return self._values_out(mixed)
 
     def _few_keys(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Many queries (image) on few keys (tokens): q is never projected, nor the output per position."""
         heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
-        head_dim = self.internal_dim // heads
         k_heads = self._separate_heads(self.k_proj(k))  # B, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         batch = k_heads.shape[0]
-        w_q = self.q_proj.weight.view(heads, head_dim, dim)
-        m = (w_q.transpose(1, 2) @ k_heads.transpose(2, 3)).permute(0, 2, 1, 3).reshape(batch, dim, heads * n_k)
-        q_bias = (self.q_proj.bias.view(heads, 1, head_dim) * k_heads).sum(-1).reshape(batch, 1, heads * n_k)
+        k_q, q_bias = self._fold_into(k_heads, self.q_proj)  # B, H*Nk, C and B, H*Nk, 1
         if q.shape[0] == 1 and batch > 1:  # one image for every prompt: one product, q not repeated
-            logits = (q[0] @ m.permute(1, 0, 2).reshape(dim, batch * heads * n_k)).view(-1, batch, heads * n_k)
+            logits = (q[0] @ k_q.reshape(batch * heads * n_k, dim).t()).view(-1, batch, heads * n_k)
             logits = logits.permute(1, 2, 0)  # B, H*Nk, Nq
         elif batch == 1:  # 2-D products: bfloat16 batched products of transposed views copy them first
-            logits = linear(m[0].t().contiguous(), q[0])[None]  # 1, H*Nk, Nq
+            logits = linear(k_q[0], q[0])[None]  # 1, H*Nk, Nq
         else:
-            logits = m.transpose(1, 2) @ q.transpose(1, 2)  # B, H*Nk, Nq
-        return self._mix_into_image(logits.add_(q_bias.transpose(1, 2)), v_heads, residual)
+            logits = k_q @ q.transpose(1, 2)  # B, H*Nk, Nq
+        return self._mix_into_image(logits.add_(q_bias), v_heads, residual)
 
     def _mix_into_image(
         self, logits: torch.Tensor, v_heads: torch.Tensor, residual: Optional[torch.Tensor], in_place: bool = False
@@ -225,15 +234,12 @@ class Attention(nn.Module):
         heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
         head_dim = self.internal_dim // heads
         q_heads = self._separate_heads(self.q_proj(q))[0]  # H, Nq, d
-        q_k = (q_heads @ self.k_proj.weight.view(heads, head_dim, dim)).reshape(heads * n_q, dim)  # H*Nq, C
-        q_bias = (q_heads * self.k_proj.bias.view(heads, 1, head_dim)).sum(-1).reshape(heads * n_q, 1)
+        q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # H*Nq, C and H*Nq, 1
         logits = linear(q_k, image[0]).add_(q_bias).view(heads, n_q, -1)  # H, Nq, N
         logits = logits.baddbmm_(q_heads, pe_keys_t)  # + the PE's part
         probs = (logits * head_dim**-0.5).softmax(-1)
-        mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(heads, n_q, dim)  # H, Nq, C
-        w_v = self.v_proj.weight.view(heads, head_dim, dim)
-        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)  # rows of probs sum to 1
-        return self.out_proj(self._recombine_heads(out[None]))
+        mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(1, heads, n_q, dim)  # 1, H, Nq, C
+        return self._values_out(mixed)
 
     def attend_from_image_and_pe(
         self, image: torch.Tensor, pe_queries_t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, in_place: bool
@@ -241,14 +247,11 @@ class Attention(nn.Module):
         """Queries image + PE (1, N, C), with pe_queries_t = project_pe(pe, q_proj), attending to one
         prompt's tokens k, v (1, Nk, C): image + attention, accumulated into `image` when in_place.
         Equals forward(image + pe, k, v, residual=image)."""
-        heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
-        head_dim = self.internal_dim // heads
+        heads, n_k = self.num_heads, k.shape[1]
         k_heads = self._separate_heads(self.k_proj(k))  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
-        w_q = self.q_proj.weight.view(heads, head_dim, dim)
-        m_t = (k_heads[0] @ w_q).reshape(heads * n_k, dim)  # H*Nk, C
-        q_bias = (self.q_proj.bias.view(heads, 1, head_dim) * k_heads[0]).sum(-1).reshape(heads * n_k, 1)
-        logits = linear(m_t, image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
+        k_q, q_bias = self._fold_into(k_heads[0], self.q_proj)  # H*Nk, C and H*Nk, 1
+        logits = linear(k_q, image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
         logits = logits.baddbmm_(k_heads[0], pe_queries_t)  # + the PE's part
         return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
 

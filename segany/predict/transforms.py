@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..modeling.sam import low_res_region
+
 
 def preprocess_shape(height: int, width: int, long_side: int) -> Tuple[int, int]:
     """Size after scaling the longest side to `long_side` (rounded half up)."""
@@ -82,12 +84,11 @@ def upscale_logits_opencv(
     low_h, low_w = low_res.shape[-2:]
     in_h, in_w = int(input_size[0]), int(input_size[1])
     out_h, out_w = int(original_size[0]), int(original_size[1])
-    if image_size % low_h or image_size % low_w:
+    region = low_res_region((low_h, low_w), image_size, input_size)
+    if region is None:
         raise ValueError(f"low-res size {(low_h, low_w)} does not divide the input size {image_size}")
-    factor_h, factor_w = image_size // low_h, image_size // low_w
-    # Only the rows/columns the un-padded region needs (+1 bilinear neighbour), as Sam.postprocess_masks.
-    need_h = min(low_h, -(-in_h // factor_h) + 1)
-    need_w = min(low_w, -(-in_w // factor_w) + 1)
+    # Only the rows/columns the un-padded region needs, as Sam.postprocess_masks.
+    factor_h, factor_w, need_h, need_w = region
     masks = low_res.detach().to("cpu", torch.float32).reshape(-1, low_h, low_w).numpy()
     out = np.empty((masks.shape[0], out_h, out_w), np.float32 if threshold is None else bool)
     resized = np.empty((out_h, out_w), np.float32)
