@@ -149,3 +149,41 @@ def test_batched_hypernetworks_equal_one_mlp_per_token():
         changed = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
         assert not torch.allclose(changed, expected, atol=1e-3)
         torch.testing.assert_close(decoder.hypernetwork_weights(tokens), changed, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_final_attention_on_selected_tokens_equals_those_rows(project):
+    """transformer.run(outputs=[indices]) gives exactly those tokens' rows of the full run (each token's
+    final attention is independent of the others), and the same image side."""
+    transformer = small_sam(9).mask_decoder.transformer
+    torch.manual_seed(1)
+    image, pe, tokens = torch.randn(1, 64, 16, 16), torch.randn(1, 64, 16, 16), torch.randn(1, 7, 64)
+    with torch.no_grad():
+        side = transformer.prepare(image, pe, project=project)
+        all_tokens, keys = transformer.run(side, tokens, 5)
+        for rows in ([0, 2, 3, 4], [0, 1], [4, 0]):
+            picked, picked_keys = transformer.run(side, tokens, rows)
+            assert picked.shape == (1, len(rows), 64)
+            torch.testing.assert_close(picked, all_tokens[:, rows], rtol=0, atol=1e-6)
+            torch.testing.assert_close(picked_keys, keys, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("multimask", [True, False])
+def test_decoder_outputs_equal_those_of_all_tokens(multimask):
+    """predict_masks with the tokens a decode returns (its final attention and hypernetworks run only
+    for the IoU token and those mask tokens) gives the rows of a decode of every mask token."""
+    decoder = small_sam(10).mask_decoder
+    torch.manual_seed(2)
+    image, pe = torch.randn(1, 64, 16, 16), torch.randn(1, 64, 16, 16)
+    sparse, dense = torch.randn(2, 2, 64), torch.randn(1, 64, 1, 1).expand(2, 64, 16, 16)
+    selected = slice(1, None) if multimask else slice(0, 1)
+    with torch.no_grad():
+        all_masks, all_iou = decoder.predict_masks(image, pe, sparse, dense)
+        masks, iou = decoder.predict_masks(image, pe, sparse, dense, mask_tokens=selected)
+        tokens = torch.randn(2, 3, decoder.transformer_dim)
+        some = decoder.hypernetwork_weights(tokens, slice(1, 4))
+        full = decoder.hypernetwork_weights(torch.cat([tokens[:, :1], tokens], 1))[:, 1:]
+    assert all_masks.shape[1] == decoder.num_mask_tokens and masks.shape[1] == len(range(4)[selected])
+    torch.testing.assert_close(masks, all_masks[:, selected], rtol=0, atol=1e-5)
+    torch.testing.assert_close(iou, all_iou, rtol=0, atol=1e-6)
+    torch.testing.assert_close(some, full, rtol=0, atol=1e-6)

@@ -19,7 +19,10 @@ def tensor_version(tensor: torch.Tensor) -> Optional[int]:
 def kept_until_changed(owner: Any, slot: str, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
     """build(), kept on `owner` (a module or a tensor: outside any state dict) under `slot` until any of
     `tensors` is replaced or modified in place (its storage, version counter, dtype or device changes)."""
-    key = tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors)
+    try:
+        key = [(t.data_ptr(), t._version, t.dtype, t.device) for t in tensors]
+    except RuntimeError:  # an inference-mode tensor (no version counter)
+        key = [(t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors]
     cached = owner.__dict__.get(slot)
     if cached is None or cached[0] != key:
         cached = (key, build())

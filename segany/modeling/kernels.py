@@ -71,7 +71,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
-    return not is_exporting() and onednn_usable(x.dtype)
+    return onednn_usable(x.dtype)  # (the caller has checked that nothing is being exported)
 
 
 def linear(
@@ -89,8 +89,9 @@ def linear(
         raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
     if activation is not None and residual is not None:
         return linear(x, weight, bias, activation) + residual
-    small = _small_bfloat16_product(x, weight, bias)
-    if small or not _use_onednn(x, weight, bias):
+    exporting = is_exporting()
+    small = not exporting and _small_bfloat16_product(x, weight, bias)
+    if small or exporting or not _use_onednn(x, weight, bias):
         y = _small_bfloat16_linear(x, weight, bias) if small else F.linear(x, weight, bias)
         if activation == "gelu":
             y = F.gelu(y)
@@ -121,8 +122,7 @@ def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         and x.device.type == "cpu"
         and x.numel() < SMALL_BFLOAT16_ROWS * x.shape[-1]
         and not torch.is_grad_enabled()
-        and not is_exporting()
-    )
+    )  # (the caller has checked that nothing is being exported)
 
 
 def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional[torch.Tensor]) -> torch.Tensor:

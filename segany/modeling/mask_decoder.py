@@ -3,7 +3,7 @@ image embedding; the image side is upscaled 4x and each mask token's hypernetwor
 weights of a dot product with it; an MLP on the IoU token predicts each mask's quality."""
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -261,37 +261,41 @@ class MaskDecoder(nn.Module):
         src = self.add_dense_prompt(image_embeddings.to(dtype), dense_prompt_embeddings[:1].to(dtype), 1)
         return self.transformer.prepare(src, image_pe[:1].to(dtype), project=project)
 
-    def hypernetwork_weights(self, mask_tokens_out: torch.Tensor) -> torch.Tensor:
-        """Each mask token through its own MLP: (B, T, C) -> (B, T, C/8)."""
+    def hypernetwork_weights(self, mask_tokens_out: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
+        """Each mask token through its own MLP: (B, T, C) -> (B, T, C/8). `which`: the mask tokens that
+        mask_tokens_out holds (all by default), whose MLPs to use."""
         mlps = self.output_hypernetworks_mlps
         if torch.is_grad_enabled() or is_exporting() or any(mlp.sigmoid_output for mlp in mlps):
-            hyper: List[torch.Tensor] = [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps)]
-            return torch.stack(hyper, dim=1)  # B, num_mask_tokens, C/8
+            hyper: List[torch.Tensor] = [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps[which])]
+            return torch.stack(hyper, dim=1)  # B, T, C/8
         # At inference the T MLPs run as one batched product per layer (12 small products were 12
-        # dispatches of a few microseconds' work each). Same arithmetic per token.
-        x = mask_tokens_out.transpose(0, 1)  # T, B, C
+        # dispatches of a few microseconds' work each), in float32 whatever the decoder's dtype: for
+        # these few rows a bfloat16 batched product is 3x slower (it packs its operands on every call),
+        # and bfloat16 values are exact in float32. Same arithmetic per token (more exact in between).
+        x = mask_tokens_out.transpose(0, 1).float()  # T, B, C
         layers = self._stacked_hypernetworks()
         for i, (weight, bias) in enumerate(layers):
-            x = torch.baddbmm(bias, x, weight)  # T, B, out
+            x = torch.baddbmm(bias[which], x, weight[which])  # T, B, out
             if i < len(layers) - 1:
                 x = torch.relu_(x)
-        return x.transpose(0, 1)
+        return x.transpose(0, 1).to(mask_tokens_out.dtype)
 
     def _stacked_hypernetworks(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer, the T hypernetwork MLPs' weights (T, in, out) and biases (T, 1, out), kept until
-        any of them changes."""
+        """Per layer, the T hypernetwork MLPs' weights (T, in, out) and biases (T, 1, out) in float32,
+        kept until any of them changes."""
         mlps = self.output_hypernetworks_mlps
 
         def stack() -> List[Tuple[torch.Tensor, torch.Tensor]]:
             return [
                 (
-                    torch.stack([mlp.layers[i].weight.t() for mlp in mlps]),
-                    torch.stack([mlp.layers[i].bias[None] for mlp in mlps]),
+                    torch.stack([mlp.layers[i].weight.t().float() for mlp in mlps]),
+                    torch.stack([mlp.layers[i].bias[None].float() for mlp in mlps]),
                 )
                 for i in range(mlps[0].num_layers)
             ]
 
-        return kept_until_changed(self, "_hypernetwork_cache", list(mlps.parameters()), stack)
+        tensors = [t for mlp in mlps for layer in mlp.layers for t in layer._parameters.values() if t is not None]
+        return kept_until_changed(self, "_hypernetwork_cache", tensors, stack)
 
     def predict_masks(
         self,
@@ -327,11 +331,15 @@ class MaskDecoder(nn.Module):
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
             return torch.cat([m for m, _ in parts]), torch.cat([i for _, i in parts])
+        # Only the IoU token and the selected mask tokens go through the final attention (a third of the
+        # multimask decode's unused token 0, more of a single-mask decode's three).
+        selected = range(self.num_mask_tokens)[mask_tokens]
         hs, src = self.transform(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side
+            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side,
+            outputs=[0] + [1 + i for i in selected],
         )
-        hyper = self.hypernetwork_weights(hs[:, 1 : 1 + self.num_mask_tokens, :])
-        masks = self.output_upscaling.masks(src, hyper[:, mask_tokens])
+        hyper = self.hypernetwork_weights(hs[:, 1:, :], mask_tokens)
+        masks = self.output_upscaling.masks(src, hyper)
         iou_pred = self.iou_prediction_head(hs[:, 0, :])
         return masks, iou_pred
 
@@ -357,9 +365,11 @@ class MaskDecoder(nn.Module):
         sparse_prompt_embeddings: torch.Tensor,
         dense_prompt_embeddings: torch.Tensor,
         image_side: Optional[ImageSide] = None,
+        outputs: Optional[Sequence[int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Output tokens after the two-way transformer (B, T, C; prompt tokens dropped) and the image side
-        (B, h, w, C), channels-last."""
+        """Output tokens after the two-way transformer (B, T, C; prompt tokens dropped), or those of
+        `outputs` (indices into the output tokens, in that order), and the image side (B, h, w, C),
+        channels-last."""
         batch = sparse_prompt_embeddings.shape[0]
         tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
         if image_side is None:
@@ -367,5 +377,8 @@ class MaskDecoder(nn.Module):
             # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
             image_side = self.transformer.prepare(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe)
         n_out = tokens.shape[1] - sparse_prompt_embeddings.shape[1]  # IoU, mask (and a variant's) tokens
-        hs, src = self.transformer.run(image_side, tokens, n_out)
+        if outputs is not None and list(outputs) != list(range(len(outputs))):
+            hs, src = self.transformer.run(image_side, tokens, outputs)
+        else:  # the first tokens: a view
+            hs, src = self.transformer.run(image_side, tokens, n_out if outputs is None else len(outputs))
         return hs, src.reshape(batch, *image_side.size, src.shape[-1])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -378,16 +378,17 @@ class TwoWayTransformer(nn.Module):
         image_embedding: torch.Tensor,
         image_pe: torch.Tensor,
         point_embedding: torch.Tensor,
-        num_outputs: Optional[int] = None,
+        outputs: Optional[Union[int, Sequence[int]]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """image_embedding, image_pe: (B or 1, C, h, w); point_embedding: (B, N, C).
 
         Returns the processed tokens (B, N, C) and image features (B, h*w, C). An image side of batch 1 is
         shared by every prompt: its projections in the first block are computed once, not per prompt.
-        num_outputs: only the first num_outputs tokens go through the final attention and are returned
-        (the decoder reads only its output tokens; the prompt tokens' last update is never used).
+        outputs: only these tokens (the first `outputs` of them, or these indices in this order) go
+        through the final attention and are returned. The decoder reads only some of its output tokens
+        (the IoU token and the masks it returns); the prompt tokens' last update is never used.
         """
-        return self.run(self.prepare(image_embedding, image_pe), point_embedding, num_outputs)
+        return self.run(self.prepare(image_embedding, image_pe), point_embedding, outputs)
 
     def prepare(self, image_embedding: torch.Tensor, image_pe: torch.Tensor, project: bool = False) -> ImageSide:
         """(B or 1, C, h, w) image side and PE -> the sequences run() takes. An image side of batch 1 can be
@@ -414,22 +415,26 @@ class TwoWayTransformer(nn.Module):
         self,
         side: ImageSide,
         point_embedding: torch.Tensor,
-        num_outputs: Optional[int] = None,
+        outputs: Optional[Union[int, Sequence[int]]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompts (B, N, C) against a prepared image side -> tokens and image features (B, h*w, C)."""
+        """Prompts (B, N, C) against a prepared image side -> tokens (those `outputs` selects, see
+        forward) and image features (B, h*w, C)."""
         batch = point_embedding.shape[0]
         if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
             # CPU): about 2x faster per prompt than a batch of 64, same results.
             step = INFERENCE_MICRO_BATCH
             parts = [
-                self.run(side, point_embedding[start : start + step], num_outputs)
+                self.run(side, point_embedding[start : start + step], outputs)
                 for start in range(0, batch, step)
             ]
             return torch.cat([q for q, _ in parts]), torch.cat([k for _, k in parts])
         queries, keys = self.run_blocks(side, point_embedding)
-        if num_outputs is not None:
-            queries, point_embedding = queries[:, :num_outputs], point_embedding[:, :num_outputs]
+        if isinstance(outputs, int):
+            queries, point_embedding = queries[:, :outputs], point_embedding[:, :outputs]
+        elif outputs is not None:  # each token's row of the final attention is independent of the others
+            rows = torch.as_tensor(outputs, device=queries.device)
+            queries, point_embedding = queries.index_select(1, rows), point_embedding.index_select(1, rows)
         queries = self.final_attention(queries, point_embedding, keys, side=side)
         if keys.shape[0] != queries.shape[0]:
             keys = keys.expand(queries.shape[0], -1, -1)

@@ -207,7 +207,9 @@ class SamMaskSource:
         ious: List[torch.Tensor] = []
         index: List[int] = []
         logits: List[torch.Tensor] = []
-        transformer, masks = dec.transformer, slice(1, 1 + dec.num_mask_tokens)
+        # The multimask outputs: mask tokens 1..3 (token 0 is the single-mask output), rows 2..4 after the IoU token.
+        transformer, outputs = dec.transformer, slice(1, 1 + dec.num_multimask_outputs)
+        rows = slice(1 + outputs.start, 1 + outputs.stop)
         for i in range(batch):
             point_tokens = tokens[i : i + 1]
             queries, keys = transformer.run_blocks(side, point_tokens)
@@ -219,8 +221,8 @@ class SamMaskSource:
             passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
             if len(passing) == 0:
                 continue
-            mask_tokens = transformer.final_attention(queries[:, masks], point_tokens[:, masks], keys, side=side)
-            hyper = dec.hypernetwork_weights(mask_tokens)[:, passing + 1]
+            mask_tokens = transformer.final_attention(queries[:, rows], point_tokens[:, rows], keys, side=side)
+            hyper = dec.hypernetwork_weights(mask_tokens, outputs)[:, passing]
             logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper)[0].float())
             index.extend((3 * i + passing).tolist())
         iou_all = torch.stack(ious) if ious else torch.zeros(0, 3)
