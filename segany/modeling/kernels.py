@@ -141,6 +141,17 @@ def _float32_copy(t: torch.Tensor) -> torch.Tensor:
     return kept_until_changed(t, "_segany_float32", [t], lambda: t.detach().float())
 
 
+def float32_weight_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """For the other products of a few bfloat16 rows x with a small layer's weight (per-head views of
+    it: the decoder's attention folded into its tokens), a float32 copy of the weight to compute them
+    with (x.float(), the result rounded back to bfloat16), as _small_bfloat16_linear does and for the
+    same reason (a bfloat16 batched product of a few rows ran 2-3x slower here); None where the
+    product should run as it is (float32, training, export, larger operands)."""
+    if _small_bfloat16_product(x, weight, None) and not is_exporting():
+        return _float32_copy(weight)
+    return None
+
+
 def fusable_activation(act: nn.Module) -> Optional[str]:
     """The `activation` name under which linear() applies `act` itself, or None when it cannot."""
     return "gelu" if type(act) is nn.GELU and act.approximate == "none" else None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
-from .kernels import Linear, linear
+from .kernels import Linear, float32_weight_for, linear
 
 
 @dataclass
@@ -78,20 +78,35 @@ class Attention(nn.Module):
         b, h, n, c = x.shape
         return x.transpose(1, 2).reshape(b, n, h * c)
 
+    def _scaled_heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """proj(x) per head (B, H, N, d), times the attention's 1/sqrt(d): the scale applied to the few
+        tokens' side of a product with the image instead of to its (H, N, h*w) logits (a power of two
+        for SAM's heads of 16: the same values)."""
+        heads = self._separate_heads(proj(x))
+        return heads * (heads.shape[-1] ** -0.5)
+
     def _fold_into(self, heads: torch.Tensor, proj: nn.Linear) -> Tuple[torch.Tensor, torch.Tensor]:
         """proj folded into the other side's heads (..., H, N, d): rows (..., H*N, C) and biases
         (..., H*N, 1) such that rows . x + biases = heads . proj(x) per head, for any x (..., C)."""
         *lead, n_heads, n, head_dim = heads.shape
-        rows = (heads @ proj.weight.view(n_heads, head_dim, -1)).reshape(*lead, n_heads * n, -1)
+        w32 = float32_weight_for(heads, proj.weight)
+        if w32 is None:
+            rows = heads @ proj.weight.view(n_heads, head_dim, -1)
+        else:
+            rows = (heads.float() @ w32.view(n_heads, head_dim, -1)).to(heads.dtype)
         biases = (heads * proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(*lead, n_heads * n, 1)
-        return rows, biases
+        return rows.reshape(*lead, n_heads * n, -1), biases
 
     def _values_out(self, mixed: torch.Tensor) -> torch.Tensor:
         """out_proj of the attention's values from mixed = P x (B, H, Nq, C) of unprojected values x:
         (P x) W_v^T + b_v per head (the rows of P sum to 1), heads recombined: (B, Nq, C)."""
         heads, head_dim = self.num_heads, self.internal_dim // self.num_heads
-        w_v = self.v_proj.weight.view(heads, head_dim, -1)
-        out = mixed @ w_v.transpose(1, 2) + self.v_proj.bias.view(heads, 1, head_dim)
+        w32 = float32_weight_for(mixed, self.v_proj.weight)
+        if w32 is None:
+            out = mixed @ self.v_proj.weight.view(heads, head_dim, -1).transpose(1, 2)
+        else:
+            out = (mixed.float() @ w32.view(heads, head_dim, -1).transpose(1, 2)).to(mixed.dtype)
+        out = out + self.v_proj.bias.view(heads, 1, head_dim)
         return self.out_proj(self._recombine_heads(out))
 
     def forward(
@@ -131,15 +146,14 @@ class Attention(nn.Module):
     def _few_queries(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Few queries (tokens) on many keys (image): k, v are never projected."""
         heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
-        head_dim = self.internal_dim // heads
         batch = max(q.shape[0], k.shape[0])
-        q_heads = self._separate_heads(self.q_proj(q))  # B, H, Nq, d
+        q_heads = self._scaled_heads(q, self.q_proj)  # B, H, Nq, d
         q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # B, H*Nq, C and B, H*Nq, 1
         if k.shape[0] == 1:  # one image for every prompt: one product for all of them
             logits = linear(q_k.reshape(-1, dim), k[0]).view(q.shape[0], heads * n_q, -1)
         else:
             logits = q_k @ k.transpose(1, 2)  # B, H*Nq, Nk
-        probs = ((logits + q_bias) * head_dim**-0.5).softmax(-1)
+        probs = (logits + q_bias).softmax(-1)
         if v.shape[0] == 1:
             mixed = linear(probs.reshape(-1, probs.shape[-1]), v[0].t()).view(batch, heads, n_q, dim)
         else:
@@ -151,7 +165,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Many queries (image) on few keys (tokens): q is never projected, nor the output per position."""
         heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
-        k_heads = self._separate_heads(self.k_proj(k))  # B, H, Nk, d
+        k_heads = self._scaled_heads(k, self.k_proj)  # B, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         batch = k_heads.shape[0]
         k_q, q_bias = self._fold_into(k_heads, self.q_proj)  # B, H*Nk, C and B, H*Nk, 1
@@ -167,17 +181,21 @@ class Attention(nn.Module):
     def _mix_into_image(
         self, logits: torch.Tensor, v_heads: torch.Tensor, residual: Optional[torch.Tensor], in_place: bool = False
     ) -> torch.Tensor:
-        """The image side's attention output from unscaled logits (B, H*Nk, Nq) (heads x token keys on the
+        """The image side's attention output from scaled logits (B, H*Nk, Nq) (heads x token keys on the
         rows) and the tokens' values (B, H, Nk, d): out_proj(attention) (+ residual), (B, Nq, C).
         in_place: accumulate into `residual` itself (a tensor nothing else reads any more)."""
         batch, heads, n_k, head_dim = v_heads.shape
         dim = self.embedding_dim
         # The softmax over each head's few keys reduces across rows with the image positions vectorised
         # (over a last dimension of size Nk it ran about 20x slower on a CPU). Same arithmetic.
-        logits = logits.mul_(head_dim**-0.5)
         probs = logits.view(batch, heads, n_k, -1).softmax(2).view(batch, heads * n_k, -1)
-        w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # H, d, C
-        v_out = (v_heads @ w_o).reshape(batch, heads * n_k, dim)  # B, H*Nk, C
+        w32 = float32_weight_for(v_heads, self.out_proj.weight)
+        if w32 is None:
+            w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # H, d, C
+            v_out = v_heads @ w_o
+        else:
+            v_out = (v_heads.float() @ w32.view(dim, heads, head_dim).permute(1, 2, 0)).to(v_heads.dtype)
+        v_out = v_out.reshape(batch, heads * n_k, dim)  # B, H*Nk, C
         if residual is None:
             start = self.out_proj.bias.expand(batch, 1, dim)
         else:
@@ -205,8 +223,8 @@ class Attention(nn.Module):
     def attend_to_projected(self, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """One prompt's tokens q (1, Nq, C) attending to a projected image: keys_t (H, d, N) from
         project_image(k, k_proj, True), values (H, N, d) from project_image(v, v_proj, False)."""
-        q_heads = self._separate_heads(self.q_proj(q))[0]  # H, Nq, d
-        probs = ((q_heads @ keys_t) * q_heads.shape[-1] ** -0.5).softmax(-1)  # H, Nq, N
+        q_heads = self._scaled_heads(q, self.q_proj)[0]  # H, Nq, d
+        probs = (q_heads @ keys_t).softmax(-1)  # H, Nq, N
         return self.out_proj(self._recombine_heads((probs @ values)[None]))
 
     def attend_from_projected(
@@ -214,7 +232,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """A projected image, queries_t (H, d, N) from project_image(q, q_proj, True), attending to one
         prompt's tokens k, v (1, Nk, C): (1, N, C), plus residual."""
-        k_heads = self._separate_heads(self.k_proj(k))  # 1, H, Nk, d
+        k_heads = self._scaled_heads(k, self.k_proj)  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         logits = (k_heads[0] @ queries_t).view(1, -1, queries_t.shape[-1])  # 1, H*Nk, N
         return self._mix_into_image(logits, v_heads, residual)
@@ -232,12 +250,11 @@ class Attention(nn.Module):
         """One prompt's tokens q (1, Nq, C) attending to keys image + PE and values image (1, N, C), with
         pe_keys_t = project_pe(pe, k_proj). Equals forward(q, image + pe, image)."""
         heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
-        head_dim = self.internal_dim // heads
-        q_heads = self._separate_heads(self.q_proj(q))[0]  # H, Nq, d
+        q_heads = self._scaled_heads(q, self.q_proj)[0]  # H, Nq, d
         q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # H*Nq, C and H*Nq, 1
         logits = linear(q_k, image[0]).add_(q_bias).view(heads, n_q, -1)  # H, Nq, N
         logits = logits.baddbmm_(q_heads, pe_keys_t)  # + the PE's part
-        probs = (logits * head_dim**-0.5).softmax(-1)
+        probs = logits.softmax(-1)
         mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(1, heads, n_q, dim)  # 1, H, Nq, C
         return self._values_out(mixed)
 
@@ -248,7 +265,7 @@ class Attention(nn.Module):
         prompt's tokens k, v (1, Nk, C): image + attention, accumulated into `image` when in_place.
         Equals forward(image + pe, k, v, residual=image)."""
         heads, n_k = self.num_heads, k.shape[1]
-        k_heads = self._separate_heads(self.k_proj(k))  # 1, H, Nk, d
+        k_heads = self._scaled_heads(k, self.k_proj)  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         k_q, q_bias = self._fold_into(k_heads[0], self.q_proj)  # H*Nk, C and H*Nk, 1
         logits = linear(k_q, image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
