@@ -42,10 +42,9 @@ class PositionEmbeddingRandom(nn.Module):
 
     def forward_with_coords(self, coords_input: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
         """Encoding of (..., 2) pixel coordinates (x, y) inside an image of (h, w)."""
-        coords = coords_input.clone()
-        coords[..., 0] = coords[..., 0] / image_size[1]
-        coords[..., 1] = coords[..., 1] / image_size[0]
-        return self._pe_encoding(coords.to(torch.float))
+        # x / w and y / h as one division by (w, h): the same quotients.
+        size = torch.tensor([image_size[1], image_size[0]], dtype=coords_input.dtype, device=coords_input.device)
+        return self._pe_encoding((coords_input / size).to(torch.float))
 
 
 class PromptEncoder(nn.Module):
@@ -94,16 +93,22 @@ class PromptEncoder(nn.Module):
         )
 
     def _embed_points(self, points: torch.Tensor, labels: torch.Tensor, pad: bool) -> torch.Tensor:
-        points = points + 0.5  # to the pixel centre
-        if pad:
-            # Without a box, a 'not a point' token is appended, as the released model was trained.
-            points = torch.cat([points, torch.zeros_like(points[:, :1])], dim=1)
-            labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
-        embedding = self.pe_layer.forward_with_coords(points, self.input_image_size)
+        """(B, N, 2) pixel coordinates, (B, N) labels -> (B, N (+1), C): the positional encoding of each
+        point's pixel centre plus its type's embedding (label 0 negative, 1 positive); label -1 ('not a
+        point') is the not-a-point embedding alone, other labels add nothing."""
+        embedding = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
         labels = labels[..., None]
-        embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        embedding = embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        # Type embeddings gathered by label + 1 from (not used, negative, positive, zero): one gather and
+        # add instead of a masked add per type; the same sums (adding 0.0 changes no value).
+        negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
+        table = torch.cat([torch.zeros_like(negative), negative, positive, torch.zeros_like(negative)])
+        types = table[(labels[..., 0] + 1).clamp(0, 3)]
+        embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding + types)
+        if pad:
+            # Without a box, a 'not a point' token is appended, as the released model was trained (its
+            # positional encoding is replaced by the not-a-point embedding, so it is not computed).
+            pad_token = self.not_a_point_embed.weight.expand(embedding.shape[0], 1, -1)
+            embedding = torch.cat([embedding, pad_token], dim=1)
         return embedding
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -140,13 +145,16 @@ class PromptEncoder(nn.Module):
         points: (coords (B, N, 2) in 1024-input pixels, labels (B, N)); boxes: (B, 4); masks: (B, 1, 256, 256).
         """
         bs = self._batch_size(points, boxes, masks)
-        device = self.point_embeddings[0].weight.device
-        sparse = torch.empty((bs, 0, self.embed_dim), device=device)
+        parts = []
         if points is not None:
             coords, labels = points
-            sparse = torch.cat([sparse, self._embed_points(coords, labels, pad=boxes is None)], dim=1)
+            parts.append(self._embed_points(coords, labels, pad=boxes is None))
         if boxes is not None:
-            sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
+            parts.append(self._embed_boxes(boxes))
+        if not parts:
+            sparse = torch.empty((bs, 0, self.embed_dim), device=self.point_embeddings[0].weight.device)
+        else:
+            sparse = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if masks is not None:
             dense = self._embed_masks(masks)
         else:
