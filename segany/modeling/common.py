@@ -4,9 +4,17 @@ from __future__ import annotations
 from typing import Optional, Type
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .kernels import Linear, fusable_activation, is_exporting, linear  # noqa: F401 (is_exporting: imported from here too)
+from .kernels import (  # noqa: F401 (is_exporting: imported from here too)
+    Linear,
+    float32_copy,
+    float32_weight_for,
+    fusable_activation,
+    is_exporting,
+    linear,
+)
 
 
 class LayerNorm2d(nn.Module):
@@ -80,10 +88,19 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = self.num_layers - 1
+        dtype = x.dtype
+        # A few bfloat16 rows (the IoU token) run the whole MLP as float32 products of the same values,
+        # cast once each way (see kernels.float32_weight_for).
+        in_float32 = float32_weight_for(x, self.layers[0].weight) is not None
+        if in_float32:
+            x = x.float()
         for i, layer in enumerate(self.layers):
-            x = layer(x)
+            if in_float32:
+                x = F.linear(x, float32_copy(layer.weight), float32_copy(layer.bias))
+            else:
+                x = layer(x)
             if i < last:
                 x = torch.relu(x)
         if self.sigmoid_output:
             x = torch.sigmoid(x)
-        return x
+        return x.to(dtype) if in_float32 else x

@@ -132,12 +132,13 @@ def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional
     arithmetic up to the order of the sums, the result rounded to bfloat16 as before. For a few rows
     and weights that stay in cache the float32 kernel is quicker here (the bfloat16 one pays for
     packing its operands). The float32 copies are kept on the weight tensors until they change."""
-    w32 = _float32_copy(weight)
-    b32 = None if bias is None else _float32_copy(bias)
+    w32 = float32_copy(weight)
+    b32 = None if bias is None else float32_copy(bias)
     return F.linear(x.float(), w32, b32).to(torch.bfloat16)
 
 
-def _float32_copy(t: torch.Tensor) -> torch.Tensor:
+def float32_copy(t: torch.Tensor) -> torch.Tensor:
+    """t in float32, kept on t until it changes (for a small layer's bfloat16 weights)."""
     return kept_until_changed(t, "_segany_float32", [t], lambda: t.detach().float())
 
 
@@ -148,7 +149,7 @@ def float32_weight_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.
     same reason (a bfloat16 batched product of a few rows ran 2-3x slower here); None where the
     product should run as it is (float32, training, export, larger operands)."""
     if _small_bfloat16_product(x, weight, None) and not is_exporting():
-        return _float32_copy(weight)
+        return float32_copy(weight)
     return None
 
 
