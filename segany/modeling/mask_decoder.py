@@ -331,8 +331,9 @@ class MaskDecoder(nn.Module):
                 for start in range(0, batch, INFERENCE_MICRO_BATCH)
             ]
             return torch.cat([m for m, _ in parts]), torch.cat([i for _, i in parts])
-        # Only the IoU token and the selected mask tokens go through the final attention (a third of the
-        # multimask decode's unused token 0, more of a single-mask decode's three).
+        # Only the IoU token and the selected mask tokens go through the final attention and the
+        # hypernetworks: a multimask decode skips mask token 0 (the single-mask output), a single-mask
+        # decode the other three.
         selected = range(self.num_mask_tokens)[mask_tokens]
         hs, src = self.transform(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side,
