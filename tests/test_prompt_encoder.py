@@ -43,6 +43,9 @@ def test_point_embeddings_follow_the_released_formula_for_every_label(with_box):
     torch.testing.assert_close(sparse[:, :n_points], expected, rtol=0, atol=1e-5)
     assert torch.equal(sparse[1, 4], encoder.not_a_point_embed.weight[0].detach())  # label -1: that embedding alone
     assert dense.shape == (3, encoder.embed_dim, *encoder.image_embedding_size)
+    with torch.no_grad():  # labels as floats (accepted by the released code) give the same embeddings
+        as_floats, _ = encoder(points=(points, labels.float()), boxes=boxes, masks=None)
+    assert torch.equal(as_floats, sparse)
 
 
 def test_point_embeddings_are_differentiable():

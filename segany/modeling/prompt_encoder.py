@@ -102,7 +102,7 @@ class PromptEncoder(nn.Module):
         # add instead of a masked add per type; the same sums (adding 0.0 changes no value).
         negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
         table = torch.cat([torch.zeros_like(negative), negative, positive, torch.zeros_like(negative)])
-        types = table[(labels[..., 0] + 1).clamp(0, 3)]
+        types = table[(labels[..., 0] + 1).clamp(0, 3).long()]  # (labels may come as floats)
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding + types)
         if pad:
             # Without a box, a 'not a point' token is appended, as the released model was trained (its
