@@ -15,7 +15,7 @@ and tiny float32 products (where MKL's small-matrix path is quicker) take F.line
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -140,6 +140,15 @@ def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional
 def float32_copy(t: torch.Tensor) -> torch.Tensor:
     """t in float32, kept on t until it changes (for a small layer's bfloat16 weights)."""
     return kept_until_changed(t, "_segany_float32", [t], lambda: t.detach().float())
+
+
+def matmul_weight(x: torch.Tensor, weight: torch.Tensor, arrange: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x @ arrange(weight), where arrange views a layer's weight as the other operand (per head, say);
+    for a few bfloat16 rows and a small layer computed in float32 (see float32_weight_for)."""
+    w32 = float32_weight_for(x, weight)
+    if w32 is None:
+        return x @ arrange(weight)
+    return (x.float() @ arrange(w32)).to(x.dtype)
 
 
 def float32_weight_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import MLPBlock
-from .kernels import Linear, float32_weight_for, linear
+from .kernels import Linear, linear, matmul_weight
 
 
 @dataclass
@@ -89,11 +89,7 @@ class Attention(nn.Module):
         """proj folded into the other side's heads (..., H, N, d): rows (..., H*N, C) and biases
         (..., H*N, 1) such that rows . x + biases = heads . proj(x) per head, for any x (..., C)."""
         *lead, n_heads, n, head_dim = heads.shape
-        w32 = float32_weight_for(heads, proj.weight)
-        if w32 is None:
-            rows = heads @ proj.weight.view(n_heads, head_dim, -1)
-        else:
-            rows = (heads.float() @ w32.view(n_heads, head_dim, -1)).to(heads.dtype)
+        rows = matmul_weight(heads, proj.weight, lambda w: w.view(n_heads, head_dim, -1))
         biases = (heads * proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(*lead, n_heads * n, 1)
         return rows.reshape(*lead, n_heads * n, -1), biases
 
@@ -101,11 +97,7 @@ class Attention(nn.Module):
         """out_proj of the attention's values from mixed = P x (B, H, Nq, C) of unprojected values x:
         (P x) W_v^T + b_v per head (the rows of P sum to 1), heads recombined: (B, Nq, C)."""
         heads, head_dim = self.num_heads, self.internal_dim // self.num_heads
-        w32 = float32_weight_for(mixed, self.v_proj.weight)
-        if w32 is None:
-            out = mixed @ self.v_proj.weight.view(heads, head_dim, -1).transpose(1, 2)
-        else:
-            out = (mixed.float() @ w32.view(heads, head_dim, -1).transpose(1, 2)).to(mixed.dtype)
+        out = matmul_weight(mixed, self.v_proj.weight, lambda w: w.view(heads, head_dim, -1).transpose(1, 2))
         out = out + self.v_proj.bias.view(heads, 1, head_dim)
         return self.out_proj(self._recombine_heads(out))
 
@@ -189,13 +181,9 @@ class Attention(nn.Module):
         # The softmax over each head's few keys reduces across rows with the image positions vectorised
         # (over a last dimension of size Nk it ran about 20x slower on a CPU). Same arithmetic.
         probs = logits.view(batch, heads, n_k, -1).softmax(2).view(batch, heads * n_k, -1)
-        w32 = float32_weight_for(v_heads, self.out_proj.weight)
-        if w32 is None:
-            w_o = self.out_proj.weight.view(dim, heads, head_dim).permute(1, 2, 0)  # H, d, C
-            v_out = v_heads @ w_o
-        else:
-            v_out = (v_heads.float() @ w32.view(dim, heads, head_dim).permute(1, 2, 0)).to(v_heads.dtype)
-        v_out = v_out.reshape(batch, heads * n_k, dim)  # B, H*Nk, C
+        # Each head's values through its slice of out_proj (H, d, C): (B, H*Nk, C).
+        v_out = matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, head_dim).permute(1, 2, 0))
+        v_out = v_out.reshape(batch, heads * n_k, dim)
         if residual is None:
             start = self.out_proj.bias.expand(batch, 1, dim)
         else:
