@@ -10,7 +10,7 @@ import torch
 
 from segany.io import rle as rle_io
 from segany.predict import mask_ops
-from segany.predict.amg import AmgSettings, MaskGenerator, MaskSource, SamAutomaticMaskGenerator
+from segany.predict.amg import AmgSettings, MaskGenerator, MaskSource
 
 from .conftest import REFERENCE, case_image_path, import_reference, load_rgb, needs_shared
 

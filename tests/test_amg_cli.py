@@ -1,7 +1,6 @@
 """`segany everything` end to end on the fixture checkpoint (tiny grid, small images)."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from ..modeling import ImageEncoderConfig, MaskDecoderConfig, Sam, SamConfig, build_sam
+from ..modeling import ImageEncoderConfig, MaskDecoderConfig, SamConfig, build_sam
 from .atomic import atomic_write
 from .errors import CheckpointError
 

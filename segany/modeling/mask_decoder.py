@@ -12,7 +12,7 @@ from torch import nn
 from .cache import kept_until_changed
 from .common import MLP, LayerNorm2d, is_exporting
 from .kernels import fusable_activation, linear
-from .transformer import ImageSide, TwoWayTransformer
+from .transformer import ImageSide
 
 
 def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..io.atomic import atomic_write_bytes, atomic_write_text
 from ..io.checkpoint import save_checkpoint

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..io.atomic import atomic_write, atomic_write_bytes, atomic_write_text
+from ..io.atomic import atomic_write_bytes, atomic_write_text
 from ..io.checkpoint import save_checkpoint
 from ..predict.transforms import ResizeLongestSide
 from .cache import EmbeddingCache, cached_or_fresh, encode_frame
