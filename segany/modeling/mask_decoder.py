@@ -378,8 +378,5 @@ class MaskDecoder(nn.Module):
             # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
             image_side = self.transformer.prepare(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe)
         n_out = tokens.shape[1] - sparse_prompt_embeddings.shape[1]  # IoU, mask (and a variant's) tokens
-        if outputs is not None and list(outputs) != list(range(len(outputs))):
-            hs, src = self.transformer.run(image_side, tokens, outputs)
-        else:  # the first tokens: a view
-            hs, src = self.transformer.run(image_side, tokens, n_out if outputs is None else len(outputs))
+        hs, src = self.transformer.run(image_side, tokens, n_out if outputs is None else outputs)
         return hs, src.reshape(batch, *image_side.size, src.shape[-1])

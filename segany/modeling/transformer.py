@@ -425,6 +425,11 @@ class TwoWayTransformer(nn.Module):
         """Prompts (B, N, C) against a prepared image side -> tokens (those `outputs` selects, see
         forward) and image features (B, h*w, C)."""
         batch = point_embedding.shape[0]
+        if outputs is not None and not isinstance(outputs, (int, torch.Tensor)):
+            outputs = list(outputs)
+            # The first tokens in order are a view; any other choice is gathered (index tensor made once).
+            prefix = outputs == list(range(len(outputs)))
+            outputs = len(outputs) if prefix else torch.as_tensor(outputs, device=point_embedding.device)
         if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
             # CPU): about 2x faster per prompt than a batch of 64, same results.
@@ -438,8 +443,7 @@ class TwoWayTransformer(nn.Module):
         if isinstance(outputs, int):
             queries, point_embedding = queries[:, :outputs], point_embedding[:, :outputs]
         elif outputs is not None:  # each token's row of the final attention is independent of the others
-            rows = torch.as_tensor(outputs, device=queries.device)
-            queries, point_embedding = queries.index_select(1, rows), point_embedding.index_select(1, rows)
+            queries, point_embedding = queries.index_select(1, outputs), point_embedding.index_select(1, outputs)
         queries = self.final_attention(queries, point_embedding, keys, side=side)
         if keys.shape[0] != queries.shape[0]:
             keys = keys.expand(queries.shape[0], -1, -1)

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..modeling.sam import low_res_region
 from .inputs import check_boxes, check_mask_input, check_points, load_image
 from .transforms import ResizeLongestSide, upscale_logits_opencv
 
@@ -159,8 +160,9 @@ class Segmenter:
         masks logits > threshold. The fast mode resizes with OpenCV on a CPU (see
         transforms.upscale_logits_opencv); the exact mode as the released code."""
         fast = getattr(self.model, "fast_dtype", None) is not None
-        size, low_h, low_w = self.model.image_size, low_res.shape[-2], low_res.shape[-1]
-        if fast and low_res.device.type == "cpu" and not low_res.requires_grad and size % low_h == 0 and size % low_w == 0:
+        size = self.model.image_size
+        resizable = low_res_region(low_res.shape[-2:], size, embedding.input_size) is not None
+        if fast and low_res.device.type == "cpu" and not low_res.requires_grad and resizable:
             return upscale_logits_opencv(low_res, embedding.input_size, embedding.original_size, size, threshold)
         full = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
         return full if threshold is None else full > threshold
