@@ -116,3 +116,38 @@ def test_small_bfloat16_layers_run_in_float32_and_follow_weight_changes():
         changed = layer(x)
     assert not torch.equal(changed, before)
     _close(changed, F.linear(x.float(), layer.weight.float(), layer.bias.float()), torch.bfloat16)
+
+
+def test_is_exporting_sees_tracing_and_onnx_export(tmp_path):
+    """The inference-only shortcuts step aside under tracing and ONNX export (the flags are read
+    directly, not through torch.onnx.is_in_onnx_export: both must agree)."""
+    pytest.importorskip("onnx")
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((kernels.is_exporting(), torch.onnx.is_in_onnx_export()))
+            return x * 2
+
+    assert not kernels.is_exporting()
+    torch.jit.trace(Probe(), torch.ones(2), check_trace=False)
+    assert seen[-1][0]
+    torch.onnx.export(Probe(), (torch.ones(2),), str(tmp_path / "probe.onnx"), dynamo=False)
+    assert seen[-1] == (True, True)
+    assert not kernels.is_exporting()
+
+
+@pytest.mark.parametrize("flag", ["torchscript", "dynamo"])
+def test_is_exporting_reads_the_flags_torch_reads(flag, monkeypatch):
+    """Where this PyTorch keeps the ONNX exporters' flags where kernels reads them, raising either one
+    turns both torch.onnx.is_in_onnx_export and kernels.is_exporting on."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        pytest.skip("this PyTorch keeps its ONNX export flags elsewhere (kernels falls back to the public check)")
+    if flag == "torchscript":
+        monkeypatch.setattr(GLOBALS, "in_onnx_export", True)
+    else:
+        monkeypatch.setattr(_flags, "_is_onnx_exporting", True)
+    assert torch.onnx.is_in_onnx_export() and kernels.is_exporting()

@@ -25,8 +25,26 @@ from .cache import kept_until_changed
 
 
 def is_exporting() -> bool:
-    """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully.
+    (Asked once per product or so: the ONNX flags are read without torch.onnx.is_in_onnx_export's
+    imports on every call, which cost more than the check.)"""
+    return torch._C._is_tracing() or _onnx_exporting()()
+
+
+@functools.lru_cache(maxsize=None)
+def _onnx_exporting() -> Callable[[], bool]:
+    """A check of the exporters' flags, as torch.onnx.is_in_onnx_export reads them; that function
+    itself where this PyTorch keeps them elsewhere."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        flags = (_flags, GLOBALS)
+        if not all(hasattr(f, a) for f, a in zip(flags, ("_is_onnx_exporting", "in_onnx_export"))):
+            raise ImportError("moved")
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
 
 
 # Switch for comparisons (tests, benchmarks): False sends every product to F.linear.
@@ -63,7 +81,7 @@ def onednn_usable(dtype: torch.dtype) -> bool:
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    if not ENABLED or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+    if not ENABLED or not x.is_cpu or x.dtype not in _DTYPES or weight.dtype != x.dtype:
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
@@ -113,13 +131,13 @@ def linear(
 
 def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return (
-        ENABLED
-        and x.dtype == torch.bfloat16
+        x.dtype is torch.bfloat16
+        and ENABLED
+        and weight.dtype is torch.bfloat16
         and isinstance(weight, nn.Parameter)
-        and weight.dtype == torch.bfloat16
         and weight.numel() <= SMALL_WEIGHT
-        and (bias is None or bias.dtype == torch.bfloat16)
-        and x.device.type == "cpu"
+        and (bias is None or bias.dtype is torch.bfloat16)
+        and x.is_cpu
         and x.numel() < SMALL_BFLOAT16_ROWS * x.shape[-1]
         and not torch.is_grad_enabled()
     )  # (the caller has checked that nothing is being exported)
