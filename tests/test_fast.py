@@ -145,6 +145,31 @@ def test_opencv_upscaling_agrees_with_postprocess_masks(tiny_sam, input_size, or
     assert torch.equal(masks[confident], (expected > 0.5)[confident])
 
 
+@pytest.mark.parametrize("kept_bytes", [None, 0])
+def test_opencv_upscaling_work_buffers_are_per_thread(tiny_sam, monkeypatch, kept_bytes):
+    """The resize's kept work buffers: calls of other sizes in turn, from two threads at once (and
+    with nothing kept) give what postprocess_masks gives."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from segany.predict import transforms
+
+    if kept_bytes is not None:
+        monkeypatch.setattr(transforms, "SCRATCH_KEPT_BYTES", kept_bytes)
+    sizes = [((576, 1024), (480, 854)), ((1024, 301), (1700, 500)), ((1024, 1024), (640, 640))]
+    torch.manual_seed(7)
+    low = torch.randn(1, 3, 256, 256) * 4
+    expected = {s: tiny_sam.postprocess_masks(low, *s) > 0 for s in sizes}
+
+    def run(k):
+        size = sizes[k % len(sizes)]
+        got = transforms.upscale_logits_opencv(low, size[0], size[1], 1024, threshold=0.0)
+        confident = tiny_sam.postprocess_masks(low, *size).abs() > 1e-3
+        return bool(torch.equal(got[confident], expected[size][confident]))
+
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(run, range(12)))
+
+
 def test_fast_segmenter_upscales_with_opencv(monkeypatch):
     from segany.predict import segmenter as segmenter_module
 
