@@ -7,6 +7,7 @@ import torch
 
 import segany
 from segany.io import rle as rle_io
+from segany.modeling.sam import low_res_region
 from segany.predict.amg import AmgSettings, MaskGenerator, SamMaskSource
 
 from .conftest import REFERENCE, case_image_path, import_reference, load_rgb, needs_shared
@@ -58,10 +59,16 @@ def test_filtered_decoding_equals_full_decode(fixture_sam):
     torch.testing.assert_close(iou_first, iou, rtol=0, atol=1e-6)
     expected_index = torch.nonzero(iou.flatten() > threshold).flatten()
     assert 0 < len(index) < iou.numel() and torch.equal(index, expected_index)
-    torch.testing.assert_close(logits, low.flatten(0, 1)[index], rtol=0, atol=1e-5)
+    # Only the low-res rows and columns that upscale() reads are computed (the crop's padding is zero).
+    _, _, need_h, need_w = low_res_region(low.shape[-2:], fixture_sam.image_size, source.embedding.input_size)
+    assert need_h < low.shape[-2]  # a landscape crop: padding rows
+    expected_low = low.flatten(0, 1)[index]
+    torch.testing.assert_close(logits[..., :need_h, :need_w], expected_low[..., :need_h, :need_w], rtol=0, atol=1e-5)
+    assert not logits[..., -4:, :].any()
+    torch.testing.assert_close(source.upscale(logits), source.upscale(expected_low), rtol=0, atol=1e-5)
     iou_all, index_all, logits_all = source.predict_above(points, 0.0)  # threshold <= 0: every output
     assert torch.equal(index_all, torch.arange(21))
-    torch.testing.assert_close(logits_all, low.flatten(0, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(source.upscale(logits_all), source.upscale(low.flatten(0, 1)), rtol=0, atol=1e-5)
     full = source.upscale(low[:, 0])
     assert full.shape == (7, h, w)
     expected = fixture_sam.postprocess_masks(low[:, :1], source.embedding.input_size, (h, w))[:, 0]

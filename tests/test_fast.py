@@ -96,6 +96,29 @@ def test_blocked_mask_upscaling_equals_upscale_then_dot(tiny_sam, monkeypatch):
         assert not torch.allclose(changed, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("region", [(10, 6), (4, 6), (10, 1), (7, 5), (1, 1), (99, 99)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_upscaling_of_a_region_equals_that_part_of_the_whole(tiny_sam, monkeypatch, region, dtype):
+    """masks(region=(rows, cols)) computes the first rows x cols pixels' 4x4 blocks as a full call does
+    (bands that do not divide the rows, too; the products' sums may round differently for other
+    shapes), and zeros elsewhere."""
+    from segany.modeling.mask_decoder import MaskUpscaling
+
+    torch.manual_seed(8)
+    up = copy.deepcopy(tiny_sam.mask_decoder.output_upscaling).to(dtype)
+    x = torch.randn(1, 10, 6, 256).to(dtype)
+    hyper = torch.randn(1, 3, 32).to(dtype)
+    monkeypatch.setattr(MaskUpscaling, "ROWS_PER_BAND", 3)
+    with torch.no_grad():
+        whole = up.masks(x, hyper)
+        part = up.masks(x, hyper, region=region)
+    rows, cols = 4 * min(region[0], 10), 4 * min(region[1], 6)
+    assert part.shape == whole.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(part[..., :rows, :cols], whole[..., :rows, :cols], atol=tol, rtol=tol)
+    assert not part[..., rows:, :].any() and not part[..., :, cols:].any()
+
+
 def test_encoder_training_path_matches_inference_and_is_differentiable(tiny_sam):
     torch.manual_seed(2)
     encoder = copy.deepcopy(tiny_sam.image_encoder)

@@ -98,30 +98,39 @@ class MaskUpscaling(nn.Sequential):
         logits = hyper @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
         return logits.view(b, hyper.shape[1], r, w, 2, 2, 4)
 
-    def masks(self, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    def masks(self, x: torch.Tensor, hyper: torch.Tensor, region: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """Mask logits hyper . upscale(x): x (B, h, w, C) channels-last, hyper (B, T, C/8) -> (B, T, 4h, 4w).
 
         The same products as forward() followed by mask_logits(), without the two pixel shuffles of the
         (B, 4h, 4w, C/8) features. Outside autograd the logits come out in float32 whatever the
         module's dtype (the cast rides on a shuffle), and every band's logits are written into the
-        same buffer."""
+        same buffer.
+
+        region (rows, cols): only the logits of the first `rows` x `cols` pixels of x, the top-left
+        (4 rows, 4 cols) of the result (each pixel's 4x4 block depends on that pixel alone: the same
+        products as a full call, whose sums may round differently for the other shapes); zeros elsewhere. For callers that read only the un-padded
+        part of the image (everything mode's crops), not the whole low-res map. Outside autograd only."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
+        rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
+        partial = (rows_in, cols_in) != (h, w)
         band_rows = self._band_rows(x)
-        band_logits = x.new_empty(t, 16 * min(h, band_rows) * w)
+        band_logits = x.new_empty(t, 16 * min(rows_in, band_rows) * cols_in)
         # Into image order in two copies: dy1 before w (runs of 4 values, cast to float32 on the way), then
         # dy2 before w (runs of 2); one copy moving single values was 4x slower.
         rows = torch.empty(b, t, h, 2, w, 2, 4, dtype=torch.float32, device=x.device)  # B, T, (h, dy1), (w, dx1), (dy2, dx2)
         for i in range(b):
-            for r0 in range(0, h, band_rows):
-                band = x[i, r0 : r0 + band_rows]
-                logits = self._band_logits_into(band, hyper[i], band_logits)  # T, r, w, dy1, dx1, (dy2, dx2)
-                rows[i, :, r0 : r0 + band.shape[0]] = logits.permute(0, 1, 3, 2, 4, 5)
-        out = torch.empty(b, t, h, 2, 2, w, 2, 2, dtype=torch.float32, device=x.device)
-        out.copy_(rows.view(b, t, h, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7))
+            for r0 in range(0, rows_in, band_rows):
+                band = x[i, r0 : min(r0 + band_rows, rows_in), :cols_in]
+                logits = self._band_logits_into(band, hyper[i], band_logits)  # T, r, w', dy1, dx1, (dy2, dx2)
+                rows[i, :, r0 : r0 + band.shape[0], :, :cols_in] = logits.permute(0, 1, 3, 2, 4, 5)
+        new_out = torch.zeros if partial else torch.empty
+        out = new_out(b, t, h, 2, 2, w, 2, 2, dtype=torch.float32, device=x.device)
+        shuffled = rows.view(b, t, h, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7)
+        out[:, :, :rows_in, :, :, :cols_in].copy_(shuffled[:, :, :rows_in, :, :, :cols_in])
         return out.view(b, t, 4 * h, 4 * w)
 
     def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:

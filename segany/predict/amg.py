@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..io import rle as rle_io
+from ..modeling.sam import low_res_region
 from . import mask_ops
 from .inputs import load_image
 
@@ -186,7 +187,8 @@ class SamMaskSource:
 
         Returns iou (N, 3) of the multimask outputs, flat_index (K,) = point * 3 + output of the outputs
         with iou > iou_threshold (all of them when iou_threshold <= 0), ascending, and their low-res
-        logits (K, 256, 256) in that order. Point by point: the two-way transformer and the IoU head,
+        logits (K, 256, 256) in that order: those that upscale() reads, the padding's rows and columns
+        zero. Point by point: the two-way transformer and the IoU head,
         then the output upscaling and hypernetwork products only for a point with a passing output,
         while that point's image side is still in cache. Every step is the decoder's own module on the
         same inputs, so the values are those of a full decode (in the decoder's dtype: float32 in exact
@@ -204,6 +206,11 @@ class SamMaskSource:
             emb.decoder_cache, emb.features["image_embeddings"], model.prompt_encoder.get_dense_pe(), dense
         )
         h, w = side.size
+        # upscale() reads only the low-res rows and columns of the un-padded crop (low_res_region), and
+        # each decoder pixel owns a 4x4 block of them: only those pixels are upscaled (for an 854x480
+        # crop 37 of 64 rows), the rest of the low-res logits are left at zero.
+        region = low_res_region((4 * h, 4 * w), model.image_size, emb.input_size)
+        upscaled = None if region is None else (-(-region[2] // 4), -(-region[3] // 4))
         ious: List[torch.Tensor] = []
         index: List[int] = []
         logits: List[torch.Tensor] = []
@@ -223,7 +230,7 @@ class SamMaskSource:
                 continue
             mask_tokens = transformer.final_attention(queries[:, rows], point_tokens[:, rows], keys, side=side)
             hyper = dec.hypernetwork_weights(mask_tokens, outputs)[:, passing]
-            logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper)[0].float())
+            logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper, region=upscaled)[0].float())
             index.extend((3 * i + passing).tolist())
         iou_all = torch.stack(ious) if ious else torch.zeros(0, 3)
         if not logits:
