@@ -28,7 +28,7 @@ def is_exporting() -> bool:
     """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully.
     (Asked once per product or so: the ONNX flags are read without torch.onnx.is_in_onnx_export's
     imports on every call, which cost more than the check.)"""
-    return torch._C._is_tracing() or _onnx_exporting()()
+    return torch.jit.is_tracing() or _onnx_exporting()()
 
 
 @functools.lru_cache(maxsize=None)
