@@ -107,9 +107,10 @@ class MaskUpscaling(nn.Sequential):
         same buffer.
 
         region (rows, cols): only the logits of the first `rows` x `cols` pixels of x, the top-left
-        (4 rows, 4 cols) of the result (each pixel's 4x4 block depends on that pixel alone: the same
-        products as a full call, whose sums may round differently for the other shapes); zeros elsewhere. For callers that read only the un-padded
-        part of the image (everything mode's crops), not the whole low-res map. Outside autograd only."""
+        (4 rows, 4 cols) of the result, zeros elsewhere: each pixel's 4x4 block depends on that pixel
+        alone, so these are the products of a full call (their sums may round differently for the other
+        shapes). For callers that read only the un-padded part of the image (everything mode's crops).
+        Outside autograd only."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle

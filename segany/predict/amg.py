@@ -187,9 +187,9 @@ class SamMaskSource:
 
         Returns iou (N, 3) of the multimask outputs, flat_index (K,) = point * 3 + output of the outputs
         with iou > iou_threshold (all of them when iou_threshold <= 0), ascending, and their low-res
-        logits (K, 256, 256) in that order: those that upscale() reads, the padding's rows and columns
-        zero. Point by point: the two-way transformer and the IoU head,
-        then the output upscaling and hypernetwork products only for a point with a passing output,
+        logits (K, 256, 256) in that order (where upscale() reads them; the padding's rows and columns
+        are zero). Point by point: the two-way transformer and the IoU head, then the output
+        upscaling and hypernetwork products only for a point with a passing output,
         while that point's image side is still in cache. Every step is the decoder's own module on the
         same inputs, so the values are those of a full decode (in the decoder's dtype: float32 in exact
         mode, bfloat16 in fast mode; the results are float32).

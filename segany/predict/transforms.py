@@ -97,8 +97,9 @@ def upscale_logits_opencv(
     up = _scratch("up", (need_h * factor_h, need_w * factor_w))
     resized = _scratch("resized", (out_h, out_w)) if threshold is not None else None
     for mask, target in zip(masks, out):
-        cv2.resize(np.ascontiguousarray(mask[:need_h, :need_w]), up.shape[::-1], dst=up, interpolation=cv2.INTER_LINEAR)
-        cv2.resize(up[:in_h, :in_w], (out_w, out_h), dst=target if threshold is None else resized, interpolation=cv2.INTER_LINEAR)
+        # (OpenCV returns the array it wrote: `up` itself, as its size and type match.)
+        frame = cv2.resize(np.ascontiguousarray(mask[:need_h, :need_w]), up.shape[::-1], dst=up, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(frame[:in_h, :in_w], (out_w, out_h), dst=target if threshold is None else resized, interpolation=cv2.INTER_LINEAR)
         if threshold is not None:
             np.greater(resized, threshold, out=target)
     return torch.from_numpy(out).view(*low_res.shape[:-2], out_h, out_w)
