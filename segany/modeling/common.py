@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import (  # noqa: F401 (is_exporting: imported from here too)
+from .kernels import (
     Linear,
     float32_copy,
     float32_weight_for,

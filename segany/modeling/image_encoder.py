@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, is_exporting
-from .kernels import Linear, linear
+from .common import LayerNorm2d, MLPBlock
+from .kernels import Linear, is_exporting, linear
 
 
 @dataclass

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import kept_until_changed
-from .common import MLP, LayerNorm2d, is_exporting
-from .kernels import fusable_activation, linear
+from .common import MLP, LayerNorm2d
+from .kernels import fusable_activation, is_exporting, linear
 from .transformer import ImageSide
 
 
