@@ -225,6 +225,46 @@ def test_shared_image_batch_equals_one_prompt_at_a_time(tiny_sam):
             torch.testing.assert_close(iou[i : i + 1], iou_i, atol=1e-5, rtol=0)
 
 
+def test_fast_decoder_keeps_its_tokens_in_float32_and_agrees_on_every_path(tiny_sam):
+    """The fast mode converts the decoder's bulk (upscaling, transformer MLPs) to bfloat16 and keeps the
+    tokens' side in float32; every decoder path (one point on the shared image side, many points through
+    the plain attention, a mask prompt with its own image side, a batch with and without masks) agrees
+    with the exact mode within the fast mode's limits, and returns float32."""
+    from segany.modeling.fast import make_fast
+
+    torch.manual_seed(3)
+    exact = copy.deepcopy(tiny_sam)
+    with torch.no_grad():  # default init leaves the logits near zero
+        for name, p in exact.mask_decoder.named_parameters():
+            if p.ndim > 1:
+                p.mul_(2.0)
+    fast = make_fast(copy.deepcopy(exact))
+    dec = fast.mask_decoder
+    assert dec.token_dtype == torch.float32 and dec.image_dtype == torch.bfloat16
+    bulk = {id(p) for m in dec.bulk_modules() for p in m.parameters()}
+    for name, p in dec.named_parameters():
+        assert p.dtype == (torch.bfloat16 if id(p) in bulk else torch.float32), name
+    features = {"image_embeddings": torch.randn(1, 256, 64, 64)}
+    many = torch.rand(1, 12, 2) * 1024  # 17 tokens: the plain (SDPA) attention with projected image sides
+    cases = [
+        ((torch.rand(1, 1, 2) * 1024, torch.ones(1, 1, dtype=torch.int)), None, None),
+        ((many, torch.randint(0, 2, (1, 12))), None, None),
+        (None, torch.tensor([[100.0, 200.0, 700.0, 900.0]]), torch.randn(1, 1, 256, 256) * 4),
+        ((torch.rand(3, 2, 2) * 1024, torch.randint(0, 2, (3, 2))), None, None),
+        ((torch.rand(3, 2, 2) * 1024, torch.randint(0, 2, (3, 2))), None, torch.randn(3, 1, 256, 256) * 4),
+    ]
+    with torch.no_grad():
+        for i, (points, boxes, masks) in enumerate(cases):
+            for multimask in (True, False):
+                low_exact, iou_exact = exact.decode(features, points, boxes, masks, multimask)
+                low_fast, iou_fast = fast.decode(features, points, boxes, masks, multimask)
+                assert low_fast.dtype == torch.float32 and iou_fast.dtype == torch.float32
+                assert low_exact.abs().max() > 1.0, "logits near zero: the comparison would say nothing"
+                rel, iou = agreement(low_exact.numpy(), low_fast.numpy())
+                assert rel <= REL_L2_MAX and iou >= IOU_MIN, (i, multimask, rel, iou)
+                torch.testing.assert_close(iou_fast, iou_exact, atol=0.03, rtol=0)
+
+
 def test_fast_mode_is_listed_and_unknown_mode_is_a_value_error():
     assert "fast" in segany.io.models.MODES
     with pytest.raises(ValueError, match="unknown mode"):

@@ -118,6 +118,29 @@ def test_small_bfloat16_layers_run_in_float32_and_follow_weight_changes():
     _close(changed, F.linear(x.float(), layer.weight.float(), layer.bias.float()), torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", [7, 300])
+def test_linear_with_weights_in_another_dtype_computes_in_theirs_and_returns_the_inputs(rows):
+    """float32 tokens through a bfloat16 layer (the fast decoder's MLPs) and a bfloat16 image side
+    through a float32 layer: the product in the layer's dtype, the result in the input's; the MLP
+    block casts once around both of its layers."""
+    torch.manual_seed(0)
+    layer = kernels.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(rows, 64)
+    with torch.inference_mode():
+        got = layer(x)
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, F.linear(x.bfloat16(), layer.weight, layer.bias).float(), rtol=1e-2, atol=1e-2)
+        layer32 = kernels.Linear(64, 48)
+        got = layer32(x.bfloat16())
+        assert got.dtype == torch.bfloat16
+        _close(got, F.linear(x.bfloat16().float(), layer32.weight, layer32.bias), torch.bfloat16)
+        block = MLPBlock(64, 256, torch.nn.ReLU).to(torch.bfloat16)
+        out = block(x)
+        assert out.dtype == torch.float32
+        expected = block.lin2(torch.relu(block.lin1(x.bfloat16()))).float()
+        assert torch.equal(out, expected)
+
+
 def test_is_exporting_sees_tracing_and_onnx_export(tmp_path):
     """The inference-only shortcuts step aside under tracing and ONNX export (the flags are read
     directly, not through torch.onnx.is_in_onnx_export: both must agree)."""

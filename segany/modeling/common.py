@@ -49,7 +49,13 @@ class MLPBlock(nn.Module):
         """lin2(act(lin1(x))), plus `residual` when given (added as each chunk is computed)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting():
-            y = self.lin2(self.act(self.lin1(x)))
+            dtype = self.lin1.weight.dtype
+            if x.dtype != dtype and not torch.is_grad_enabled() and self.lin2.weight.dtype == dtype:
+                # Weights in another dtype than the input (the fast mode's float32 tokens through a
+                # bfloat16 MLP): one cast each way around the whole block.
+                y = self.lin2(self.act(self.lin1(x.to(dtype)))).to(x.dtype)
+            else:
+                y = self.lin2(self.act(self.lin1(x)))
             return y if residual is None else residual + y
         # Row chunks keep the (rows, mlp_dim) hidden activations small: for a 64x64 image they are
         # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block.

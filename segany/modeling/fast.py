@@ -1,16 +1,21 @@
-"""The `fast` mode: the image encoder and the mask decoder run in bfloat16.
+"""The `fast` mode: the image encoder and the mask decoder's bulk run in bfloat16.
 
 On a CPU with AVX-512 BF16 (or AMX) a bfloat16 matrix product runs at more than twice the float32
-rate and moves half the bytes. What stays float32, because bfloat16's 8-bit mantissa would visibly
-move the masks:
+rate and moves half the bytes. What stays float32:
 - the prompt encoder (random-Fourier features of pixel coordinates: sin/cos of values up to ~100 rad),
+- the mask decoder's tokens' side: a few tokens through small layers, where a bfloat16 product is no
+  faster (its kernels pack their operands on every call) and every cast is a dispatch; only the
+  decoder's bulk (MaskDecoder.bulk_modules: what runs over the image positions, and the transformer's
+  MLPs, most of its weight bytes) is converted. The products between the tokens and the image side
+  run in bfloat16, their results come back to the tokens in float32,
 - layer norms' statistics and softmax accumulate in float32 inside PyTorch's kernels,
 - the interfaces: the encoder returns float32 embeddings (interchangeable with exact mode's, storable)
   and the decoder float32 logits and scores; inputs are cast on the way in.
 (segany.predict's Segmenter also resizes fast-mode masks to the image with OpenCV.)
-The casts are hooks on the two modules, so variants (MobileSAM, HQ-SAM with its early features) get the
-same treatment without code of their own. The weights are converted once; the state-dict keys are
-unchanged (the values are rounded to bfloat16).
+The casts are hooks on the encoder and the decoder (which casts its image side itself), so variants
+(MobileSAM, HQ-SAM with its early features) get the same treatment without code of their own. The
+weights are converted once; the state-dict keys are unchanged (the converted values are rounded to
+bfloat16).
 """
 from __future__ import annotations
 
@@ -67,11 +72,22 @@ def run_module_in(module: nn.Module, dtype: torch.dtype, extra_methods=("forward
             setattr(module, name, _run_in(dtype, getattr(module, name)))
 
 
+def _returning_float32(method: Callable) -> Callable:
+    @functools.wraps(method)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        return cast_floats(method(*args, **kwargs), torch.float32)
+
+    return wrapped
+
+
 def make_fast(model: nn.Module, dtype: torch.dtype = FAST_DTYPE) -> nn.Module:
     """Convert a Sam-family model in place to the fast mode and return it (inference only)."""
     if getattr(model, "fast_dtype", None) is not None:
         return model
     run_module_in(model.image_encoder, dtype)
-    run_module_in(model.mask_decoder, dtype)
+    decoder = model.mask_decoder
+    for module in decoder.bulk_modules():
+        module.to(dtype)
+    decoder.forward = _returning_float32(decoder.forward)
     model.fast_dtype = dtype
     return model.eval()

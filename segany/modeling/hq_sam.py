@@ -13,7 +13,7 @@ alone with `hq_token_only=True`. Everything of SAM is reused unchanged; names fo
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -80,7 +80,12 @@ class MaskDecoderHQ(MaskDecoder):
 
     def hq_features(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor) -> torch.Tensor:
         """(B_img, 256, 64, 64) + (B_img, C_vit, 64, 64) -> (B_img, 32, 256, 256)."""
-        return self.embedding_encoder(image_embeddings) + self.compress_vit_feat(interm_embeddings)
+        dtype = self.image_dtype
+        return self.embedding_encoder(image_embeddings.to(dtype)) + self.compress_vit_feat(interm_embeddings.to(dtype))
+
+    def bulk_modules(self) -> List[nn.Module]:
+        """SAM's, and the HQ fusion's convolutions over the image (see MaskDecoder.bulk_modules)."""
+        return super().bulk_modules() + [self.compress_vit_feat, self.embedding_encoder, self.embedding_maskfeature]
 
     def forward(
         self,

@@ -107,6 +107,12 @@ def linear(
         raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
     if activation is not None and residual is not None:
         return linear(x, weight, bias, activation) + residual
+    if x.dtype != weight.dtype and x.is_floating_point():
+        # A layer whose weights are in another dtype than its input (the fast mode's decoder: float32
+        # tokens through its bfloat16 MLPs, its bfloat16 image side through a float32 projection):
+        # the product runs in the layer's dtype, the result comes back in the input's.
+        y = linear(x.to(weight.dtype), weight, bias, activation).to(x.dtype)
+        return y if residual is None else residual + y
     exporting = is_exporting()
     small = not exporting and _small_bfloat16_product(x, weight, bias)
     if small or exporting or not _use_onednn(x, weight, bias):

@@ -95,7 +95,7 @@ class MaskUpscaling(nn.Sequential):
         """Logits of a band of rows x (B, r, w, C) in blocked order: (B, T, r, w, dy1, dx1, (dy2, dx2))."""
         b, r, w, _ = x.shape
         feats = self._blocked_features(x)  # B, r, w, 4, 4, C/8
-        logits = hyper @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
+        logits = hyper.to(feats.dtype) @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
         return logits.view(b, hyper.shape[1], r, w, 2, 2, 4)
 
     def masks(self, x: torch.Tensor, hyper: torch.Tensor, region: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -113,6 +113,7 @@ class MaskUpscaling(nn.Sequential):
         Outside autograd only."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
+        hyper = hyper.to(x.dtype)  # (float32 tokens' weights on the fast mode's bfloat16 image side)
         if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
@@ -167,6 +168,7 @@ def _activate_in_place(act: nn.Module, x: torch.Tensor) -> None:
 def mask_logits(hyper_in: torch.Tensor, upscaled: torch.Tensor) -> torch.Tensor:
     """hyper_in (B, T, c) . upscaled (B, c, H, W) over c -> (B, T, H, W), whatever upscaled's layout."""
     b, c, h, w = upscaled.shape
+    hyper_in = hyper_in.to(upscaled.dtype)
     if upscaled.permute(0, 2, 3, 1).is_contiguous():
         flat = upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of the channels-last data
         return (flat @ hyper_in.transpose(1, 2)).transpose(1, 2).reshape(b, -1, h, w)
@@ -214,6 +216,24 @@ class MaskDecoder(nn.Module):
         )
         self.iou_prediction_head = MLP(transformer_dim, iou_head_hidden_dim, self.num_mask_tokens, iou_head_depth)
 
+    @property
+    def token_dtype(self) -> torch.dtype:
+        """The dtype the tokens' side (output and prompt tokens, attention projections, heads) runs in."""
+        return self.iou_token.weight.dtype
+
+    @property
+    def image_dtype(self) -> torch.dtype:
+        """The dtype the image side (embedding + dense prompt, PE, upscaling) runs in."""
+        return self.output_upscaling[0].weight.dtype
+
+    def bulk_modules(self) -> List[nn.Module]:
+        """The modules whose cost is their size rather than their dispatch: those run over every image
+        position (the output upscaling) and the transformer's MLPs, whose weights are most of the
+        decoder's bytes (read once per decode for a few tokens). The fast mode runs these in bfloat16
+        and the rest (a few tokens through small layers) in float32."""
+        mlps = [layer.mlp for layer in getattr(self.transformer, "layers", [])]
+        return [self.output_upscaling] + mlps
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -249,7 +269,8 @@ class MaskDecoder(nn.Module):
     def add_dense_prompt(self, image_embeddings: torch.Tensor, dense_prompt_embeddings: torch.Tensor, batch: int) -> torch.Tensor:
         """Image embedding + dense prompt, (B, C, h, w); batch 1 when every prompt shares it (one image and
         no mask prompt: the dense prompt is one broadcast embedding), so the image side is computed once."""
-        dense = dense_prompt_embeddings
+        dtype = self.image_dtype
+        image_embeddings, dense = image_embeddings.to(dtype), dense_prompt_embeddings.to(dtype)
         if image_embeddings.shape[0] == 1 and (dense.shape[0] == 1 or dense.stride(0) == 0):
             return image_embeddings + dense[:1]
         return self.expand_to_batch(image_embeddings, batch) + dense
@@ -267,9 +288,8 @@ class MaskDecoder(nn.Module):
         project: also the first block's projections of it (see TwoWayTransformer.prepare)."""
         if image_embeddings.shape[0] != 1 or not (dense_prompt_embeddings.shape[0] == 1 or dense_prompt_embeddings.stride(0) == 0):
             raise ValueError("a shared image side needs one image embedding and one dense prompt for every prompt")
-        dtype = self.iou_token.weight.dtype
-        src = self.add_dense_prompt(image_embeddings.to(dtype), dense_prompt_embeddings[:1].to(dtype), 1)
-        return self.transformer.prepare(src, image_pe[:1].to(dtype), project=project)
+        src = self.add_dense_prompt(image_embeddings, dense_prompt_embeddings[:1], 1)
+        return self.transformer.prepare(src, image_pe[:1].to(self.image_dtype), project=project)
 
     def hypernetwork_weights(self, mask_tokens_out: torch.Tensor, which: slice = slice(None)) -> torch.Tensor:
         """Each mask token through its own MLP: (B, T, C) -> (B, T, C/8). `which`: the mask tokens that
@@ -382,11 +402,12 @@ class MaskDecoder(nn.Module):
         `outputs` (indices into the output tokens, in that order), and the image side (B, h, w, C),
         channels-last."""
         batch = sparse_prompt_embeddings.shape[0]
-        tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)
+        tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings.to(self.token_dtype)], dim=1)
         if image_side is None:
             src = self.add_dense_prompt(image_embeddings, dense_prompt_embeddings, batch)
             # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.
-            image_side = self.transformer.prepare(src, image_pe[:1] if image_pe.shape[0] > 1 else image_pe)
+            pe = image_pe[:1] if image_pe.shape[0] > 1 else image_pe
+            image_side = self.transformer.prepare(src, pe.to(self.image_dtype))
         n_out = tokens.shape[1] - sparse_prompt_embeddings.shape[1]  # IoU, mask (and a variant's) tokens
         hs, src = self.transformer.run(image_side, tokens, n_out if outputs is None else outputs)
         return hs, src.reshape(batch, *image_side.size, src.shape[-1])

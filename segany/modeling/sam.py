@@ -155,7 +155,7 @@ class Sam(nn.Module):
         # nor the "no mask" embedding were modified in place.
         stamp = (
             tuple(tensor_version(t) for t in (image_embeddings, self.prompt_encoder.no_mask_embed.weight)),
-            self.mask_decoder.iou_token.weight.dtype,
+            (self.mask_decoder.token_dtype, self.mask_decoder.image_dtype),
         )
         entry = cache.get("mask_decoder_image_side")
         if (

@@ -17,6 +17,13 @@ from .common import MLPBlock
 from .kernels import Linear, linear, matmul_weight
 
 
+def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """x in like's dtype. In the fast mode the tokens' side runs in float32 and the image side in
+    bfloat16: their products run in the image side's dtype, and what they give the tokens comes back
+    to float32 (see segany.modeling.fast)."""
+    return x if x.dtype == like.dtype else x.to(like.dtype)
+
+
 @dataclass
 class ProjectedImage:
     """The first block's projections of a shared image side, per head: the token-to-image keys (H, d, N)
@@ -97,6 +104,7 @@ class Attention(nn.Module):
         """out_proj of the attention's values from mixed = P x (B, H, Nq, C) of unprojected values x:
         (P x) W_v^T + b_v per head (the rows of P sum to 1), heads recombined: (B, Nq, C)."""
         heads, head_dim = self.num_heads, self.internal_dim // self.num_heads
+        mixed = _cast(mixed, self.v_proj.weight)
         out = matmul_weight(mixed, self.v_proj.weight, lambda w: w.view(heads, head_dim, -1).transpose(1, 2))
         out = out + self.v_proj.bias.view(heads, 1, head_dim)
         return self.out_proj(self._recombine_heads(out))
@@ -122,8 +130,8 @@ class Attention(nn.Module):
             n_q = q.shape[1]
             return self.forward(q.reshape(1, batch_q * n_q, q.shape[2]), k, v).reshape(batch_q, n_q, -1)
         q = self._separate_heads(self.q_proj(q))
-        k = self._separate_heads(self.k_proj(k))
-        v = self._separate_heads(self.v_proj(v))
+        k = _cast(self._separate_heads(self.k_proj(k)), q)
+        v = _cast(self._separate_heads(self.v_proj(v)), q)
         if batch_q == 1 and batch_k > 1:
             q = q.expand(batch_k, -1, -1, -1)
         out = F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]))
@@ -141,11 +149,12 @@ class Attention(nn.Module):
         batch = max(q.shape[0], k.shape[0])
         q_heads = self._scaled_heads(q, self.q_proj)  # B, H, Nq, d
         q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # B, H*Nq, C and B, H*Nq, 1
+        q_k = _cast(q_k, k)
         if k.shape[0] == 1:  # one image for every prompt: one product for all of them
             logits = linear(q_k.reshape(-1, dim), k[0]).view(q.shape[0], heads * n_q, -1)
         else:
             logits = q_k @ k.transpose(1, 2)  # B, H*Nq, Nk
-        probs = (logits + q_bias).softmax(-1)
+        probs = (logits + _cast(q_bias, logits)).softmax(-1)
         if v.shape[0] == 1:
             mixed = linear(probs.reshape(-1, probs.shape[-1]), v[0].t()).view(batch, heads, n_q, dim)
         else:
@@ -161,6 +170,7 @@ class Attention(nn.Module):
         v_heads = self._separate_heads(self.v_proj(v))
         batch = k_heads.shape[0]
         k_q, q_bias = self._fold_into(k_heads, self.q_proj)  # B, H*Nk, C and B, H*Nk, 1
+        k_q, q_bias = _cast(k_q, q), _cast(q_bias, q)
         if q.shape[0] == 1 and batch > 1:  # one image for every prompt: one product, q not repeated
             logits = (q[0] @ k_q.reshape(batch * heads * n_k, dim).t()).view(-1, batch, heads * n_k)
             logits = logits.permute(1, 2, 0)  # B, H*Nk, Nq
@@ -185,12 +195,13 @@ class Attention(nn.Module):
         v_out = matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, head_dim).permute(1, 2, 0))
         v_out = v_out.reshape(batch, heads * n_k, dim)
         if residual is None:
-            start = self.out_proj.bias.expand(batch, 1, dim)
+            start = _cast(self.out_proj.bias, probs).expand(batch, 1, dim)
         else:
             # Each head's probabilities sum to 1, so the output bias can ride on the values (bias / heads
             # per head) and the residual be the product's accumulator: one pass over the image side.
             start = residual
             v_out = v_out + self.out_proj.bias / heads
+        v_out = _cast(v_out, probs)
         if in_place and residual is not None and batch == 1:
             residual[0].addmm_(probs[0].t(), v_out[0])
             return residual
@@ -212,8 +223,8 @@ class Attention(nn.Module):
         """One prompt's tokens q (1, Nq, C) attending to a projected image: keys_t (H, d, N) from
         project_image(k, k_proj, True), values (H, N, d) from project_image(v, v_proj, False)."""
         q_heads = self._scaled_heads(q, self.q_proj)[0]  # H, Nq, d
-        probs = (q_heads @ keys_t).softmax(-1)  # H, Nq, N
-        return self.out_proj(self._recombine_heads((probs @ values)[None]))
+        probs = (_cast(q_heads, keys_t) @ keys_t).softmax(-1)  # H, Nq, N
+        return self.out_proj(self._recombine_heads(_cast(probs @ values, q_heads)[None]))
 
     def attend_from_projected(
         self, queries_t: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: Optional[torch.Tensor] = None
@@ -222,7 +233,7 @@ class Attention(nn.Module):
         prompt's tokens k, v (1, Nk, C): (1, N, C), plus residual."""
         k_heads = self._scaled_heads(k, self.k_proj)  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
-        logits = (k_heads[0] @ queries_t).view(1, -1, queries_t.shape[-1])  # 1, H*Nk, N
+        logits = (_cast(k_heads[0], queries_t) @ queries_t).view(1, -1, queries_t.shape[-1])  # 1, H*Nk, N
         return self._mix_into_image(logits, v_heads, residual)
 
     # Later blocks attend between the tokens and a prompt's own image side plus the shared PE. The PE's
@@ -232,7 +243,7 @@ class Attention(nn.Module):
 
     def project_pe(self, pe: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         """pe (1, N, C) through proj's weight alone (no bias), per head: (H, d, N)."""
-        return self._separate_heads(F.linear(pe, proj.weight))[0].transpose(1, 2).contiguous()
+        return self._separate_heads(linear(pe, proj.weight))[0].transpose(1, 2).contiguous()
 
     def attend_to_image_and_pe(self, q: torch.Tensor, image: torch.Tensor, pe_keys_t: torch.Tensor) -> torch.Tensor:
         """One prompt's tokens q (1, Nq, C) attending to keys image + PE and values image (1, N, C), with
@@ -240,8 +251,8 @@ class Attention(nn.Module):
         heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
         q_heads = self._scaled_heads(q, self.q_proj)[0]  # H, Nq, d
         q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # H*Nq, C and H*Nq, 1
-        logits = linear(q_k, image[0]).add_(q_bias).view(heads, n_q, -1)  # H, Nq, N
-        logits = logits.baddbmm_(q_heads, pe_keys_t)  # + the PE's part
+        logits = linear(_cast(q_k, image), image[0]).add_(q_bias).view(heads, n_q, -1)  # H, Nq, N
+        logits = logits.baddbmm_(_cast(q_heads, logits), pe_keys_t)  # + the PE's part
         probs = logits.softmax(-1)
         mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(1, heads, n_q, dim)  # 1, H, Nq, C
         return self._values_out(mixed)
@@ -256,8 +267,8 @@ class Attention(nn.Module):
         k_heads = self._scaled_heads(k, self.k_proj)  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         k_q, q_bias = self._fold_into(k_heads[0], self.q_proj)  # H*Nk, C and H*Nk, 1
-        logits = linear(k_q, image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
-        logits = logits.baddbmm_(k_heads[0], pe_queries_t)  # + the PE's part
+        logits = linear(_cast(k_q, image), image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
+        logits = logits.baddbmm_(_cast(k_heads[0], logits), pe_queries_t)  # + the PE's part
         return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
 
 

@@ -197,7 +197,7 @@ class SamMaskSource:
         coords, labels = self._prompts(points)
         model, emb = self.model, self._require_embedding()
         dec = model.mask_decoder
-        dtype = dec.iou_token.weight.dtype
+        dtype = dec.token_dtype
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
         tokens = torch.cat([dec.output_tokens(batch), sparse.to(dtype)], dim=1)
