@@ -97,19 +97,32 @@ class PromptEncoder(nn.Module):
         point's pixel centre plus its type's embedding (label 0 negative, 1 positive); label -1 ('not a
         point') is the not-a-point embedding alone, other labels add nothing."""
         embedding = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
-        labels = labels[..., None]
-        # Type embeddings gathered by label + 1 from (not used, negative, positive, zero): one gather and
-        # add instead of a masked add per type; the same sums (adding 0.0 changes no value).
-        negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
-        table = torch.cat([torch.zeros_like(negative), negative, positive, torch.zeros_like(negative)])
-        types = table[(labels[..., 0] + 1).clamp(0, 3).long()]  # (labels may come as floats)
-        embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding + types)
+        # One gather from a table by label + 2 (clamped): nothing (labels below -1), the not-a-point
+        # embedding (-1), the negative (0) and positive (1) type embeddings, nothing (other labels); a
+        # 'not a point' keeps no positional encoding (times 0.0). The sums of the released masked adds.
+        index = (labels + 2).clamp(0, 4).long()  # (labels may come as floats)
+        encoding = embedding * (labels != -1)[..., None]
+        embedding = encoding + self._type_table()[index]
         if pad:
             # Without a box, a 'not a point' token is appended, as the released model was trained (its
             # positional encoding is replaced by the not-a-point embedding, so it is not computed).
             pad_token = self.not_a_point_embed.weight.expand(embedding.shape[0], 1, -1)
             embedding = torch.cat([embedding, pad_token], dim=1)
         return embedding
+
+    def _type_table(self) -> torch.Tensor:
+        """(5, C): zeros, not-a-point, negative, positive, zeros (see _embed_points); outside autograd
+        kept until one of them changes."""
+        negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
+        not_a_point = self.not_a_point_embed.weight
+
+        def build() -> torch.Tensor:
+            zero = torch.zeros_like(negative)
+            return torch.cat([zero, not_a_point, negative, positive, zero])
+
+        if torch.is_grad_enabled():
+            return build()
+        return kept_until_changed(self, "_type_table_cache", [negative, positive, not_a_point], build)
 
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         corners = (boxes + 0.5).reshape(-1, 2, 2)
