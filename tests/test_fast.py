@@ -265,6 +265,27 @@ def test_fast_decoder_keeps_its_tokens_in_float32_and_agrees_on_every_path(tiny_
                 torch.testing.assert_close(iou_fast, iou_exact, atol=0.03, rtol=0)
 
 
+def test_make_fast_converts_a_decoder_without_sides_whole():
+    """A decoder that does not name its bulk (not a MaskDecoder) runs wholly in bfloat16, float32 out."""
+    from segany.modeling.fast import make_fast
+
+    class Decoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x)
+
+    model = torch.nn.Module()
+    model.image_encoder, model.mask_decoder = torch.nn.Linear(4, 4), Decoder()
+    make_fast(model)
+    assert model.mask_decoder.layer.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model.mask_decoder(torch.randn(2, 4))
+    assert out.dtype == torch.float32
+
+
 def test_fast_mode_is_listed_and_unknown_mode_is_a_value_error():
     assert "fast" in segany.io.models.MODES
     with pytest.raises(ValueError, match="unknown mode"):

@@ -86,8 +86,11 @@ def make_fast(model: nn.Module, dtype: torch.dtype = FAST_DTYPE) -> nn.Module:
         return model
     run_module_in(model.image_encoder, dtype)
     decoder = model.mask_decoder
-    for module in decoder.bulk_modules():
-        module.to(dtype)
-    decoder.forward = _returning_float32(decoder.forward)
+    if not hasattr(decoder, "bulk_modules"):  # a decoder that does not split its sides: all of it
+        run_module_in(decoder, dtype)
+    else:
+        for module in decoder.bulk_modules():
+            module.to(dtype)
+        decoder.forward = _returning_float32(decoder.forward)
     model.fast_dtype = dtype
     return model.eval()
