@@ -16,8 +16,9 @@ from .checkpoint import build_model, load_checkpoint, model_from_state_dict, rea
 
 PathLike = Union[str, os.PathLike]
 
-# exact: float32, reproduces the released implementation; fast: bfloat16 encoder and decoder
-# (segany.modeling.fast), about 2.5x faster encoding on AVX-512 BF16 CPUs, masks agree closely.
+# exact: float32, reproduces the released implementation; fast: bfloat16 encoder and decoder bulk
+# (segany.modeling.fast), about 1.7x faster encoding than exact on AVX-512 BF16 CPUs, masks agree
+# closely.
 MODES = ("exact", "fast")
 
 # A name that is not a file is looked up here (the model zoo registers its resolver).
@@ -48,7 +49,8 @@ def load_model(
 
     The architecture (SAM ViT size, MobileSAM, HQ-SAM) is read from the state dict itself.
     mode="exact" runs in float32 and reproduces the released implementation; mode="fast" runs the image
-    encoder and mask decoder in bfloat16 (inference only; see segany.modeling.fast).
+    encoder and the mask decoder's bulk (upscaling, MLPs) in bfloat16, its few tokens in float32
+    (inference only; see segany.modeling.fast).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
