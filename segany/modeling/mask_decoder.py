@@ -95,7 +95,7 @@ class MaskUpscaling(nn.Sequential):
         """Logits of a band of rows x (B, r, w, C) in blocked order: (B, T, r, w, dy1, dx1, (dy2, dx2))."""
         b, r, w, _ = x.shape
         feats = self._blocked_features(x)  # B, r, w, 4, 4, C/8
-        logits = hyper.to(feats.dtype) @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
+        logits = hyper @ feats.view(b, -1, feats.shape[-1]).transpose(1, 2)  # B, T, r*w*16
         return logits.view(b, hyper.shape[1], r, w, 2, 2, 4)
 
     def masks(self, x: torch.Tensor, hyper: torch.Tensor, region: Optional[Tuple[int, int]] = None) -> torch.Tensor:
@@ -257,6 +257,12 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         return tokens.unsqueeze(0).expand(batch, -1, -1)
 
+    def tokens_with(self, sparse_prompt_embeddings: torch.Tensor) -> torch.Tensor:
+        """The transformer's token sequence: the output tokens, then the prompt tokens (B, N, C), in the
+        tokens' dtype."""
+        batch = sparse_prompt_embeddings.shape[0]
+        return torch.cat([self.output_tokens(batch), sparse_prompt_embeddings.to(self.token_dtype)], dim=1)
+
     @staticmethod
     def expand_to_batch(x: torch.Tensor, batch: int) -> torch.Tensor:
         """One image embedding serves every prompt; a per-prompt batch is used as it is."""
@@ -402,7 +408,7 @@ class MaskDecoder(nn.Module):
         `outputs` (indices into the output tokens, in that order), and the image side (B, h, w, C),
         channels-last."""
         batch = sparse_prompt_embeddings.shape[0]
-        tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings.to(self.token_dtype)], dim=1)
+        tokens = self.tokens_with(sparse_prompt_embeddings)
         if image_side is None:
             src = self.add_dense_prompt(image_embeddings, dense_prompt_embeddings, batch)
             # The positional encoding is the same for every prompt: the transformer broadcasts batch 1.

@@ -191,16 +191,15 @@ class SamMaskSource:
         are zero). Point by point: the two-way transformer and the IoU head, then the output
         upscaling and hypernetwork products only for a point with a passing output,
         while that point's image side is still in cache. Every step is the decoder's own module on the
-        same inputs, so the values are those of a full decode (in the decoder's dtype: float32 in exact
-        mode, bfloat16 in fast mode; the results are float32).
+        same inputs, so the values are those of a full decode (in the decoder's dtypes: float32 in exact
+        mode; in fast mode a bfloat16 image side and float32 tokens; the results are float32).
         """
         coords, labels = self._prompts(points)
         model, emb = self.model, self._require_embedding()
         dec = model.mask_decoder
-        dtype = dec.token_dtype
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
-        tokens = torch.cat([dec.output_tokens(batch), sparse.to(dtype)], dim=1)
+        tokens = dec.tokens_with(sparse)
         # The image side shared by every point, prepared once per crop embedding (in the decoder's dtype).
         side = model.cached_image_side(
             emb.decoder_cache, emb.features["image_embeddings"], model.prompt_encoder.get_dense_pe(), dense
