@@ -36,8 +36,9 @@ class ProjectedImage:
 
 @dataclass
 class ProjectedPE:
-    """A block's projections of the positional encoding alone (weights without bias), per head (H, d, N):
-    for the token-to-image keys and (except in the final attention) the image-to-token queries."""
+    """A block's projections of the positional encoding, per head (H, d, N), with the projection's bias
+    (which the image's part, folded into the tokens, then leaves out): for the token-to-image keys and
+    (except in the final attention) the image-to-token queries."""
 
     keys_t: torch.Tensor
     queries_t: Optional[torch.Tensor] = None
@@ -96,9 +97,14 @@ class Attention(nn.Module):
         """proj folded into the other side's heads (..., H, N, d): rows (..., H*N, C) and biases
         (..., H*N, 1) such that rows . x + biases = heads . proj(x) per head, for any x (..., C)."""
         *lead, n_heads, n, head_dim = heads.shape
-        rows = matmul_weight(heads, proj.weight, lambda w: w.view(n_heads, head_dim, -1))
         biases = (heads * proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(*lead, n_heads * n, 1)
-        return rows.reshape(*lead, n_heads * n, -1), biases
+        return self._fold_weight_into(heads, proj), biases
+
+    def _fold_weight_into(self, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+        """The rows of _fold_into alone: rows . x = heads . (x W^T) per head."""
+        *lead, n_heads, n, head_dim = heads.shape
+        rows = matmul_weight(heads, proj.weight, lambda w: w.view(n_heads, head_dim, -1))
+        return rows.reshape(*lead, n_heads * n, -1)
 
     def _values_out(self, mixed: torch.Tensor) -> torch.Tensor:
         """out_proj of the attention's values from mixed = P x (B, H, Nq, C) of unprojected values x:
@@ -239,20 +245,22 @@ class Attention(nn.Module):
     # Later blocks attend between the tokens and a prompt's own image side plus the shared PE. The PE's
     # projections are computed once (project_pe); then image + PE is never formed: the logits are the
     # image's part folded into the tokens (as in _few_queries/_few_keys) plus the PE's part, a small
-    # product with the tokens' heads. Two fewer passes over the (N, C) image side per attention.
+    # product with the tokens' heads. Two fewer passes over the (N, C) image side per attention; the
+    # projection's bias rides on the PE's part (q . (W (x + pe) + b) = (q W) . x + q . (W pe + b)), which
+    # saves a pass over the logits.
 
     def project_pe(self, pe: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
-        """pe (1, N, C) through proj's weight alone (no bias), per head: (H, d, N)."""
-        return self._separate_heads(linear(pe, proj.weight))[0].transpose(1, 2).contiguous()
+        """proj(pe) for pe (1, N, C), per head: (H, d, N)."""
+        return self._separate_heads(linear(pe, proj.weight, proj.bias))[0].transpose(1, 2).contiguous()
 
     def attend_to_image_and_pe(self, q: torch.Tensor, image: torch.Tensor, pe_keys_t: torch.Tensor) -> torch.Tensor:
         """One prompt's tokens q (1, Nq, C) attending to keys image + PE and values image (1, N, C), with
         pe_keys_t = project_pe(pe, k_proj). Equals forward(q, image + pe, image)."""
         heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
         q_heads = self._scaled_heads(q, self.q_proj)[0]  # H, Nq, d
-        q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # H*Nq, C and H*Nq, 1
-        logits = linear(_cast(q_k, image), image[0]).add_(q_bias).view(heads, n_q, -1)  # H, Nq, N
-        logits = logits.baddbmm_(_cast(q_heads, logits), pe_keys_t)  # + the PE's part
+        q_k = self._fold_weight_into(q_heads, self.k_proj)  # H*Nq, C
+        logits = linear(_cast(q_k, image), image[0]).view(heads, n_q, -1)  # H, Nq, N
+        logits = logits.baddbmm_(_cast(q_heads, logits), pe_keys_t)  # + the PE's part and the bias's
         probs = logits.softmax(-1)
         mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(1, heads, n_q, dim)  # 1, H, Nq, C
         return self._values_out(mixed)
@@ -266,9 +274,9 @@ class Attention(nn.Module):
         heads, n_k = self.num_heads, k.shape[1]
         k_heads = self._scaled_heads(k, self.k_proj)  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
-        k_q, q_bias = self._fold_into(k_heads[0], self.q_proj)  # H*Nk, C and H*Nk, 1
-        logits = linear(_cast(k_q, image), image[0]).add_(q_bias).view(heads, n_k, -1)  # H, Nk, N
-        logits = logits.baddbmm_(_cast(k_heads[0], logits), pe_queries_t)  # + the PE's part
+        k_q = self._fold_weight_into(k_heads[0], self.q_proj)  # H*Nk, C
+        logits = linear(_cast(k_q, image), image[0]).view(heads, n_k, -1)  # H, Nk, N
+        logits = logits.baddbmm_(_cast(k_heads[0], logits), pe_queries_t)  # + the PE's part and the bias's
         return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
 
 
