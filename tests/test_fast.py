@@ -96,6 +96,50 @@ def test_blocked_mask_upscaling_equals_upscale_then_dot(tiny_sam, monkeypatch):
         assert not torch.allclose(changed, expected, atol=1e-3)
 
 
+def _rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected).norm() / expected.norm()).item()
+
+
+def test_bfloat16_mask_upscaling_folds_its_layer_norm(tiny_sam, monkeypatch):
+    """In bfloat16 the banded path folds the layer norm's centring and gain into the first convolution
+    (see MaskUpscaling._folded_norm): it agrees with the float32 module on the same (bfloat16-rounded)
+    weights as closely as the plain bfloat16 path does, follows changes of the norm's weights, and a
+    zero gain (no 1/gain^2) falls back to the plain layer norm."""
+    from segany.modeling.mask_decoder import MaskUpscaling, mask_logits
+
+    torch.manual_seed(11)
+    up = copy.deepcopy(tiny_sam.mask_decoder.output_upscaling).to(torch.bfloat16)
+    with torch.no_grad():  # a norm that is not the identity, a convolution whose outputs have a mean
+        up[1].weight.copy_(1 + 0.5 * torch.randn(64))
+        up[1].bias.copy_(0.3 * torch.randn(64))
+        up[0].bias.add_(0.5)
+    x = torch.randn(1, 10, 6, 256).to(torch.bfloat16)
+    hyper = torch.randn(1, 3, 32).to(torch.bfloat16)
+    monkeypatch.setattr(MaskUpscaling, "ROWS_PER_BAND", 3)
+
+    def expected() -> torch.Tensor:
+        whole = copy.deepcopy(up).float()
+        return mask_logits(hyper.float(), whole(x.float().permute(0, 3, 1, 2)))
+
+    with torch.no_grad():
+        assert up._folded_norm() is not None
+        folded = up.masks(x, hyper)
+        assert folded.dtype == torch.float32 and folded.shape == (1, 3, 40, 24)
+        assert _rel_l2(folded, expected()) < 0.01
+        monkeypatch.setattr(MaskUpscaling, "_folded_norm", lambda self: None)  # the plain layer norm
+        plain = up.masks(x, hyper)
+        assert _rel_l2(plain, expected()) < 0.01
+        monkeypatch.undo()
+        monkeypatch.setattr(MaskUpscaling, "ROWS_PER_BAND", 3)
+        assert _rel_l2(folded, plain) < 0.01
+
+        up[1].weight.mul_(-2.0)  # in place: the folded matrix is rebuilt
+        assert _rel_l2(up.masks(x, hyper), expected()) < 0.01
+        up[1].weight[5] = 0.0
+        assert up._folded_norm() is None
+        assert _rel_l2(up.masks(x, hyper), expected()) < 0.01
+
+
 @pytest.mark.parametrize("region", [(10, 6), (4, 6), (10, 1), (7, 5), (1, 1), (99, 99)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mask_upscaling_of_a_region_equals_that_part_of_the_whole(tiny_sam, monkeypatch, region, dtype):

@@ -82,6 +82,38 @@ class MaskUpscaling(nn.Sequential):
         params = [p for conv in convs for p in conv.parameters()]
         return kept_until_changed(self, "_matrix_cache", params, lambda: [conv_transpose_2x2_matrix(c) for c in convs])
 
+    def _folded_norm(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """For the banded inference path: the first convolution's matrix and bias with the layer norm's
+        centring and gain folded in (gain * (W - mean over each sub-pixel's C/4 outputs)), and 1/gain^2
+        as a (C/4, 1) column; kept until the weights change. None where a gain is zero or not finite
+        (1/gain^2 would not be), or the norm is not the released LayerNorm2d."""
+        up1, norm = self[0], self[1]
+        if not isinstance(norm, LayerNorm2d):
+            return None
+        params = [up1.weight, norm.weight] + [t for t in (up1.bias, norm.bias) if t is not None]
+
+        def fold() -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+            weight, bias = conv_transpose_2x2_matrix(up1)
+            gain = norm.weight.detach().float()
+            inverse_gain_squared = gain.square().reciprocal()
+            if not bool(torch.isfinite(inverse_gain_squared).all()):
+                return None
+            c_out = up1.out_channels
+            weight = weight.detach().float().view(4, c_out, -1)
+            weight = (weight - weight.mean(1, keepdim=True)) * gain[:, None]
+            if bias is None:
+                bias = torch.zeros(4 * c_out)
+            bias = bias.detach().float().view(4, c_out)
+            bias = (bias - bias.mean(1, keepdim=True)) * gain
+            dtype = up1.weight.dtype
+            return (
+                weight.reshape(4 * c_out, -1).to(dtype),
+                bias.reshape(-1).to(dtype),
+                inverse_gain_squared[:, None].to(dtype),
+            )
+
+        return kept_until_changed(self, "_folded_norm_cache", params, fold)
+
     def _blocked_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, r, w, C) channels-last -> (B, r, w, 4, 4, C/8): each pixel's upscaled 4x4 block, order
         (dy1, dx1) of the first convolution then (dy2, dx2) of the second."""
@@ -143,8 +175,19 @@ class MaskUpscaling(nn.Sequential):
         (w1, b1), (w2, b2) = self._matrices()
         r, w, c = x.shape
         n = r * w
-        y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels, C/4
-        normed = F.layer_norm(y1, (y1.shape[-1],), norm.weight, norm.bias, norm.eps)
+        folded = self._folded_norm() if x.dtype == torch.bfloat16 else None
+        if folded is None:
+            y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels, C/4
+            normed = F.layer_norm(y1, (y1.shape[-1],), norm.weight, norm.bias, norm.eps)
+        else:
+            # The layer norm with its centring and gain folded into the first convolution: that gives
+            # gain * (y1 - mean(y1)) per sub-pixel; the sums of squares of y1 - mean come from it by one
+            # product with 1/gain^2, and what is left of the norm is one scaling per row plus the bias.
+            scaled_weight, scaled_bias, inverse_gain_squared = folded
+            scaled = linear(x.reshape(n, c), scaled_weight, scaled_bias).view(n * 4, -1)  # sub-pixels, C/4
+            sum_squares = scaled.square() @ inverse_gain_squared  # (sub-pixels, 1)
+            rstd = sum_squares.mul_(1.0 / scaled.shape[-1]).add_(norm.eps).rsqrt_()
+            normed = torch.addcmul(norm.bias, scaled, rstd)
         _activate_in_place(act1, normed)
         fused = fusable_activation(act2)  # applied by the product's kernel as it writes
         y2 = linear(normed, w2, b2, activation=fused)
