@@ -126,11 +126,10 @@ def test_bfloat16_mask_upscaling_folds_its_layer_norm(tiny_sam, monkeypatch):
         folded = up.masks(x, hyper)
         assert folded.dtype == torch.float32 and folded.shape == (1, 3, 40, 24)
         assert _rel_l2(folded, expected()) < 0.01
-        monkeypatch.setattr(MaskUpscaling, "_folded_norm", lambda self: None)  # the plain layer norm
-        plain = up.masks(x, hyper)
+        with monkeypatch.context() as patched:
+            patched.setattr(MaskUpscaling, "_folded_norm", lambda self: None)  # the plain layer norm
+            plain = up.masks(x, hyper)
         assert _rel_l2(plain, expected()) < 0.01
-        monkeypatch.undo()
-        monkeypatch.setattr(MaskUpscaling, "ROWS_PER_BAND", 3)
         assert _rel_l2(folded, plain) < 0.01
 
         up[1].weight.mul_(-2.0)  # in place: the folded matrix is rebuilt

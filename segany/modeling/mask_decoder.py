@@ -90,7 +90,7 @@ class MaskUpscaling(nn.Sequential):
         up1, norm = self[0], self[1]
         if not isinstance(norm, LayerNorm2d):
             return None
-        params = [up1.weight, norm.weight] + [t for t in (up1.bias, norm.bias) if t is not None]
+        params = [up1.weight, norm.weight] + ([] if up1.bias is None else [up1.bias])  # (what the fold reads)
 
         def fold() -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
             weight, bias = conv_transpose_2x2_matrix(up1)
