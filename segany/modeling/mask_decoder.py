@@ -35,10 +35,14 @@ def conv_transpose_2x2_blocks(
     return F.linear(x, weight, bias).view(*x.shape[:-1], 4, conv.out_channels)
 
 
-def conv_transpose_2x2_matrix(conv: nn.ConvTranspose2d) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The transposed convolution's weight as a linear layer's ((dy, dx, Cout), Cin) matrix, and bias."""
+def conv_transpose_2x2_matrix(
+    conv: nn.ConvTranspose2d, dx_first: bool = False
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The transposed convolution's weight as a linear layer's ((dy, dx, Cout), Cin) matrix, and bias;
+    with dx_first its rows ordered (dx, dy, Cout)."""
     c_in, c_out = conv.in_channels, conv.out_channels
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out).t()
+    weight = conv.weight.permute(0, 3, 2, 1) if dx_first else conv.weight.permute(0, 2, 3, 1)
+    weight = weight.reshape(c_in, 4 * c_out).t()
     bias = conv.bias.repeat(4) if conv.bias is not None else None
     return weight, bias
 
@@ -50,9 +54,10 @@ class MaskUpscaling(nn.Sequential):
     returns a channels-last-strided NCHW view, which `mask_logits` reads without a copy.
 
     `masks` goes further for the hypernetwork dot product: every input pixel owns a 4x4 block of output
-    pixels, and everything after the first convolution is per pixel, so the upscaled features are kept
-    in that blocked order (h, w, dy1, dx1, dy2, dx2, C/8) and only the few mask logits are shuffled into
-    image order at the end; the work runs over bands of rows that stay in cache.
+    pixels, and everything after the first convolution is per pixel, so the upscaled features are never
+    shuffled into image order as a whole: the sub-pixels are ordered on the way (see _band_logits_into)
+    so that only the few mask logits are copied into place; the work runs over bands of rows that stay
+    in cache.
     """
 
     # Input pixels per band, for 4-byte floats (twice as many for 2-byte ones): 1024 pixels of a 64-wide
@@ -73,14 +78,19 @@ class MaskUpscaling(nn.Sequential):
         x = act2(conv_transpose_2x2(x, up2))
         return x.permute(0, 3, 1, 2)
 
-    def _matrices(self) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Both convolutions as linear-layer matrices; outside autograd kept until the weights change
-        (rebuilt per band and call they were a tenth of the upscaling's time)."""
+    def _matrices(self, second_dx_first: bool = False) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Both convolutions as linear-layer matrices (the second one's rows ordered (dx, dy, C/8) with
+        second_dx_first); outside autograd kept until the weights change (rebuilt per band and call
+        they were a tenth of the upscaling's time)."""
         convs = (self[0], self[3])
+
+        def build() -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+            return [conv_transpose_2x2_matrix(convs[0]), conv_transpose_2x2_matrix(convs[1], second_dx_first)]
+
         if torch.is_grad_enabled():
-            return [conv_transpose_2x2_matrix(conv) for conv in convs]
+            return build()
         params = [p for conv in convs for p in conv.parameters()]
-        return kept_until_changed(self, "_matrix_cache", params, lambda: [conv_transpose_2x2_matrix(c) for c in convs])
+        return kept_until_changed(self, f"_matrix_cache_{int(second_dx_first)}", params, build)
 
     def _folded_norm(self) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """For the banded inference path: the first convolution's matrix and bias with the layer norm's
@@ -135,8 +145,8 @@ class MaskUpscaling(nn.Sequential):
 
         The same products as forward() followed by mask_logits(), without the two pixel shuffles of the
         (B, 4h, 4w, C/8) features. Outside autograd the logits come out in float32 whatever the
-        module's dtype (the cast rides on a shuffle), and every band's logits are written into the
-        same buffer.
+        module's dtype (the cast rides on the copy into place), and every band's logits go through the
+        same scratch buffer.
 
         region (rows, cols): only the logits of the first `rows` x `cols` pixels of x, the top-left
         (4 rows, 4 cols) of the result, zeros elsewhere: each pixel's 4x4 block depends on that pixel
@@ -152,33 +162,36 @@ class MaskUpscaling(nn.Sequential):
         rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
         partial = (rows_in, cols_in) != (h, w)
         band_rows = self._band_rows(x)
-        band_logits = x.new_empty(t, 16 * min(rows_in, band_rows) * cols_in)
-        # Into image order in two copies: dy1 before w (runs of 4 values, cast to float32 on the way), then
-        # dy2 before w (runs of 2); one copy moving single values was 4x slower.
-        rows = torch.empty(b, t, h, 2, w, 2, 4, dtype=torch.float32, device=x.device)  # B, T, (h, dy1), (w, dx1), (dy2, dx2)
+        # Per band, the logits of each dy2 half (see _band_logits_into) before they are copied into place.
+        scratch = x.new_empty(2, t, 8 * min(rows_in, band_rows) * cols_in)
+        new_out = torch.zeros if partial else torch.empty
+        out = new_out(b, t, 4 * h, 4 * w, dtype=torch.float32, device=x.device)
         for i in range(b):
             for r0 in range(0, rows_in, band_rows):
                 band = x[i, r0 : min(r0 + band_rows, rows_in), :cols_in]
-                logits = self._band_logits_into(band, hyper[i], band_logits)  # T, r, w', dy1, dx1, (dy2, dx2)
-                rows[i, :, r0 : r0 + band.shape[0], :, :cols_in] = logits.permute(0, 1, 3, 2, 4, 5)
-        new_out = torch.zeros if partial else torch.empty
-        out = new_out(b, t, h, 2, 2, w, 2, 2, dtype=torch.float32, device=x.device)
-        shuffled = rows.view(b, t, h, 2, w, 2, 2, 2).permute(0, 1, 2, 3, 6, 4, 5, 7)
-        out[:, :, :rows_in, :, :, :cols_in].copy_(shuffled[:, :, :rows_in, :, :, :cols_in])
-        return out.view(b, t, 4 * h, 4 * w)
+                target = out[i, :, 4 * r0 : 4 * (r0 + band.shape[0]), : 4 * cols_in]
+                self._band_logits_into(band, hyper[i], target, scratch)
+        return out
 
-    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
-        """_band_logits for one image side's band x (r, w, C) and hyper (T, C/8), the logits written into
-        `buffer` (T, >= 16 r w): (T, r, w, dy1, dx1, (dy2, dx2)), a view of it. The convolutions run
-        through kernels.linear (the second one's GELU applied by its kernel)."""
+    def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, target: torch.Tensor, scratch: torch.Tensor) -> None:
+        """The logits of one image side's band x (r, w, C) for hyper (T, C/8), written in image order into
+        `target` (T, 4r, 4w) (a float32 view of the output); scratch (2, T, >= 8 r w) in x's dtype.
+
+        The sub-pixels are put in image order on the way rather than shuffled at the end: the first
+        convolution's sub-pixel rows (r, w, dy1, dx1) are normalised into rows (r, dy1, w, dx1), and the
+        second convolution's columns are ordered (dx2, dy2, c), so that for each dy2 its outputs are one
+        strided matrix whose rows run (r, dy1, w, dx1, dx2): the hypernetwork product of each dy2 is
+        already in image order, rows of 4w logits apart from its dy2 rows. The convolutions run through
+        kernels.linear (the second one's GELU applied by its kernel)."""
         up1, norm, act1, up2, act2 = self
-        (w1, b1), (w2, b2) = self._matrices()
+        (w1, b1), (w2, b2) = self._matrices(second_dx_first=True)
         r, w, c = x.shape
         n = r * w
+        c1, c2 = up1.out_channels, up2.out_channels
         folded = self._folded_norm() if x.dtype == torch.bfloat16 else None
         if folded is None:
-            y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels, C/4
-            normed = F.layer_norm(y1, (y1.shape[-1],), norm.weight, norm.bias, norm.eps)
+            y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels (r, w, dy1, dx1), C/4
+            y1 = F.layer_norm(y1, (c1,), norm.weight, norm.bias, norm.eps)
         else:
             # The layer norm with its centring and gain folded into the first convolution: that gives
             # gain * (y1 - mean(y1)) per sub-pixel; the sums of squares of y1 - mean come from it by one
@@ -186,16 +199,26 @@ class MaskUpscaling(nn.Sequential):
             scaled_weight, scaled_bias, inverse_gain_squared = folded
             scaled = linear(x.reshape(n, c), scaled_weight, scaled_bias).view(n * 4, -1)  # sub-pixels, C/4
             sum_squares = scaled.square() @ inverse_gain_squared  # (sub-pixels, 1)
-            rstd = sum_squares.mul_(1.0 / scaled.shape[-1]).add_(norm.eps).rsqrt_()
-            normed = torch.addcmul(norm.bias, scaled, rstd)
+            rstd = sum_squares.mul_(1.0 / c1).add_(norm.eps).rsqrt_()
+            y1 = torch.addcmul(norm.bias, scaled, rstd)
+        # Rows (r, w, dy1, dx1) -> (r, dy1, w, dx1) in a copy of runs of C/4: 11 us a band here, where the
+        # norm writing its output in that order (strided) took 40 us longer than into rows in order.
+        normed = x.new_empty(r, 2, w, 2, c1)
+        normed.permute(0, 2, 1, 3, 4).copy_(y1.view(r, w, 2, 2, c1))
         _activate_in_place(act1, normed)
         fused = fusable_activation(act2)  # applied by the product's kernel as it writes
-        y2 = linear(normed, w2, b2, activation=fused)
+        y2 = linear(normed.view(n * 4, c1), w2, b2, activation=fused)  # (r, dy1, w, dx1) x (dx2, dy2, C/8)
         if fused is None:
             _activate_in_place(act2, y2)
-        logits = buffer[:, : 16 * n]
-        torch.mm(hyper, y2.view(n * 16, -1).t(), out=logits)  # the upscaled pixels in blocked order
-        return logits.view(hyper.shape[0], r, w, 2, 2, 4)
+        halves = y2.view(n * 8, 2, c2)  # rows (r, dy1, w, dx1, dx2), dy2, C/8
+        logits = scratch[:, :, : 8 * n]  # dy2, T, (r, dy1, w, dx1, dx2)
+        if halves.dtype == torch.float32:  # one batched product: MKL reads the strided halves as they are
+            torch.matmul(hyper, halves.permute(1, 2, 0), out=logits)
+        else:  # bfloat16 batched products copy strided operands first; two products do not
+            for dy2 in range(2):
+                torch.mm(hyper, halves[:, dy2].t(), out=logits[dy2])
+        rows = target.view(target.shape[0], 2 * r, 2, target.shape[-1])  # T, (r, dy1), dy2, (w, dx1, dx2)
+        rows.copy_(logits.view(2, -1, 2 * r, 4 * w).permute(1, 2, 0, 3))
 
 
 def _activate_in_place(act: nn.Module, x: torch.Tensor) -> None:
