@@ -191,19 +191,20 @@ class MaskUpscaling(nn.Sequential):
         folded = self._folded_norm() if x.dtype == torch.bfloat16 else None
         if folded is None:
             y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels (r, w, dy1, dx1), C/4
-            y1 = F.layer_norm(y1, (c1,), norm.weight, norm.bias, norm.eps)
+            spare, y1 = y1, F.layer_norm(y1, (c1,), norm.weight, norm.bias, norm.eps)
         else:
             # The layer norm with its centring and gain folded into the first convolution: that gives
             # gain * (y1 - mean(y1)) per sub-pixel; the sums of squares of y1 - mean come from it by one
             # product with 1/gain^2, and what is left of the norm is one scaling per row plus the bias.
             scaled_weight, scaled_bias, inverse_gain_squared = folded
-            scaled = linear(x.reshape(n, c), scaled_weight, scaled_bias).view(n * 4, -1)  # sub-pixels, C/4
-            sum_squares = scaled.square() @ inverse_gain_squared  # (sub-pixels, 1)
-            rstd = sum_squares.mul_(1.0 / c1).add_(norm.eps).rsqrt_()
-            y1 = torch.addcmul(norm.bias, scaled, rstd)
-        # Rows (r, w, dy1, dx1) -> (r, dy1, w, dx1) in a copy of runs of C/4: 11 us a band here, where the
-        # norm writing its output in that order (strided) took 40 us longer than into rows in order.
-        normed = x.new_empty(r, 2, w, 2, c1)
+            spare = linear(x.reshape(n, c), scaled_weight, scaled_bias).view(n * 4, -1)  # sub-pixels, C/4
+            y1 = spare.square()  # (its buffer then takes the norm's output)
+            rstd = (y1 @ inverse_gain_squared).mul_(1.0 / c1).add_(norm.eps).rsqrt_()  # (sub-pixels, 1)
+            torch.addcmul(norm.bias, spare, rstd, out=y1)
+        # Rows (r, w, dy1, dx1) -> (r, dy1, w, dx1) in a copy of runs of C/4 (11 us a band here, where the
+        # norm writing its output in that order, strided, took 40 us longer), into the buffer of the
+        # convolution's output, which the norm has consumed: fewer bytes through the caches per band.
+        normed = spare.view(r, 2, w, 2, c1)
         normed.permute(0, 2, 1, 3, 4).copy_(y1.view(r, w, 2, 2, c1))
         _activate_in_place(act1, normed)
         fused = fusable_activation(act2)  # applied by the product's kernel as it writes
