@@ -24,6 +24,16 @@ def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == like.dtype else x.to(like.dtype)
 
 
+def _image_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """norm(x) for the image side. In the fast mode that side is bfloat16 and the norm's weights
+    float32: PyTorch's CPU kernel takes the two as they are (statistics and affine in float32); its
+    CUDA kernel wants one dtype, so there the weights are cast to the side's."""
+    if norm.weight is None or x.dtype == norm.weight.dtype or x.device.type == "cpu":
+        return norm(x)
+    bias = None if norm.bias is None else norm.bias.to(x.dtype)
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), bias, norm.eps)
+
+
 @dataclass
 class ProjectedImage:
     """The first block's projections of a shared image side, per head: the token-to-image keys (H, d, N)
@@ -347,7 +357,7 @@ class TwoWayAttentionBlock(nn.Module):
             )
         else:
             attn = self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys)
-        return queries, self.norm4(attn)
+        return queries, _image_norm(self.norm4, attn)
 
     def project(self, image: torch.Tensor, image_with_pe: torch.Tensor) -> ProjectedImage:
         """This block's projections of a shared image side (1, N, C) (and + PE), for forward(projected=)."""
@@ -449,9 +459,9 @@ class TwoWayTransformer(nn.Module):
             # The first tokens in order are a view; any other choice is gathered (index tensor made once).
             prefix = outputs == list(range(len(outputs)))
             outputs = len(outputs) if prefix else torch.as_tensor(outputs, device=point_embedding.device)
-        if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled():
+        if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled() and point_embedding.is_cpu:
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
-            # CPU): about 2x faster per prompt than a batch of 64, same results.
+            # CPU): about 2x faster per prompt than a batch of 64, same results. (A GPU takes them at once.)
             step = INFERENCE_MICRO_BATCH
             parts = [
                 self.run(side, point_embedding[start : start + step], outputs)
