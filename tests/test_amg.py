@@ -175,6 +175,20 @@ def test_stability_score_matches_released():
     assert np.array_equal(ours[1:], ref[1:].numpy())
 
 
+@pytest.mark.parametrize("threshold,offset", [(0.0, 1.0), (0.3, 0.05), (-0.7, 0.1)])
+def test_stability_score_on_a_tensor_equals_the_numpy_one(threshold, offset):
+    """stability_score_torch (everything mode on a GPU) gives exactly stability_score's values, NaN for
+    an empty low-threshold mask included."""
+    torch.manual_seed(3)
+    logits = torch.randn(7, 33, 41) * 2
+    logits[0] = -9.0
+    logits[1, :3] = threshold + offset  # on the threshold itself: not above it
+    ours = mask_ops.stability_score_torch(logits, threshold, offset)
+    numpy_scores = mask_ops.stability_score(logits.numpy(), threshold, offset)
+    assert ours.dtype == torch.float32
+    np.testing.assert_array_equal(ours.numpy(), numpy_scores)
+
+
 def test_box_nms_matches_released():
     import_reference("segment_anything")
     from torchvision.ops.boxes import batched_nms  # the reference shim

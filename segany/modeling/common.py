@@ -48,7 +48,7 @@ class MLPBlock(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """lin2(act(lin1(x))), plus `residual` when given (added as each chunk is computed)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting():
+        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting() or not x.is_cpu:
             dtype = self.lin1.weight.dtype
             if x.dtype != dtype and not torch.is_grad_enabled() and self.lin2.weight.dtype == dtype:
                 # Weights in another dtype than the input (the fast mode's float32 tokens through a
@@ -58,8 +58,8 @@ class MLPBlock(nn.Module):
                 y = self.lin2(self.act(self.lin1(x)))
             return y if residual is None else residual + y
         # Row chunks keep the (rows, mlp_dim) hidden activations small: for a 64x64 image they are
-        # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block.
-        # Each row's arithmetic is unchanged.
+        # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block
+        # (on a CPU; a GPU runs the whole at once). Each row's arithmetic is unchanged.
         flat = x.reshape(rows, x.shape[-1])
         flat_residual = None if residual is None else residual.reshape(rows, self.lin2.out_features)
         out = flat.new_empty(rows, self.lin2.out_features)

@@ -156,9 +156,17 @@ class MaskUpscaling(nn.Sequential):
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         hyper = hyper.to(x.dtype)  # (float32 tokens' weights on the fast mode's bfloat16 image side)
-        if torch.is_grad_enabled() or is_exporting():  # one band, one shuffle
+        if torch.is_grad_enabled() or is_exporting() or not x.is_cpu:  # one band, one shuffle
+            # (the bands below are for a CPU's caches; a GPU runs the whole at once)
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
-            return logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
+            logits = logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
+            if torch.is_grad_enabled() or is_exporting():
+                return logits
+            logits = logits.float()  # inference on a GPU: what the banded path returns
+            if region is not None:
+                logits[..., 4 * min(h, int(region[0])) :, :] = 0
+                logits[..., :, 4 * min(w, int(region[1])) :] = 0
+            return logits
         rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
         partial = (rows_in, cols_in) != (h, w)
         band_rows = self._band_rows(x)
@@ -418,10 +426,11 @@ class MaskDecoder(nn.Module):
             if dense.shape[0] == 1 or dense.stride(0) == 0:  # one image side for every prompt: prepare it once
                 # (its projections pay for themselves from about three prompts on)
                 image_side = self.shared_image_side(image_embeddings, image_pe, dense, project=batch >= 3)
-        if batch > INFERENCE_MICRO_BATCH and inference:
+        if batch > INFERENCE_MICRO_BATCH and inference and sparse_prompt_embeddings.is_cpu:
             # Each prompt carries its own (h*w, C) image side through the transformer and the upscaling;
             # on a CPU these are memory-bound, and one prompt's working set fits in cache where 64 do not:
             # prompts one at a time ran about 2x faster per prompt than in one batch of 64 (same results).
+            # (A GPU takes the whole batch at once.)
             parts = [
                 self.predict_masks(
                     _batch_rows(image_embeddings, start, INFERENCE_MICRO_BATCH, batch),

@@ -140,12 +140,12 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each B*nW, heads, N, head_dim
         bias = self.attention_biases[:, self.bias_index]  # heads, N, N
-        if q.dtype == torch.float32 or torch.is_grad_enabled():
+        if q.dtype == torch.float32 or torch.is_grad_enabled() or not q.is_cpu:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_dim**-0.5)
         else:
-            # Reduced precision (fast mode): PyTorch's CPU kernel falls back to a generic path for a
-            # bfloat16 mask (with scans for fully masked rows); products in bfloat16, the logits,
-            # bias and softmax in float32 are both faster and closer to float32.
+            # Reduced precision (fast mode) on a CPU: PyTorch's CPU kernel falls back to a generic
+            # path for a bfloat16 mask (with scans for fully masked rows); products in bfloat16, the
+            # logits, bias and softmax in float32 are both faster and closer to float32.
             logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
             out = (logits.float() + bias.float()).softmax(-1).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))

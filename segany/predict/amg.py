@@ -187,15 +187,25 @@ class SamMaskSource:
 
         Returns iou (N, 3) of the multimask outputs, flat_index (K,) = point * 3 + output of the outputs
         with iou > iou_threshold (all of them when iou_threshold <= 0), ascending, and their low-res
-        logits (K, 256, 256) in that order (where upscale() reads them; the padding's rows and columns
-        are zero). Point by point: the two-way transformer and the IoU head, then the output
-        upscaling and hypernetwork products only for a point with a passing output,
+        logits (K, 256, 256) in that order (where upscale() reads them; on a CPU the padding's rows and
+        columns are zero). On a CPU point by point: the two-way transformer and the IoU head, then the
+        output upscaling and hypernetwork products only for a point with a passing output,
         while that point's image side is still in cache. Every step is the decoder's own module on the
         same inputs, so the values are those of a full decode (in the decoder's dtypes: float32 in exact
-        mode; in fast mode a bfloat16 image side and float32 tokens; the results are float32).
+        mode; in fast mode a bfloat16 image side and float32 tokens; the results are float32). On a GPU
+        the whole batch is decoded at once and the passing outputs picked from it.
         """
         coords, labels = self._prompts(points)
         model, emb = self.model, self._require_embedding()
+        if not coords.is_cpu:
+            low, iou = self.segmenter.decode_torch(emb, coords, labels, None, None, True)
+            iou = iou.float()
+            flat = iou.flatten()
+            if iou_threshold <= 0:
+                keep = torch.arange(len(flat), device=flat.device)
+            else:
+                keep = torch.nonzero(flat > iou_threshold).flatten()
+            return iou, keep.cpu(), low.flatten(0, 1)[keep].float()
         dec = model.mask_decoder
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
@@ -419,15 +429,23 @@ class MaskGenerator:
         for start in range(0, len(keep_idx), self.upscale_chunk):
             idx = keep_idx[start : start + self.upscale_chunk]
             rows = torch.arange(start, start + len(idx)) if filtered else idx
-            full = mask_ops.as_numpy(self.source.upscale(logits[rows.to(logits.device)]))  # (c, h, w) float
-            stability = mask_ops.stability_score(full, threshold, s.stability_score_offset)
+            full = self.source.upscale(logits[rows.to(logits.device)])  # (c, h, w) float
+            on_device = torch.is_tensor(full) and not full.is_cpu
+            if on_device:  # (a GPU: scored and thresholded there, only the kept masks come back, as bool)
+                stability = mask_ops.stability_score_torch(full, threshold, s.stability_score_offset).cpu().numpy()
+            else:
+                full = mask_ops.as_numpy(full)
+                stability = mask_ops.stability_score(full, threshold, s.stability_score_offset)
             if s.stability_score_thresh > 0:
                 sel = np.flatnonzero(stability >= np.float32(s.stability_score_thresh))
             else:
                 sel = np.arange(len(stability))
             if len(sel) == 0:
                 continue
-            masks_kept.append(full[sel] > full.dtype.type(threshold))  # bool: no float copy is kept
+            if on_device:
+                masks_kept.append((full[torch.as_tensor(sel, device=full.device)] > threshold).cpu().numpy())
+            else:
+                masks_kept.append(full[sel] > full.dtype.type(threshold))  # bool: no float copy is kept
             index_kept.append(idx.numpy()[sel])
             stability_kept.append(stability[sel])
             del full

@@ -167,6 +167,14 @@ def stability_score(logits: np.ndarray, mask_threshold: float, offset: float) ->
         return inner / outer
 
 
+def stability_score_torch(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """stability_score for a float tensor where it is (a GPU's): the same counts and the same float32
+    division. (N, H, W) -> (N,) float32, on the tensor's device."""
+    inner = (logits > mask_threshold + offset).flatten(1).sum(1).to(torch.float32)
+    outer = (logits > mask_threshold - offset).flatten(1).sum(1).to(torch.float32)
+    return inner / outer
+
+
 def uncrop_masks(masks: np.ndarray, crop_box: Box, height: int, width: int) -> np.ndarray:
     """(N, h, w) masks of a crop -> (N, height, width), zero outside the crop."""
     x0, y0, x1, y1 = crop_box
