@@ -11,7 +11,10 @@ Each figure is the median of --reps samples (a decode1 sample: the mean of 10 co
 reference, exact and fast samples are interleaved so that load from other processes hits them alike.
 segany's first decode of an image also prepares the decoder's image side (kept with the embedding). Agreement of fast with exact: relative L2 error of logits (and
 of the embedding) and mask IoU where |exact logit| > 0.05.
-The reference packages are imported through ../shared/tools/refshim (benchmark only).
+The reference packages are imported through ../shared/tools/refshim (benchmark only), or as they are
+where torchvision is installed (a GPU machine).
+With --device cuda every model runs on the GPU (fast mode: bfloat16) and each sample waits for the
+GPU to finish; --memory then reports the peak GPU memory of a vit_h embedding.
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ CALLS_PER_SAMPLE = {"decode1": 10}
 
 def reference_model(name: str):
     """A released-code model with seeded random weights."""
-    sys.path.insert(0, str(REFSHIM))
+    if REFSHIM.is_dir():
+        sys.path.insert(0, str(REFSHIM))
     torch.manual_seed(0)
     if name == "vit_t":
         import mobile_sam
@@ -72,15 +76,22 @@ def mask_iou(exact, other, confident: float = 0.05) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU runs asynchronously to the Python that feeds it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_model(name: str, rows, reps: int, image: np.ndarray, device: torch.device = torch.device("cpu")) -> dict:
     import segany
 
     ref_model, ref_pkg = reference_model(name)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"random_{name}.pth"
         torch.save(ref_model.state_dict(), path)
-        exact = segany.load_model(path, mode="exact")
-        fast = segany.load_model(path, mode="fast")
+        exact = segany.load_model(path, mode="exact", device=device)
+        fast = segany.load_model(path, mode="fast", device=device)
+    ref_model = ref_model.to(device)
     predictors = {
         "reference": ref_pkg.SamPredictor(ref_model),
         "exact": segany.SamPredictor(exact),
@@ -90,7 +101,7 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
     with torch.inference_mode():
         for predictor in predictors.values():  # warm-up, and the image every later row uses
             predictor.set_image(image)
-        embeddings = {k: p.get_image_embedding().float().numpy() for k, p in predictors.items()}
+        embeddings = {k: p.get_image_embedding().float().cpu().numpy() for k, p in predictors.items()}
         result["agreement"]["embedding exact vs ref (max abs)"] = float(
             np.abs(embeddings["exact"] - embeddings["reference"]).max()
         )
@@ -98,8 +109,8 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
 
         point = dict(point_coords=np.array([[400.0, 250.0]]), point_labels=np.array([1]), multimask_output=True)
         gen = torch.Generator().manual_seed(1)
-        coords64 = torch.rand(64, 1, 2, generator=gen) * 1000
-        labels64 = torch.ones(64, 1, dtype=torch.int)
+        coords64 = (torch.rand(64, 1, 2, generator=gen) * 1000).to(device)
+        labels64 = torch.ones(64, 1, dtype=torch.int, device=device)
 
         def decode64(p):
             c = p.transform.apply_coords_torch(coords64, p.original_size)
@@ -115,11 +126,16 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
                 continue
             samples = {k: [] for k in predictors}
             calls = CALLS_PER_SAMPLE.get(row, 1)
+            if device.type != "cpu":  # the GPU's first call of a shape picks and loads its kernels
+                for predictor in predictors.values():
+                    tasks[row](predictor)
             for _ in range(reps):
                 for key, predictor in predictors.items():  # interleaved
+                    synchronize(device)
                     start = time.perf_counter()
                     for _ in range(calls):
                         tasks[row](predictor)
+                    synchronize(device)
                     samples[key].append((time.perf_counter() - start) / calls)
             result["times"][row] = {k: statistics.median(v) for k, v in samples.items()}
             if row == "decode64":
@@ -129,7 +145,7 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
         low = {}
         for key in ("reference", "exact", "fast"):
             out = decode64(predictors[key])
-            low[key] = out[2].float().numpy()
+            low[key] = out[2].float().cpu().numpy()
         result["agreement"]["decode exact vs ref (max abs)"] = float(np.abs(low["exact"] - low["reference"]).max())
         result["agreement"]["decode fast rel L2"] = rel_l2(low["exact"], low["fast"])
         result["agreement"]["decode fast mask IoU"] = mask_iou(low["exact"], low["fast"])
@@ -146,8 +162,10 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
             times = {}
             try:
                 for key, generator in generators.items():
+                    synchronize(device)
                     start = time.perf_counter()
                     counts[key] = len(generator.generate(image))
+                    synchronize(device)
                     times[key] = time.perf_counter() - start
             except Exception as err:  # report the other rows even if the generator fails
                 result["agreement"]["everything"] = f"failed: {type(err).__name__}: {err}"
@@ -157,23 +175,32 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray) -> dict:
     return result
 
 
-def peak_rss_vit_h() -> float:
-    """Peak resident memory (GiB) of a fresh process that embeds one image with vit_h (random weights)."""
+def peak_memory_vit_h(device: torch.device) -> float:
+    """Peak memory (GiB) of a fresh process that embeds one image with vit_h (random weights, exact mode):
+    its resident set on a CPU, the GPU memory PyTorch allocated on a GPU."""
+    if device.type == "cuda":
+        setup = "p = segany.SamPredictor(build_sam('vit_h').cuda())\ntorch.cuda.reset_peak_memory_stats()\n"
+        # bytes -> KiB, as VmHWM
+        report = "print(torch.cuda.max_memory_allocated() // 1024)\n"
+    else:
+        setup = "torch.set_num_threads(2)\np = segany.SamPredictor(build_sam('vit_h'))\n"
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) benchmark process.
+        report = (
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+            "print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        )
     code = (
         "import resource, numpy as np, torch, segany\n"
         "from segany.modeling import build_sam\n"
-        "torch.set_num_threads(2)\n"
-        "p = segany.SamPredictor(build_sam('vit_h'))\n"
-        "p.set_image(np.zeros((480, 854, 3), np.uint8))\n"
-        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the (large) benchmark process.
-        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
-        "print(int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        + setup
+        + "p.set_image(np.zeros((480, 854, 3), np.uint8))\n"
+        + report
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 2**20
 
 
-def machine() -> str:
+def machine(device: torch.device = torch.device("cpu")) -> str:
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -182,8 +209,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    gpu = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), " if device.type == "cuda" else ""
     return (
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{gpu}{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{platform.python_implementation()} {platform.python_version()}"
     )
 
@@ -221,7 +249,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS of a vit_h embedding")
     parser.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where every model runs")
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch sees no CUDA device here")
     torch.set_num_threads(args.threads)
     rows = [r for r in args.rows.split(",") if r]
     unknown = set(rows) - set(ROWS)
@@ -232,12 +264,14 @@ def main() -> None:
     for name in [m for m in args.models.split(",") if m]:
         model_rows = rows + (["everything"] if args.everything and name == "vit_b" else [])
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
-        results.append(bench_model(name, model_rows, args.reps, image))
+        results.append(bench_model(name, model_rows, args.reps, image, device))
         print(table(results[-1:]), file=sys.stderr, flush=True)
-    text = f"Machine: {machine()}\nImage: {image.shape[1]}x{image.shape[0]}; median of {args.reps} interleaved runs.\n\n"
+    text = f"Machine: {machine(device)}\nImage: {image.shape[1]}x{image.shape[0]}; median of {args.reps} interleaved runs.\n\n"
     text += table(results)
     if args.memory:
-        text += f"\n\nPeak RSS embedding one image with vit_h (fresh process, exact mode): {peak_rss_vit_h():.2f} GiB\n"
+        what = "GPU memory" if device.type == "cuda" else "RSS"
+        peak = peak_memory_vit_h(device)
+        text += f"\n\nPeak {what} embedding one image with vit_h (fresh process, exact mode): {peak:.2f} GiB\n"
     print(text)
     if args.out is not None:
         from segany.io.atomic import atomic_write_text
