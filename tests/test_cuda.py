@@ -10,18 +10,19 @@ import pytest
 import torch
 
 import segany
+from segany.eval.metrics import iou as mask_iou
 from segany.modeling import ImageEncoderConfig, SamConfig, build_sam
 from segany.modeling.fast import make_fast
 from segany.modeling.hq_sam import build_hq_sam
 from segany.modeling.tiny_vit import mobile_sam_config
 
 from .smallsam import make_image
+from .test_fast import IOU_MIN, REL_L2_MAX, agreement
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (PyTorch sees none)")
 
 IMAGE_SIZE = (300, 500)  # (H, W): landscape, padded at the bottom
 LOGIT_ATOL = 2e-3  # float32 on the GPU sums in other orders than the CPU
-FAST_REL_L2, FAST_IOU = 0.03, 0.97
 
 
 def _small_sam(variant: str = "sam") -> torch.nn.Module:
@@ -38,17 +39,6 @@ def _small_sam(variant: str = "sam") -> torch.nn.Module:
             if name.startswith("mask_decoder.") and p.ndim > 1:
                 p.mul_(2.0)
     return model.eval()
-
-
-def _rel_l2(exact: np.ndarray, other: np.ndarray) -> float:
-    return float(np.linalg.norm(other - exact) / max(np.linalg.norm(exact), 1e-12))
-
-
-def _iou(exact: np.ndarray, other: np.ndarray) -> float:
-    keep = np.abs(exact) > 0.05
-    a, b = (exact > 0) & keep, (other > 0) & keep
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 def _prompt_outputs(predictor: segany.SamPredictor, image: np.ndarray) -> dict:
@@ -88,8 +78,8 @@ def test_predictor_paths_on_the_gpu_agree_with_the_cpu(variant, monkeypatch):
     gpu_fast = _prompt_outputs(segany.SamPredictor(make_fast(copy.deepcopy(model).cuda())), image)
     for path, expected in cpu.items():
         np.testing.assert_allclose(gpu_exact[path], expected, atol=LOGIT_ATOL, rtol=0, err_msg=path)
-        assert _rel_l2(gpu_exact[path], gpu_fast[path]) < FAST_REL_L2, path
-        assert _iou(gpu_exact[path], gpu_fast[path]) >= FAST_IOU, path
+        rel, iou = agreement(gpu_exact[path], gpu_fast[path])
+        assert rel < REL_L2_MAX and iou >= IOU_MIN, (path, rel, iou)
 
 
 def _generate(model: torch.nn.Module, image: np.ndarray) -> list:
@@ -100,11 +90,6 @@ def _generate(model: torch.nn.Module, image: np.ndarray) -> list:
         box_nms_thresh=0.9, crop_nms_thresh=0.9, min_mask_region_area=20,
     )
     return generator.generate(image)
-
-
-def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 @pytest.mark.parametrize("mode", ["exact", "fast"])
@@ -125,8 +110,8 @@ def test_everything_mode_with_a_crop_layer_on_the_gpu(mode, monkeypatch):
         assert record["area"] == int(record["segmentation"].sum())
         x, y, bw, bh = record["bbox"]
         assert 0 <= x and 0 <= y and x + bw <= IMAGE_SIZE[1] and y + bh <= IMAGE_SIZE[0]
-        best = max(range(len(cpu)), key=lambda j: _mask_iou(record["segmentation"], cpu[j]["segmentation"]))
-        assert _mask_iou(record["segmentation"], cpu[best]["segmentation"]) >= (0.98 if mode == "exact" else 0.8)
+        best = max(range(len(cpu)), key=lambda j: mask_iou(record["segmentation"], cpu[j]["segmentation"]))
+        assert mask_iou(record["segmentation"], cpu[best]["segmentation"]) >= (0.98 if mode == "exact" else 0.8)
         if mode == "exact":
             assert abs(record["predicted_iou"] - cpu[best]["predicted_iou"]) < 1e-3
             assert abs(record["stability_score"] - cpu[best]["stability_score"]) < 1e-2
