@@ -156,11 +156,12 @@ class MaskUpscaling(nn.Sequential):
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         hyper = hyper.to(x.dtype)  # (float32 tokens' weights on the fast mode's bfloat16 image side)
-        if torch.is_grad_enabled() or is_exporting() or not x.is_cpu:  # one band, one shuffle
+        autograd_or_export = torch.is_grad_enabled() or is_exporting()
+        if autograd_or_export or not x.is_cpu:  # one band, one shuffle
             # (the bands below are for a CPU's caches; a GPU runs the whole at once)
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             logits = logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
-            if torch.is_grad_enabled() or is_exporting():
+            if autograd_or_export:
                 return logits
             logits = logits.float()  # inference on a GPU: what the banded path returns
             if region is not None:

@@ -28,7 +28,7 @@ def _image_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """norm(x) for the image side. In the fast mode that side is bfloat16 and the norm's weights
     float32: PyTorch's CPU kernel takes the two as they are (statistics and affine in float32); its
     CUDA kernel wants one dtype, so there the weights are cast to the side's."""
-    if norm.weight is None or x.dtype == norm.weight.dtype or x.device.type == "cpu":
+    if norm.weight is None or x.dtype == norm.weight.dtype or x.is_cpu:
         return norm(x)
     bias = None if norm.bias is None else norm.bias.to(x.dtype)
     return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), bias, norm.eps)

@@ -195,10 +195,8 @@ class SamMaskSource:
         mode; in fast mode a bfloat16 image side and float32 tokens; the results are float32). On a GPU
         the whole batch is decoded at once and the passing outputs picked from it.
         """
-        coords, labels = self._prompts(points)
-        model, emb = self.model, self._require_embedding()
-        if not coords.is_cpu:
-            low, iou = self.segmenter.decode_torch(emb, coords, labels, None, None, True)
+        if self.segmenter.device.type != "cpu":
+            low, iou = self.predict(points)
             iou = iou.float()
             flat = iou.flatten()
             if iou_threshold <= 0:
@@ -206,6 +204,8 @@ class SamMaskSource:
             else:
                 keep = torch.nonzero(flat > iou_threshold).flatten()
             return iou, keep.cpu(), low.flatten(0, 1)[keep].float()
+        coords, labels = self._prompts(points)
+        model, emb = self.model, self._require_embedding()
         dec = model.mask_decoder
         sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         batch = sparse.shape[0]
