@@ -1,0 +1,121 @@
+"""segany's own CPU kernels in C (segany/modeling/csrc), compiled on first use and loaded with ctypes.
+
+PyTorch runs the mask decoder's upscaling as a chain of separate operations (two products, a layer
+norm, two GELUs, the hypernetwork product), each a pass over megabytes of intermediates; the kernel
+in csrc/upscale_bf16.c runs a few pixels at a time through the whole chain. It needs a CPU with
+AVX-512 BF16 and a C compiler: the source is compiled once per machine into the user's cache folder
+(the file's name carries a hash of the source, the flags and the compiler, so a changed source is
+compiled again) and loaded from there. Without either, or with SEGANY_NATIVE=0 in the environment,
+`library()` returns None and the callers keep their PyTorch path (same results up to rounding).
+
+The kernels use OpenMP; on Linux they bind to the OpenMP runtime PyTorch has already loaded (the
+same libgomp.so.1), and are given PyTorch's thread count on every call.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "upscale_bf16.c"
+FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+ABI = 1
+# Set to "0" to keep every caller on its PyTorch path.
+ENV_SWITCH = "SEGANY_NATIVE"
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU has the AVX-512 BF16 instructions the kernels use (Linux: /proc/cpuinfo)."""
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "fma"} <= flags
+    except OSError:
+        return False
+    return False
+
+
+def _compiler() -> Optional[str]:
+    for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def cache_dir() -> Path:
+    import platformdirs
+
+    return Path(os.environ.get("SEGANY_NATIVE_CACHE") or Path(platformdirs.user_cache_dir("segany")) / "native")
+
+
+def _build(compiler: str) -> Path:
+    """Compile SOURCE (if this source, compiler and flags have not been compiled before) and return
+    the library's path. The library is written to a temporary name and renamed into place, so a
+    concurrent or interrupted build never leaves a half-written file under the final name."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"upscale_bf16-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, f, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_long
+    lib.segany_native_abi.restype = i
+    lib.segany_native_abi.argtypes = []
+    lib.segany_gelu_f32.restype = None
+    lib.segany_gelu_f32.argtypes = [p, p, l]
+    lib.segany_upscale_logits_bf16.restype = None
+    lib.segany_upscale_logits_bf16.argtypes = [p, i, i, i, i, i, p, p, p, p, f, p, p, p, i, p, i]
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernels, or None where they cannot run here (the reason is logged once)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    if not cpu_has_avx512_bf16():
+        logger.info("segany native kernels: this CPU has no AVX-512 BF16; using PyTorch's operations")
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("segany native kernels: no C compiler found; using PyTorch's operations")
+        return None
+    try:
+        import torch  # noqa: F401  (its OpenMP runtime is loaded first, and the kernels bind to it)
+
+        lib = _declare(ctypes.CDLL(str(_build(compiler))))
+        if lib.segany_native_abi() != ABI:
+            raise RuntimeError("the compiled kernels do not match this version of segany")
+        return lib
+    except Exception as err:  # any failure: the PyTorch path is always there
+        logger.warning("segany native kernels unavailable (%s: %s); using PyTorch's operations", type(err).__name__, err)
+        return None
