@@ -166,3 +166,45 @@ def test_build_is_cached(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native._build(compiler) == first and first.stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+
+def _decode(model, features, coords, labels, cache):
+    with torch.inference_mode():
+        low, iou = model.decode(features, (coords, labels), None, None, True, cache=cache)
+    return low.double(), iou.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_points", [1, 4, 26, 27])
+def test_native_image_update_in_the_decoder(tiny_sam, monkeypatch, n_points):
+    """A fast decode with the compiled image update (both two-way blocks: 7, 10 and 32 tokens; 33
+    tokens (27 points) are past the kernel's limit and keep PyTorch's path) against the exact (float32) decode,
+    and against the fast decode through PyTorch's operations: closer to float32, never further."""
+    from segany.modeling import transformer
+    from segany.modeling.fast import make_fast
+
+    fast = make_fast(copy.deepcopy(tiny_sam))
+    g = torch.Generator().manual_seed(n_points)
+    features = {"image_embeddings": torch.randn(1, 256, 64, 64, generator=g)}
+    coords = torch.rand(1, n_points, 2, generator=g) * 1000
+    labels = torch.randint(0, 2, (1, n_points), generator=g)
+    calls = []
+    real_update = transformer.Attention.native_image_update
+
+    def counting(self, *args, **kwargs):
+        result = real_update(self, *args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(transformer.Attention, "native_image_update", counting)
+    expected, expected_iou = _decode(tiny_sam, features, coords, labels, cache={})
+    got, got_iou = _decode(fast, features, coords, labels, cache={})
+    assert calls == [n_points + 6 <= 32] * 2  # both blocks, where the tokens (5 outputs, points, pad) fit
+    monkeypatch.setattr(transformer, "native_image_update_usable", lambda *a: False)
+    calls.clear()
+    plain, _ = _decode(fast, features, coords, labels, cache={})
+    assert not calls
+    error = rel_l2(got, expected)
+    assert error < 2e-2, error
+    assert error <= rel_l2(plain, expected) * 1.05
+    assert (got_iou - expected_iou).abs().max().item() < 5e-2

@@ -187,14 +187,14 @@ class MaskUpscaling(nn.Sequential):
                 self._band_logits_into(band, hyper[i], target, scratch)
         return out
 
-    # The compiled kernel (segany.modeling.native, csrc/upscale_bf16.c) for the bfloat16 inference path:
+    # The compiled kernel (segany.modeling.native, csrc/decoder_bf16.c) for the bfloat16 inference path:
     # a few pixels at a time through both convolutions, the norm, the GELUs and the hypernetwork
     # product, only the logits written. Its intermediates stay in float32 (the second convolution's
     # input excepted), so it is closer to the float32 result than the banded path below (measured:
     # 0.16% against 0.50% relative L2 of the logits, same bfloat16 weights).
 
     def _native_weights(self) -> Optional[Tuple[torch.Tensor, ...]]:
-        """The weights packed for the kernel (see csrc/upscale_bf16.c), kept until they change; None
+        """The weights packed for the kernel (see csrc/decoder_bf16.c), kept until they change; None
         where the kernel cannot run: no compiled kernel here, or a structure other than SAM's
         (ConvT 2x2/2 to C/4 channels, LayerNorm2d, exact GELU, ConvT 2x2/2 to C/8, GELU; C/4 = 64)."""
         up1, norm, act1, up2, act2 = self

@@ -1,8 +1,10 @@
 """segany's own CPU kernels in C (segany/modeling/csrc), compiled on first use and loaded with ctypes.
 
-PyTorch runs the mask decoder's upscaling as a chain of separate operations (two products, a layer
-norm, two GELUs, the hypernetwork product), each a pass over megabytes of intermediates; the kernel
-in csrc/upscale_bf16.c runs a few pixels at a time through the whole chain. It needs a CPU with
+PyTorch runs the mask decoder's image-side work as chains of separate operations, each a pass over
+megabytes of intermediates: the upscaling (two products, a layer norm, two GELUs, the hypernetwork
+product) and, in each two-way block, the image's attention to the tokens (logits, softmax, values,
+residual, layer norm). The kernels in csrc/decoder_bf16.c run a few pixels at a time through a whole
+chain. It needs a CPU with
 AVX-512 BF16 and a C compiler: the source is compiled once per machine into the user's cache folder
 (the file's name carries a hash of the source, the flags and the compiler, so a changed source is
 compiled again) and loaded from there. Without either, or with SEGANY_NATIVE=0 in the environment,
@@ -28,7 +30,7 @@ from typing import Optional
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "upscale_bf16.c"
+SOURCE = Path(__file__).with_name("csrc") / "decoder_bf16.c"
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 ABI = 1
 # Set to "0" to keep every caller on its PyTorch path.
@@ -69,7 +71,7 @@ def _build(compiler: str) -> Path:
     concurrent or interrupted build never leaves a half-written file under the final name."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"upscale_bf16-{key}.so"
+    target = cache_dir() / f"decoder_bf16-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.segany_gelu_f32.argtypes = [p, p, l]
     lib.segany_upscale_logits_bf16.restype = None
     lib.segany_upscale_logits_bf16.argtypes = [p, i, i, i, i, i, p, p, p, p, f, p, p, p, i, p, i]
+    lib.segany_image_to_tokens_bf16.restype = None
+    lib.segany_image_to_tokens_bf16.argtypes = [p, l, i, p, i, p, p, p, i, p, p, f, p, i]
     return lib
 
 

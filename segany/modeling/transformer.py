@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .common import MLPBlock
-from .kernels import Linear, linear, matmul_weight
+from .kernels import Linear, is_exporting, linear, matmul_weight
 
 
 def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -42,6 +43,8 @@ class ProjectedImage:
     keys_t: torch.Tensor
     values: torch.Tensor
     queries_t: torch.Tensor
+    # queries_t pixel by pixel (N, H*d), for the compiled image update (segany.modeling.native).
+    queries_pixels: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class ProjectedPE:
 
     keys_t: torch.Tensor
     queries_t: Optional[torch.Tensor] = None
+    queries_pixels: Optional[torch.Tensor] = None  # queries_t pixel by pixel (N, H*d), as in ProjectedImage
 
 
 @dataclass
@@ -289,6 +293,74 @@ class Attention(nn.Module):
         logits = logits.baddbmm_(_cast(k_heads[0], logits), pe_queries_t)  # + the PE's part and the bias's
         return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
 
+    # The same update through the compiled kernel (segany.modeling.native): the logits of every pixel
+    # against the few tokens, their softmax, the values, the residual and the layer norm in one pass
+    # over the image side instead of six. Its logits, softmax and residual stay in float32 (PyTorch's
+    # bfloat16 path rounds each), its probabilities are rounded to bfloat16 as there.
+
+    MAX_NATIVE_TOKENS = 32
+
+    def native_image_update(
+        self,
+        image: torch.Tensor,
+        pixels: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        norm: nn.LayerNorm,
+        fold_image: bool,
+        out: torch.Tensor,
+    ) -> Optional[torch.Tensor]:
+        """norm(image + attention of the image to one prompt's tokens k, v (1, Nk, C)) into out (1, N, C)
+        (which may be image itself), where the image's query projection is given per pixel by
+        `pixels` (N, H*d): with fold_image the PE's (with the bias; the image's own part is folded into
+        the tokens, as in attend_from_image_and_pe), else the whole projection (the first block's
+        kept queries, as in attend_from_projected). None where the kernel does not apply."""
+        heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
+        lib = native.library()
+        if lib is None or n_k > self.MAX_NATIVE_TOKENS or k.shape[0] != 1:
+            return None
+        gain, beta = norm.weight, norm.bias
+        if gain is None or beta is None or gain.dtype != torch.float32 or beta.dtype != torch.float32:
+            return None
+        query_weight = self.q_proj.weight
+        if fold_image and query_weight.dtype != torch.float32:
+            return None
+        k_heads = self._scaled_heads(k, self.k_proj)[0].float().contiguous()  # H, Nk, d
+        v_heads = self._separate_heads(self.v_proj(v))
+        values = matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, -1).permute(1, 2, 0))[0]
+        # (+ the output bias / heads on every head's values: each head's probabilities sum to 1)
+        values = (values.float() + self.out_proj.bias.float() / heads).contiguous()  # H, Nk, C
+        lib.segany_image_to_tokens_bf16(
+            image.data_ptr(), image.shape[1], dim, pixels.data_ptr(), pixels.shape[1], k_heads.data_ptr(),
+            query_weight.detach().contiguous().data_ptr() if fold_image else None, values.data_ptr(), n_k,
+            gain.detach().contiguous().data_ptr(), beta.detach().contiguous().data_ptr(), float(norm.eps),
+            out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+
+def pixel_major(heads_t: torch.Tensor) -> torch.Tensor:
+    """Per-head projections (H, d, N) -> (N, H*d): each pixel's projection as one row."""
+    h, d, n = heads_t.shape
+    return heads_t.permute(2, 0, 1).reshape(n, h * d).contiguous()
+
+
+def native_image_update_usable(attention: "Attention", image: torch.Tensor) -> bool:
+    """Whether the compiled image update (csrc/decoder_bf16.c) can run this attention on this image
+    side: bfloat16 on a CPU at inference, SAM's 8 heads, and the kernel built here."""
+    return (
+        image.dtype == torch.bfloat16
+        and image.is_cpu
+        and not torch.is_grad_enabled()
+        and attention.num_heads == 8
+        and attention.embedding_dim % 64 == 0
+        and attention.embedding_dim <= 1024
+        and attention.internal_dim % 2 == 0
+        and not is_exporting()
+        and native.library() is not None
+    )
+
 
 class TwoWayAttentionBlock(nn.Module):
     def __init__(
@@ -349,6 +421,9 @@ class TwoWayAttentionBlock(nn.Module):
 
         # The image attends to the tokens (keys are unchanged since k was formed above).
         q = queries + query_pe
+        updated = self._native_image_update(keys, projected, projected_pe, q, queries, keys_owned)
+        if updated is not None:
+            return queries, updated
         if projected is not None:
             attn = self.cross_attn_image_to_token.attend_from_projected(projected.queries_t, q, queries, residual=keys)
         elif projected_pe is not None:
@@ -358,6 +433,25 @@ class TwoWayAttentionBlock(nn.Module):
         else:
             attn = self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys)
         return queries, _image_norm(self.norm4, attn)
+
+    def _native_image_update(
+        self,
+        keys: torch.Tensor,
+        projected: Optional[ProjectedImage],
+        projected_pe: Optional[ProjectedPE],
+        q: torch.Tensor,
+        queries: torch.Tensor,
+        keys_owned: bool,
+    ) -> Optional[torch.Tensor]:
+        """The image-to-token attention, residual and norm4 through the compiled kernel, where the
+        image side has kept pixel-major projections (see TwoWayTransformer.prepare); else None."""
+        kept = projected if projected is not None else projected_pe
+        if kept is None or kept.queries_pixels is None or keys.shape[0] != 1 or not keys.is_contiguous():
+            return None
+        out = keys if keys_owned and projected is None else torch.empty_like(keys)
+        return self.cross_attn_image_to_token.native_image_update(
+            keys, kept.queries_pixels, q, queries, self.norm4, fold_image=projected is None, out=out
+        )
 
     def project(self, image: torch.Tensor, image_with_pe: torch.Tensor) -> ProjectedImage:
         """This block's projections of a shared image side (1, N, C) (and + PE), for forward(projected=)."""
@@ -443,6 +537,11 @@ class TwoWayTransformer(nn.Module):
             final = self.final_attn_token_to_image
             side.pe_projections = [layer.project_pe(image_pe) for layer in self.layers[1:]]
             side.pe_projections.append(ProjectedPE(keys_t=final.project_pe(image_pe, final.k_proj)))
+            if native_image_update_usable(self.layers[0].cross_attn_image_to_token, image):
+                # The compiled image update reads each pixel's query projection as one row.
+                side.first_block.queries_pixels = pixel_major(side.first_block.queries_t)
+                for kept in side.pe_projections[:-1]:
+                    kept.queries_pixels = pixel_major(kept.queries_t)
         return side
 
     def run(
