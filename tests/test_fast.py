@@ -236,22 +236,32 @@ def test_opencv_upscaling_work_buffers_are_per_thread(tiny_sam, monkeypatch, kep
         assert all(pool.map(run, range(12)))
 
 
-def test_fast_segmenter_upscales_with_opencv(monkeypatch):
+@pytest.mark.parametrize("native_kernels", [True, False])
+def test_fast_segmenter_upscales_off_the_released_path(monkeypatch, native_kernels):
+    """The fast mode resizes its masks through the compiled kernel where it is available, else with
+    OpenCV; either gives postprocess_masks' logits."""
+    from segany.modeling import native
     from segany.predict import segmenter as segmenter_module
 
     from segany.modeling.fast import make_fast
 
     from .smallsam import small_sam
 
+    if native_kernels and native.library() is None:
+        pytest.skip("segany's native kernels are not available here")
+    if not native_kernels:
+        monkeypatch.setattr(native, "library", lambda: None)
     model = make_fast(small_sam(1))  # 256-pixel input, 64x64 low-res logits
     seg = segmenter_module.Segmenter(model)
     emb = seg.embedding_from_tensor(torch.randn(1, 64, 16, 16), (120, 213))
     low = torch.randn(1, 3, 64, 64)
     calls = []
-    real = segmenter_module.upscale_logits_opencv
-    monkeypatch.setattr(segmenter_module, "upscale_logits_opencv", lambda *a: calls.append(1) or real(*a))
+    for name in ("upscale_logits_native", "upscale_logits_opencv"):
+        real = getattr(segmenter_module, name)
+        monkeypatch.setattr(segmenter_module, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     got = seg.upscale(low, emb)
-    assert calls and got.shape == (1, 3, 120, 213)
+    assert calls == (["upscale_logits_native"] if native_kernels else ["upscale_logits_native", "upscale_logits_opencv"])
+    assert got.shape == (1, 3, 120, 213)
     torch.testing.assert_close(got, model.postprocess_masks(low, emb.input_size, emb.original_size), atol=5e-4, rtol=0)
 
 

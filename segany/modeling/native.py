@@ -98,6 +98,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.segany_upscale_logits_bf16.argtypes = [p, i, i, i, i, i, p, p, p, p, f, p, p, p, i, p, i]
     lib.segany_image_to_tokens_bf16.restype = None
     lib.segany_image_to_tokens_bf16.argtypes = [p, l, i, p, i, p, p, p, i, p, p, f, p, i]
+    lib.segany_resize_masks.restype = None
+    lib.segany_resize_masks.argtypes = [p, i, i, i, p, p, p, p, p, i, i, f, i, p, i]
     return lib
 
 

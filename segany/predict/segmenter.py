@@ -20,7 +20,7 @@ import torch
 
 from ..modeling.sam import low_res_region
 from .inputs import check_boxes, check_mask_input, check_points, load_image
-from .transforms import ResizeLongestSide, upscale_logits_opencv
+from .transforms import ResizeLongestSide, upscale_logits_native, upscale_logits_opencv
 
 
 @dataclass
@@ -157,13 +157,16 @@ class Segmenter:
 
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding, threshold: Optional[float] = None) -> torch.Tensor:
         """Low-res logits (..., 256, 256) -> logits at the original image size, or with `threshold` the
-        masks logits > threshold. The fast mode resizes with OpenCV on a CPU (see
-        transforms.upscale_logits_opencv); the exact mode as the released code."""
+        masks logits > threshold. The fast mode resizes on a CPU through segany's compiled kernel where
+        it is available (transforms.upscale_logits_native: the two steps' composite), else with OpenCV
+        (transforms.upscale_logits_opencv); the exact mode as the released code."""
         fast = getattr(self.model, "fast_dtype", None) is not None
         size = self.model.image_size
         resizable = low_res_region(low_res.shape[-2:], size, embedding.input_size) is not None
         if fast and low_res.device.type == "cpu" and not low_res.requires_grad and resizable:
-            return upscale_logits_opencv(low_res, embedding.input_size, embedding.original_size, size, threshold)
+            args = (low_res, embedding.input_size, embedding.original_size, size, threshold)
+            resized = upscale_logits_native(*args)
+            return resized if resized is not None else upscale_logits_opencv(*args)
         full = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
         return full if threshold is None else full > threshold
 

@@ -386,3 +386,55 @@ void segany_image_to_tokens_bf16(const uint16_t *x, long n, int C, const uint16_
   free(a2p);
   free(vp);
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * Mask logits resized to the image: SAM's two bilinear steps (the low-res logits up to the model's
+ * input frame, the padding cropped, then to the image size) as their composite. Each step is
+ * separable and each output sample of the second step reads two samples of the first, which read
+ * two neighbouring low-res samples each: per axis, every output is a weighted sum of three
+ * consecutive low-res samples (the weights computed by the caller, segany.predict.transforms). The
+ * full-size intermediate frame of the two-step resize is never formed.
+ *
+ * low:      (M, LH, LW) float32 logits.
+ * rows:     [out_h][3] low-res row of each tap; row_w [out_h][3] their weights.
+ * col_base: [blocks] for each 16 output columns the first low-res column they read;
+ *           col_off [3][blocks * 16] each tap's column relative to its block's base (0..15),
+ *           col_w [3][blocks * 16] the weights (zero past out_w).
+ * out:      (M, out_h, out_w) float32, or bytes 0/1 (logit > threshold) with as_bool. */
+void segany_resize_masks(const float *low, int M, int LH, int LW, const int *rows, const float *row_w,
+                         const int *col_base, const int *col_off, const float *col_w, int out_h, int out_w,
+                         float threshold, int as_bool, void *out, int num_threads) {
+  const int blocks = (out_w + 15) / 16;
+  const long lines = (long)M * out_h;
+  (void)LH;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (long line = 0; line < lines; line++) {
+    const int m = (int)(line / out_h), y = (int)(line % out_h);
+    float v[1024 + 32] __attribute__((aligned(64))); /* this output row, resampled vertically */
+    const float *mask = low + (long)m * LH * LW;
+    const float *r0 = mask + (long)rows[3 * y] * LW, *r1 = mask + (long)rows[3 * y + 1] * LW, *r2 = mask + (long)rows[3 * y + 2] * LW;
+    const __m512 w0 = _mm512_set1_ps(row_w[3 * y]), w1 = _mm512_set1_ps(row_w[3 * y + 1]), w2 = _mm512_set1_ps(row_w[3 * y + 2]);
+    int c = 0;
+    for (; c + 16 <= LW; c += 16)
+      _mm512_store_ps(v + c, _mm512_fmadd_ps(w2, _mm512_loadu_ps(r2 + c), _mm512_fmadd_ps(w1, _mm512_loadu_ps(r1 + c), _mm512_mul_ps(w0, _mm512_loadu_ps(r0 + c)))));
+    for (; c < LW; c++) v[c] = row_w[3 * y] * r0[c] + row_w[3 * y + 1] * r1[c] + row_w[3 * y + 2] * r2[c];
+    for (; c < LW + 32; c++) v[c] = 0.0f;
+    for (int b = 0; b < blocks; b++) {
+      const int x0 = 16 * b;
+      const __m512 window = _mm512_loadu_ps(v + col_base[b]);
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(col_w + x0), _mm512_permutexvar_ps(_mm512_loadu_si512(col_off + x0), window));
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(col_w + (long)blocks * 16 + x0),
+                            _mm512_permutexvar_ps(_mm512_loadu_si512(col_off + (long)blocks * 16 + x0), window), acc);
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(col_w + 2L * blocks * 16 + x0),
+                            _mm512_permutexvar_ps(_mm512_loadu_si512(col_off + 2L * blocks * 16 + x0), window), acc);
+      const int left = out_w - x0;
+      const __mmask16 keep = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+      if (as_bool) {
+        __mmask16 above = _mm512_cmp_ps_mask(acc, _mm512_set1_ps(threshold), _CMP_GT_OQ);
+        _mm_mask_storeu_epi8((uint8_t *)out + line * out_w + x0, keep, _mm_maskz_mov_epi8(above, _mm_set1_epi8(1)));
+      } else {
+        _mm512_mask_storeu_ps((float *)out + line * out_w + x0, keep, acc);
+      }
+    }
+  }
+}
