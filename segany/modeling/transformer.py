@@ -330,14 +330,15 @@ class Attention(nn.Module):
         values = matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, -1).permute(1, 2, 0))[0]
         # (+ the output bias / heads on every head's values: each head's probabilities sum to 1)
         values = (values.float() + self.out_proj.bias.float() / heads).contiguous()  # H, Nk, C
+        # (contiguous operands held in locals for the call's duration)
+        query_weight = query_weight.detach().contiguous() if fold_image else None
+        gain, beta = gain.detach().contiguous(), beta.detach().contiguous()
         lib.segany_image_to_tokens_bf16(
             image.data_ptr(), image.shape[1], dim, pixels.data_ptr(), pixels.shape[1], k_heads.data_ptr(),
-            query_weight.detach().contiguous().data_ptr() if fold_image else None, values.data_ptr(), n_k,
-            gain.detach().contiguous().data_ptr(), beta.detach().contiguous().data_ptr(), float(norm.eps),
-            out.data_ptr(), torch.get_num_threads(),
+            None if query_weight is None else query_weight.data_ptr(), values.data_ptr(), n_k,
+            gain.data_ptr(), beta.data_ptr(), float(norm.eps), out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return out
-
 
 
 def pixel_major(heads_t: torch.Tensor) -> torch.Tensor:
@@ -446,7 +447,9 @@ class TwoWayAttentionBlock(nn.Module):
         """The image-to-token attention, residual and norm4 through the compiled kernel, where the
         image side has kept pixel-major projections (see TwoWayTransformer.prepare); else None."""
         kept = projected if projected is not None else projected_pe
-        if kept is None or kept.queries_pixels is None or keys.shape[0] != 1 or not keys.is_contiguous():
+        if kept is None or kept.queries_pixels is None or keys.shape[0] != 1:
+            return None
+        if keys.dtype != torch.bfloat16 or not keys.is_contiguous() or kept.queries_pixels.dtype != torch.bfloat16:
             return None
         out = keys if keys_owned and projected is None else torch.empty_like(keys)
         return self.cross_attn_image_to_token.native_image_update(
