@@ -210,9 +210,13 @@ def machine(device: torch.device = torch.device("cpu")) -> str:
     except OSError:
         pass
     gpu = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), " if device.type == "cuda" else ""
+    from segany.modeling import native
+
+    kernels = "on" if device.type == "cpu" and native.library() is not None else "off"
     return (
         f"{gpu}{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.python_implementation()} {platform.python_version()}"
+        f"{platform.python_implementation()} {platform.python_version()}; segany's compiled CPU kernels "
+        f"(fast mode): {kernels}"
     )
 
 
