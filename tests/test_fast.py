@@ -195,17 +195,27 @@ def test_postprocess_crops_before_upsampling_without_changing_values(tiny_sam, i
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("input_size,original_size", [((576, 1024), (480, 854)), ((1024, 301), (1700, 500)), ((3, 1024), (2, 700)), ((1024, 1024), (1024, 1024))])
-def test_opencv_upscaling_agrees_with_postprocess_masks(tiny_sam, input_size, original_size):
-    from segany.predict.transforms import upscale_logits_opencv
+@pytest.mark.parametrize("resize", ["upscale_logits_opencv", "upscale_logits_native"])
+@pytest.mark.parametrize(
+    "input_size,original_size",
+    [((576, 1024), (480, 854)), ((1024, 301), (1700, 500)), ((3, 1024), (2, 700)), ((1024, 1024), (1024, 1024)), ((768, 1024), (3024, 4032)), ((1024, 683), (1023, 682))],
+)
+def test_fast_resizes_agree_with_postprocess_masks(tiny_sam, resize, input_size, original_size):
+    """The fast mode's resizes of the low-res logits to the image (OpenCV's two steps; the compiled
+    kernel's composite of them) against the released two steps, logits and thresholded masks."""
+    from segany.modeling import native
+    from segany.predict import transforms
 
+    if resize == "upscale_logits_native" and native.library() is None:
+        pytest.skip("segany's native kernels are not available here")
     torch.manual_seed(6)
     low = torch.randn(2, 3, 256, 256) * 4
     expected = tiny_sam.postprocess_masks(low, input_size, original_size)
-    got = upscale_logits_opencv(low, input_size, original_size, 1024)
+    got = getattr(transforms, resize)(low, input_size, original_size, 1024)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, atol=5e-4, rtol=0)
-    masks = upscale_logits_opencv(low, input_size, original_size, 1024, threshold=0.5)
+    # (OpenCV computes its sample positions in its own float arithmetic: ~1e-4 relative)
+    torch.testing.assert_close(got, expected, atol=5e-4, rtol=1e-4 if resize == "upscale_logits_opencv" else 0)
+    masks = getattr(transforms, resize)(low, input_size, original_size, 1024, threshold=0.5)
     assert masks.dtype == torch.bool and masks.shape == expected.shape
     confident = (expected - 0.5).abs() > 1e-3
     assert torch.equal(masks[confident], (expected > 0.5)[confident])

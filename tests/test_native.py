@@ -210,26 +210,6 @@ def test_native_image_update_in_the_decoder(tiny_sam, monkeypatch, n_points):
     assert (got_iou - expected_iou).abs().max().item() < 5e-2
 
 
-@needs_kernels
-@pytest.mark.parametrize(
-    "input_size,original_size",
-    [((576, 1024), (480, 854)), ((1024, 301), (1700, 500)), ((3, 1024), (2, 700)), ((1024, 1024), (1024, 1024)), ((768, 1024), (3024, 4032)), ((1024, 683), (1023, 682))],
-)
-def test_native_resize_equals_the_two_bilinear_steps(tiny_sam, input_size, original_size):
-    from segany.predict.transforms import upscale_logits_native
-
-    torch.manual_seed(8)
-    low = torch.randn(2, 3, 256, 256) * 4
-    expected = tiny_sam.postprocess_masks(low, input_size, original_size)
-    got = upscale_logits_native(low, input_size, original_size, 1024)
-    assert got.shape == expected.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, expected, atol=2e-4, rtol=0)
-    masks = upscale_logits_native(low, input_size, original_size, 1024, threshold=0.5)
-    assert masks.dtype == torch.bool and masks.shape == expected.shape
-    confident = (expected - 0.5).abs() > 1e-3
-    assert torch.equal(masks[confident], (expected > 0.5)[confident])
-
-
 def test_native_resize_declines_what_it_cannot_do(monkeypatch):
     """An image so narrow that 16 output columns read more than 16 low-res ones, or no kernels: None
     (the caller resizes with OpenCV)."""

@@ -66,6 +66,24 @@ static inline __m512bh broadcast_pair(const uint16_t *p) {
   return (__m512bh)_mm512_set1_epi32(v);
 }
 
+/* acc[i][0..3] += rows[i][0..2K) . w (packed [K][64][2]) for TILE rows. */
+static inline void product_64(__m512 acc[TILE][4], const uint16_t *const rows[TILE], const uint16_t *w, int k_pairs) {
+  for (int kp = 0; kp < k_pairs; kp++) {
+    const uint16_t *wk = w + (long)kp * 128;
+    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
+    __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
+    __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
+    __m512bh w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
+    for (int i = 0; i < TILE; i++) {
+      __m512bh b = broadcast_pair(rows[i] + 2 * kp);
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b, w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b, w1);
+      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], b, w2);
+      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], b, w3);
+    }
+  }
+}
+
 /* Mask logits for the top-left rows_in x cols_in pixels of one image side.
  *
  * x:      (H*W, C) bfloat16, one row per pixel (row stride C); C even.
@@ -105,21 +123,7 @@ void segany_upscale_logits_bf16(const uint16_t *x, int H, int W, int C, int rows
       __m512 acc[TILE][4];
       for (int i = 0; i < TILE; i++)
         for (int j = 0; j < 4; j++) acc[i][j] = _mm512_loadu_ps(b1 + 16 * j);
-      const uint16_t *w = w1p + (long)s1 * k_pairs * C1 * 2;
-      for (int kp = 0; kp < k_pairs; kp++) {
-        const uint16_t *wk = w + (long)kp * C1 * 2;
-        __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
-        __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
-        __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
-        __m512bh w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-        for (int i = 0; i < TILE; i++) {
-          __m512bh b = broadcast_pair(rows[i] + 2 * kp);
-          acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b, w0);
-          acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b, w1);
-          acc[i][2] = _mm512_dpbf16_ps(acc[i][2], b, w2);
-          acc[i][3] = _mm512_dpbf16_ps(acc[i][3], b, w3);
-        }
-      }
+      product_64(acc, rows, w1p + (long)s1 * k_pairs * C1 * 2, k_pairs); /* (C1 = 64: one call per sub-pixel) */
       for (int i = 0; i < TILE; i++)
         for (int j = 0; j < 4; j++) _mm512_store_ps(&y1[i][s1 * C1 + 16 * j], acc[i][j]);
     }
@@ -217,24 +221,6 @@ static inline __m512 exp_ps(__m512 a) { /* exp(a) for a <= 0 */
 
 static inline __m512 load_bf16(const uint16_t *p) { /* 16 bfloat16 -> float32 */
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-/* acc[i][0..3] += rows[i][0..2K) . w (packed [K][64][2]) for TILE rows. */
-static inline void product_64(__m512 acc[TILE][4], const uint16_t *const rows[TILE], const uint16_t *w, int k_pairs) {
-  for (int kp = 0; kp < k_pairs; kp++) {
-    const uint16_t *wk = w + (long)kp * 128;
-    __m512bh w0 = (__m512bh)_mm512_loadu_si512(wk);
-    __m512bh w1 = (__m512bh)_mm512_loadu_si512(wk + 32);
-    __m512bh w2 = (__m512bh)_mm512_loadu_si512(wk + 64);
-    __m512bh w3 = (__m512bh)_mm512_loadu_si512(wk + 96);
-    for (int i = 0; i < TILE; i++) {
-      __m512bh b = broadcast_pair(rows[i] + 2 * kp);
-      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], b, w0);
-      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], b, w1);
-      acc[i][2] = _mm512_dpbf16_ps(acc[i][2], b, w2);
-      acc[i][3] = _mm512_dpbf16_ps(acc[i][3], b, w3);
-    }
-  }
 }
 
 static inline uint16_t to_bf16(float f) { /* round to nearest even, as PyTorch's conversion */
