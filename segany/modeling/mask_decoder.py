@@ -156,30 +156,30 @@ class MaskUpscaling(nn.Sequential):
         Outside autograd only."""
         b, h, w, _ = x.shape
         t = hyper.shape[1]
+        rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
         autograd_or_export = torch.is_grad_enabled() or is_exporting()
-        if x.dtype == torch.bfloat16 and x.is_cpu and not autograd_or_export:
-            packed = self._native_weights()
-            if packed is not None:
-                return self._native_masks(x, hyper, region, packed)
-        hyper = hyper.to(x.dtype)  # (float32 tokens' weights on the fast mode's bfloat16 image side)
         if autograd_or_export or not x.is_cpu:  # one band, one shuffle
             # (the bands below are for a CPU's caches; a GPU runs the whole at once)
+            hyper = hyper.to(x.dtype)
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             logits = logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
             if autograd_or_export:
                 return logits
             logits = logits.float()  # inference on a GPU: what the banded path returns
             if region is not None:
-                logits[..., 4 * min(h, int(region[0])) :, :] = 0
-                logits[..., :, 4 * min(w, int(region[1])) :] = 0
+                logits[..., 4 * rows_in :, :] = 0
+                logits[..., :, 4 * cols_in :] = 0
             return logits
-        rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
-        partial = (rows_in, cols_in) != (h, w)
+        new_out = torch.zeros if (rows_in, cols_in) != (h, w) else torch.empty
+        out = new_out(b, t, 4 * h, 4 * w, dtype=torch.float32, device=x.device)
+        packed = self._native_weights() if x.dtype == torch.bfloat16 else None
+        if packed is not None:
+            self._native_masks_into(out, x, hyper, rows_in, cols_in, packed)
+            return out
+        hyper = hyper.to(x.dtype)  # (float32 tokens' weights on the fast mode's bfloat16 image side)
         band_rows = self._band_rows(x)
         # Per band, the logits of each dy2 half (see _band_logits_into) before they are copied into place.
         scratch = x.new_empty(2, t, 8 * min(rows_in, band_rows) * cols_in)
-        new_out = torch.zeros if partial else torch.empty
-        out = new_out(b, t, 4 * h, 4 * w, dtype=torch.float32, device=x.device)
         for i in range(b):
             for r0 in range(0, rows_in, band_rows):
                 band = x[i, r0 : min(r0 + band_rows, rows_in), :cols_in]
@@ -235,30 +235,25 @@ class MaskUpscaling(nn.Sequential):
 
         return kept_until_changed(self, "_native_cache", params, pack)
 
-    def _native_masks(
-        self, x: torch.Tensor, hyper: torch.Tensor, region: Optional[Tuple[int, int]], packed: Tuple[torch.Tensor, ...]
-    ) -> torch.Tensor:
-        """masks() through the compiled kernel: x (B, h, w, C) bfloat16, hyper (B, T, C/8) -> float32 logits."""
-        lib = native.library()
+    def _native_masks_into(
+        self, out: torch.Tensor, x: torch.Tensor, hyper: torch.Tensor, rows_in: int, cols_in: int, packed: Tuple[torch.Tensor, ...]
+    ) -> None:
+        """masks() through the compiled kernel: the logits of the top-left rows_in x cols_in pixels of x
+        (B, h, w, C) bfloat16 for hyper (B, T, C/8), written into out (B, T, 4h, 4w) float32."""
+        if rows_in <= 0 or cols_in <= 0:
+            return
         w1p, b1, gain, beta, w2p, b2x = packed
         b, h, w, c = x.shape
-        t = hyper.shape[1]
-        rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
-        partial = (rows_in, cols_in) != (h, w)
-        out = (torch.zeros if partial else torch.empty)(b, t, 4 * h, 4 * w, dtype=torch.float32)
-        if rows_in <= 0 or cols_in <= 0:
-            return out
         # Each hypernetwork value repeated for the 4 sub-pixels of the kernel's registers.
         hyper_x = hyper.detach().float().repeat_interleave(4, dim=-1).contiguous()  # B, T, 4 C/8
         threads = torch.get_num_threads()
         for i in range(b):
             side = x[i].contiguous()
-            lib.segany_upscale_logits_bf16(
+            native.library().segany_upscale_logits_bf16(
                 side.data_ptr(), h, w, c, rows_in, cols_in,
                 w1p.data_ptr(), b1.data_ptr(), gain.data_ptr(), beta.data_ptr(), float(self[1].eps),
-                w2p.data_ptr(), b2x.data_ptr(), hyper_x[i].data_ptr(), t, out[i].data_ptr(), threads,
+                w2p.data_ptr(), b2x.data_ptr(), hyper_x[i].data_ptr(), hyper.shape[1], out[i].data_ptr(), threads,
             )  # fmt: skip
-        return out
 
     def _band_logits_into(self, x: torch.Tensor, hyper: torch.Tensor, target: torch.Tensor, scratch: torch.Tensor) -> None:
         """The logits of one image side's band x (r, w, C) for hyper (T, C/8), written in image order into

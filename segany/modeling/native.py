@@ -3,9 +3,9 @@
 PyTorch runs the mask decoder's image-side work as chains of separate operations, each a pass over
 megabytes of intermediates: the upscaling (two products, a layer norm, two GELUs, the hypernetwork
 product) and, in each two-way block, the image's attention to the tokens (logits, softmax, values,
-residual, layer norm). The kernels in csrc/decoder_bf16.c run a few pixels at a time through a whole
-chain. It needs a CPU with
-AVX-512 BF16 and a C compiler: the source is compiled once per machine into the user's cache folder
+residual, layer norm), and the resize of the masks to the image. The kernels in csrc/decoder_bf16.c
+run a few pixels (or rows) at a time through a whole chain. They need a CPU with AVX-512 BF16 and a
+C compiler: the source is compiled once per machine into the user's cache folder
 (the file's name carries a hash of the source, the flags and the compiler, so a changed source is
 compiled again) and loaded from there. Without either, or with SEGANY_NATIVE=0 in the environment,
 `library()` returns None and the callers keep their PyTorch path (same results up to rounding).
@@ -54,8 +54,9 @@ def cpu_has_avx512_bf16() -> bool:
 
 def _compiler() -> Optional[str]:
     for candidate in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if candidate and shutil.which(candidate):
-            return shutil.which(candidate)
+        found = shutil.which(candidate) if candidate else None
+        if found:
+            return found
     return None
 
 

@@ -200,20 +200,24 @@ class Attention(nn.Module):
             logits = k_q @ q.transpose(1, 2)  # B, H*Nk, Nq
         return self._mix_into_image(logits.add_(q_bias), v_heads, residual)
 
+    def _values_out_per_head(self, v_heads: torch.Tensor) -> torch.Tensor:
+        """The tokens' values (B, H, Nk, d), each head's through its slice of out_proj (H, d, C):
+        (B, H, Nk, C), without the bias."""
+        dim, heads = self.embedding_dim, v_heads.shape[1]
+        return matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, -1).permute(1, 2, 0))
+
     def _mix_into_image(
         self, logits: torch.Tensor, v_heads: torch.Tensor, residual: Optional[torch.Tensor], in_place: bool = False
     ) -> torch.Tensor:
         """The image side's attention output from scaled logits (B, H*Nk, Nq) (heads x token keys on the
         rows) and the tokens' values (B, H, Nk, d): out_proj(attention) (+ residual), (B, Nq, C).
         in_place: accumulate into `residual` itself (a tensor nothing else reads any more)."""
-        batch, heads, n_k, head_dim = v_heads.shape
+        batch, heads, n_k, _ = v_heads.shape
         dim = self.embedding_dim
         # The softmax over each head's few keys reduces across rows with the image positions vectorised
         # (over a last dimension of size Nk it ran about 20x slower on a CPU). Same arithmetic.
         probs = logits.view(batch, heads, n_k, -1).softmax(2).view(batch, heads * n_k, -1)
-        # Each head's values through its slice of out_proj (H, d, C): (B, H*Nk, C).
-        v_out = matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, head_dim).permute(1, 2, 0))
-        v_out = v_out.reshape(batch, heads * n_k, dim)
+        v_out = self._values_out_per_head(v_heads).reshape(batch, heads * n_k, dim)
         if residual is None:
             start = _cast(self.out_proj.bias, probs).expand(batch, 1, dim)
         else:
@@ -327,9 +331,9 @@ class Attention(nn.Module):
             return None
         k_heads = self._scaled_heads(k, self.k_proj)[0].float().contiguous()  # H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
-        values = matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, -1).permute(1, 2, 0))[0]
-        # (+ the output bias / heads on every head's values: each head's probabilities sum to 1)
-        values = (values.float() + self.out_proj.bias.float() / heads).contiguous()  # H, Nk, C
+        # (+ the output bias / heads on every head's values, as in _mix_into_image)
+        values = self._values_out_per_head(v_heads)[0].float() + self.out_proj.bias.float() / heads
+        values = values.contiguous()  # H, Nk, C
         # (contiguous operands held in locals for the call's duration)
         query_weight = query_weight.detach().contiguous() if fold_image else None
         gain, beta = gain.detach().contiguous(), beta.detach().contiguous()
