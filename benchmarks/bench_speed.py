@@ -210,7 +210,7 @@ def machine(device: torch.device = torch.device("cpu")) -> str:
     except OSError:
         pass
     gpu = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), " if device.type == "cuda" else ""
-    from segany.modeling import native
+    from segany.engine import native
 
     kernels = "on" if device.type == "cpu" and native.library() is not None else "off"
     return (

@@ -60,6 +60,14 @@ def tiny_sam():
 
 
 @pytest.fixture(scope="session")
+def tiny_net(tiny_sam):
+    """tiny_sam's engine twin (segany.engine.twin): the same weights through the inference paths."""
+    from segany.engine.twin import twin
+
+    return twin(tiny_sam)
+
+
+@pytest.fixture(scope="session")
 def fixture_sam():
     if not (REFERENCE / "sam_vit_small.pth").is_file():
         pytest.skip("../shared/fixtures/reference is absent")

@@ -7,7 +7,7 @@ import torch
 
 import segany
 from segany.io import rle as rle_io
-from segany.modeling.sam import low_res_region
+from segany.engine.sam import low_res_region
 from segany.predict.amg import AmgSettings, MaskGenerator, SamMaskSource
 
 from .conftest import REFERENCE, case_image_path, import_reference, load_rgb, needs_shared

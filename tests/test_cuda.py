@@ -12,7 +12,7 @@ import torch
 import segany
 from segany.eval.metrics import iou as mask_iou
 from segany.modeling import ImageEncoderConfig, SamConfig, build_sam
-from segany.modeling.fast import make_fast
+from segany.engine import make_fast
 from segany.modeling.hq_sam import build_hq_sam
 from segany.modeling.tiny_vit import mobile_sam_config
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from segany.modeling.fast import make_fast
+from segany.engine import make_fast
 from segany.predict.predictor import SamPredictor
 from segany.predict.segmenter import Prompt, Segmenter
 
@@ -19,7 +19,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 POINTS = [np.array([[40.0, 50.0]]), np.array([[150.0, 90.0], [60.0, 120.0]]), np.array([[10.0, 170.0]])]
 
 
-def _decode(model, features, coords, cache=None, multimask=True):
+def _decode(seg.engine, features, coords, cache=None, multimask=True):
     labels = torch.ones(coords.shape[:2], dtype=torch.int)
     with torch.no_grad():
         return model.decode(features, (coords, labels), None, None, multimask, cache=cache)
@@ -33,13 +33,13 @@ def test_cached_decode_equals_uncached(fast):
     seg = Segmenter(model)
     emb = seg.embed(make_image(180, 240, seed=1))
     coords = torch.tensor([[[30.0, 40.0]], [[200.0, 100.0]], [[120.0, 60.0]]])
-    plain_low, plain_iou = _decode(model, emb.features, coords)
+    plain_low, plain_iou = _decode(seg.engine, emb.features, coords)
     for _ in range(2):  # the second call reads the kept image side
-        low, iou = _decode(model, emb.features, coords, cache=emb.decoder_cache)
+        low, iou = _decode(seg.engine, emb.features, coords, cache=emb.decoder_cache)
         torch.testing.assert_close(low, plain_low, rtol=0, atol=1e-5)
         torch.testing.assert_close(iou, plain_iou, rtol=0, atol=1e-5)
     side = emb.decoder_cache["mask_decoder_image_side"][-1]
-    _decode(model, emb.features, coords[:1], cache=emb.decoder_cache)
+    _decode(seg.engine, emb.features, coords[:1], cache=emb.decoder_cache)
     assert emb.decoder_cache["mask_decoder_image_side"][-1] is side  # re-used, not rebuilt
 
 
@@ -62,22 +62,22 @@ def test_cache_follows_the_embedding_tensor():
     seg = Segmenter(model)
     emb = seg.embed(make_image(160, 160, seed=3))
     coords = torch.tensor([[[60.0, 70.0]]])
-    low, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
+    low, _ = _decode(seg.engine, emb.features, coords, cache=emb.decoder_cache)
     # Another embedding under the same cache: rebuilt, never the stale side.
     other = seg.embed(make_image(160, 160, seed=9))
     emb.features["image_embeddings"] = other.image_embeddings
-    low_other, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
-    expected, _ = _decode(model, other.features, coords)
+    low_other, _ = _decode(seg.engine, emb.features, coords, cache=emb.decoder_cache)
+    expected, _ = _decode(seg.engine, other.features, coords)
     torch.testing.assert_close(low_other, expected, rtol=0, atol=1e-5)
     assert not torch.allclose(low_other, low)
     # Edited in place (outside inference mode the tensor counts its versions): rebuilt too.
     tensor = other.image_embeddings.clone()
     emb.features["image_embeddings"] = tensor
-    _decode(model, emb.features, coords, cache=emb.decoder_cache)
+    _decode(seg.engine, emb.features, coords, cache=emb.decoder_cache)
     with torch.no_grad():
         tensor.mul_(-1.0)
-    edited, _ = _decode(model, emb.features, coords, cache=emb.decoder_cache)
-    expected, _ = _decode(model, {"image_embeddings": tensor}, coords)
+    edited, _ = _decode(seg.engine, emb.features, coords, cache=emb.decoder_cache)
+    expected, _ = _decode(seg.engine, {"image_embeddings": tensor}, coords)
     torch.testing.assert_close(edited, expected, rtol=0, atol=1e-5)
 
 

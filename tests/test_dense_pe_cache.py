@@ -2,7 +2,7 @@
 the Fourier matrix changes (new weights loaded, dtype or device moved)."""
 import torch
 
-from segany.modeling import PromptEncoder
+from segany.engine.prompt_encoder import PromptEncoder  # the engine twin: keeps the dense PE
 
 
 def test_dense_pe_cached_and_invalidated():

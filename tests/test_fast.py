@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import segany
-from segany.modeling import image_encoder as ie
-from segany.modeling.mask_decoder import conv_transpose_2x2
+from segany.engine import image_encoder as ie
+from segany.engine.mask_decoder import conv_transpose_2x2
 
 from .conftest import REFERENCE, case_image_path, load_rgb, manifest, needs_shared
 
@@ -61,7 +61,7 @@ def test_banded_rel_pos_attention_equals_materialised_bias(q_size, band, monkeyp
 
 
 def test_row_chunked_mlp_equals_whole(monkeypatch):
-    from segany.modeling.common import MLPBlock
+    from segany.engine.common import MLPBlock
 
     torch.manual_seed(6)
     mlp = MLPBlock(16, 40)
@@ -74,11 +74,11 @@ def test_row_chunked_mlp_equals_whole(monkeypatch):
     torch.testing.assert_close(got, expected.detach(), atol=1e-6, rtol=1e-6)
 
 
-def test_blocked_mask_upscaling_equals_upscale_then_dot(tiny_sam, monkeypatch):
-    from segany.modeling.mask_decoder import MaskUpscaling, mask_logits
+def test_blocked_mask_upscaling_equals_upscale_then_dot(tiny_net, monkeypatch):
+    from segany.engine.mask_decoder import MaskUpscaling, mask_logits
 
     torch.manual_seed(7)
-    up = tiny_sam.mask_decoder.output_upscaling
+    up = tiny_net.mask_decoder.output_upscaling
     x = torch.randn(2, 10, 6, 256)  # B, h, w, C channels-last
     hyper = torch.randn(2, 3, 32)
     expected = mask_logits(hyper, up(x.permute(0, 3, 1, 2)))
@@ -100,15 +100,15 @@ def _rel_l2(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected).norm() / expected.norm()).item()
 
 
-def test_bfloat16_mask_upscaling_folds_its_layer_norm(tiny_sam, monkeypatch):
+def test_bfloat16_mask_upscaling_folds_its_layer_norm(tiny_net, monkeypatch):
     """In bfloat16 the banded path folds the layer norm's centring and gain into the first convolution
     (see MaskUpscaling._folded_norm): it agrees with the float32 module on the same (bfloat16-rounded)
     weights as closely as the plain bfloat16 path does, follows changes of the norm's weights, and a
     zero gain (no 1/gain^2) falls back to the plain layer norm."""
-    from segany.modeling.mask_decoder import MaskUpscaling, mask_logits
+    from segany.engine.mask_decoder import MaskUpscaling, mask_logits
 
     torch.manual_seed(11)
-    up = copy.deepcopy(tiny_sam.mask_decoder.output_upscaling).to(torch.bfloat16)
+    up = copy.deepcopy(tiny_net.mask_decoder.output_upscaling).to(torch.bfloat16)
     with torch.no_grad():  # a norm that is not the identity, a convolution whose outputs have a mean
         up[1].weight.copy_(1 + 0.5 * torch.randn(64))
         up[1].bias.copy_(0.3 * torch.randn(64))
@@ -141,14 +141,14 @@ def test_bfloat16_mask_upscaling_folds_its_layer_norm(tiny_sam, monkeypatch):
 
 @pytest.mark.parametrize("region", [(10, 6), (4, 6), (10, 1), (7, 5), (1, 1), (99, 99)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mask_upscaling_of_a_region_equals_that_part_of_the_whole(tiny_sam, monkeypatch, region, dtype):
+def test_mask_upscaling_of_a_region_equals_that_part_of_the_whole(tiny_net, monkeypatch, region, dtype):
     """masks(region=(rows, cols)) computes the first rows x cols pixels' 4x4 blocks as a full call does
     (bands that do not divide the rows, too; the products' sums may round differently for other
     shapes), and zeros elsewhere."""
-    from segany.modeling.mask_decoder import MaskUpscaling
+    from segany.engine.mask_decoder import MaskUpscaling
 
     torch.manual_seed(8)
-    up = copy.deepcopy(tiny_sam.mask_decoder.output_upscaling).to(dtype)
+    up = copy.deepcopy(tiny_net.mask_decoder.output_upscaling).to(dtype)
     x = torch.randn(1, 10, 6, 256).to(dtype)
     hyper = torch.randn(1, 3, 32).to(dtype)
     monkeypatch.setattr(MaskUpscaling, "ROWS_PER_BAND", 3)
@@ -164,7 +164,9 @@ def test_mask_upscaling_of_a_region_equals_that_part_of_the_whole(tiny_sam, monk
 
 def test_encoder_training_path_matches_inference_and_is_differentiable(tiny_sam):
     torch.manual_seed(2)
-    encoder = copy.deepcopy(tiny_sam.image_encoder)
+    from segany.engine.twin import twin
+
+    encoder = twin(copy.deepcopy(tiny_sam.image_encoder))
     x = torch.randn(1, 3, 1024, 1024)
     with torch.no_grad():
         inference = encoder(x)
@@ -186,12 +188,12 @@ def test_conv_transpose_as_matmul_equals_conv():
 
 
 @pytest.mark.parametrize("input_size,original_size", [((576, 1024), (480, 854)), ((1024, 301), (1700, 500)), ((3, 1024), (2, 700))])
-def test_postprocess_crops_before_upsampling_without_changing_values(tiny_sam, input_size, original_size):
+def test_postprocess_crops_before_upsampling_without_changing_values(tiny_net, input_size, original_size):
     torch.manual_seed(4)
     low = torch.randn(2, 3, 256, 256)
     full = F.interpolate(low, (1024, 1024), mode="bilinear", align_corners=False)
     expected = F.interpolate(full[..., : input_size[0], : input_size[1]], original_size, mode="bilinear", align_corners=False)
-    got = tiny_sam.postprocess_masks(low, input_size, original_size)
+    got = tiny_net.postprocess_masks(low, input_size, original_size)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
@@ -203,8 +205,8 @@ def test_postprocess_crops_before_upsampling_without_changing_values(tiny_sam, i
 def test_fast_resizes_agree_with_postprocess_masks(tiny_sam, resize, input_size, original_size):
     """The fast mode's resizes of the low-res logits to the image (OpenCV's two steps; the compiled
     kernel's composite of them) against the released two steps, logits and thresholded masks."""
-    from segany.modeling import native
-    from segany.predict import transforms
+    from segany.engine import native
+    from segany.engine import resize as transforms
 
     if resize == "upscale_logits_native" and native.library() is None:
         pytest.skip("segany's native kernels are not available here")
@@ -227,7 +229,7 @@ def test_opencv_upscaling_work_buffers_are_per_thread(tiny_sam, monkeypatch, kep
     with nothing kept) give what postprocess_masks gives."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from segany.predict import transforms
+    from segany.engine import resize as transforms
 
     if kept_bytes is not None:
         monkeypatch.setattr(transforms, "SCRATCH_KEPT_BYTES", kept_bytes)
@@ -250,10 +252,10 @@ def test_opencv_upscaling_work_buffers_are_per_thread(tiny_sam, monkeypatch, kep
 def test_fast_segmenter_upscales_off_the_released_path(monkeypatch, native_kernels):
     """The fast mode resizes its masks through the compiled kernel where it is available, else with
     OpenCV; either gives postprocess_masks' logits."""
-    from segany.modeling import native
-    from segany.predict import segmenter as segmenter_module
-
-    from segany.modeling.fast import make_fast
+    from segany.engine import native
+    from segany.engine import make_fast
+    from segany.engine import sam_engine as segmenter_module
+    from segany.predict.segmenter import Segmenter
 
     from .smallsam import small_sam
 
@@ -262,7 +264,7 @@ def test_fast_segmenter_upscales_off_the_released_path(monkeypatch, native_kerne
     if not native_kernels:
         monkeypatch.setattr(native, "library", lambda: None)
     model = make_fast(small_sam(1))  # 256-pixel input, 64x64 low-res logits
-    seg = segmenter_module.Segmenter(model)
+    seg = Segmenter(model)
     emb = seg.embedding_from_tensor(torch.randn(1, 64, 16, 16), (120, 213))
     low = torch.randn(1, 3, 64, 64)
     calls = []
@@ -275,15 +277,15 @@ def test_fast_segmenter_upscales_off_the_released_path(monkeypatch, native_kerne
     torch.testing.assert_close(got, model.postprocess_masks(low, emb.input_size, emb.original_size), atol=5e-4, rtol=0)
 
 
-def test_shared_image_batch_equals_one_prompt_at_a_time(tiny_sam):
+def test_shared_image_batch_equals_one_prompt_at_a_time(tiny_net):
     torch.manual_seed(5)
     features = {"image_embeddings": torch.randn(1, 256, 64, 64)}
     coords = torch.rand(5, 2, 2) * 1024
     labels = torch.tensor([[1, 0], [1, 1], [0, 1], [1, 1], [1, 0]])
     with torch.no_grad():
-        low, iou = tiny_sam.decode(features, (coords, labels), None, None, True)
+        low, iou = tiny_net.decode(features, (coords, labels), None, None, True)
         for i in range(5):
-            low_i, iou_i = tiny_sam.decode(features, (coords[i : i + 1], labels[i : i + 1]), None, None, True)
+            low_i, iou_i = tiny_net.decode(features, (coords[i : i + 1], labels[i : i + 1]), None, None, True)
             torch.testing.assert_close(low[i : i + 1], low_i, atol=1e-4, rtol=0)
             torch.testing.assert_close(iou[i : i + 1], iou_i, atol=1e-5, rtol=0)
 
@@ -293,7 +295,7 @@ def test_fast_decoder_keeps_its_tokens_in_float32_and_agrees_on_every_path(tiny_
     tokens' side in float32; every decoder path (one point on the shared image side, many points through
     the plain attention, a mask prompt with its own image side, a batch with and without masks) agrees
     with the exact mode within the fast mode's limits, and returns float32."""
-    from segany.modeling.fast import make_fast
+    from segany.engine import SamEngine
 
     torch.manual_seed(3)
     exact = copy.deepcopy(tiny_sam)
@@ -301,8 +303,8 @@ def test_fast_decoder_keeps_its_tokens_in_float32_and_agrees_on_every_path(tiny_
         for name, p in exact.mask_decoder.named_parameters():
             if p.ndim > 1:
                 p.mul_(2.0)
-    fast = make_fast(copy.deepcopy(exact))
-    dec = fast.mask_decoder
+    fast = SamEngine(exact, "fast")
+    dec = fast.net.mask_decoder
     assert dec.token_dtype == torch.float32 and dec.image_dtype == torch.bfloat16
     bulk = {id(p) for m in dec.bulk_modules() for p in m.parameters()}
     for name, p in dec.named_parameters():
@@ -328,9 +330,10 @@ def test_fast_decoder_keeps_its_tokens_in_float32_and_agrees_on_every_path(tiny_
                 torch.testing.assert_close(iou_fast, iou_exact, atol=0.03, rtol=0)
 
 
-def test_make_fast_converts_a_decoder_without_sides_whole():
+def test_fast_mode_converts_a_decoder_without_sides_whole():
     """A decoder that does not name its bulk (not a MaskDecoder) runs wholly in bfloat16, float32 out."""
-    from segany.modeling.fast import make_fast
+    from segany.engine.precision import convert_twin
+    from segany.engine.twin import twin
 
     class Decoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -342,10 +345,12 @@ def test_make_fast_converts_a_decoder_without_sides_whole():
 
     model = torch.nn.Module()
     model.image_encoder, model.mask_decoder = torch.nn.Linear(4, 4), Decoder()
-    make_fast(model)
-    assert model.mask_decoder.layer.weight.dtype == torch.bfloat16
+    net = twin(model)
+    convert_twin(net)
+    assert net.mask_decoder.layer.weight.dtype == torch.bfloat16
+    assert model.mask_decoder.layer.weight.dtype == torch.float32  # the model itself is unchanged
     with torch.no_grad():
-        out = model.mask_decoder(torch.randn(2, 4))
+        out = net.mask_decoder(torch.randn(2, 4))
     assert out.dtype == torch.float32
 
 
@@ -381,12 +386,15 @@ def test_fast_mode_agrees_with_exact_on_fixtures(model_name):
     path = REFERENCE / f"{model_name}.pth"
     exact = segany.load_model(path, mode="exact")
     fast = segany.load_model(path, mode="fast")
-    assert fast.mode == "fast" and next(fast.image_encoder.parameters()).dtype == torch.bfloat16
+    assert fast.mode == "fast" and next(fast.image_encoder.parameters()).dtype == torch.float32
     cases = [c for c in manifest()["cases"] if c.get("model") == model_name and c["image"] == "davis345_000"]
     image = load_rgb(case_image_path("davis345_000"))
     predictors = []
     for model in (exact, fast):
         predictor = segany.SamPredictor(model)
+        assert next(predictor.segmenter.engine.net.image_encoder.parameters()).dtype == (
+            torch.bfloat16 if model is fast else torch.float32
+        )
         predictor.set_image(image)
         predictors.append(predictor)
     emb_exact, emb_fast = (p.get_image_embedding() for p in predictors)

@@ -1,10 +1,12 @@
-"""segany.modeling.kernels (oneDNN linear layers at inference) and the encoder's windowed inference path."""
+"""segany.engine.kernels (oneDNN linear layers at inference) and the encoder's windowed inference path."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from segany.modeling import kernels
-from segany.modeling.common import MLPBlock
+from segany.engine import kernels
+from segany.engine.common import MLPBlock
+
+from segany.engine.twin import twin
 from segany.modeling.image_encoder import Block, window_partition, window_unpartition
 
 
@@ -78,7 +80,7 @@ def test_mlp_block_chunks_match_plain(with_residual):
 def test_windowed_attention_inference_path_matches_released_order(dtype, h, w, ws, qkv_bias, rel_pos):
     """mix_windowed (projection on unpadded positions, merged copies) == partition -> attention -> unpartition."""
     torch.manual_seed(h * 100 + w)
-    block = Block(64, 4, window_size=ws, use_rel_pos=rel_pos, qkv_bias=qkv_bias, input_size=(h, w)).eval()
+    block = twin(Block(64, 4, window_size=ws, use_rel_pos=rel_pos, qkv_bias=qkv_bias, input_size=(h, w))).eval()
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0, 0.3)

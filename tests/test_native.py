@@ -1,4 +1,4 @@
-"""segany.modeling.native: the compiled CPU kernels (csrc/) against PyTorch's operations, the
+"""segany.engine.native: the compiled CPU kernels (csrc/) against PyTorch's operations, the
 fallback where they cannot be built, and the build cache."""
 import copy
 import logging
@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segany.modeling import native
+from segany.engine import native
 from segany.modeling.common import LayerNorm2d
-from segany.modeling.mask_decoder import MaskUpscaling
+from segany.engine.mask_decoder import MaskUpscaling
 
 needs_kernels = pytest.mark.skipif(
     native.library() is None,
@@ -169,8 +169,10 @@ def test_build_is_cached(monkeypatch, tmp_path):
 
 
 def _decode(model, features, coords, labels, cache):
+    from segany.engine import SamEngine
+
     with torch.inference_mode():
-        low, iou = model.decode(features, (coords, labels), None, None, True, cache=cache)
+        low, iou = SamEngine(model).decode(features, (coords, labels), None, None, True, cache=cache)
     return low.double(), iou.double()
 
 
@@ -180,8 +182,8 @@ def test_native_image_update_in_the_decoder(tiny_sam, monkeypatch, n_points):
     """A fast decode with the compiled image update (both two-way blocks: 7, 10 and 32 tokens; 33
     tokens (27 points) are past the kernel's limit and keep PyTorch's path) against the exact (float32) decode,
     and against the fast decode through PyTorch's operations: closer to float32, never further."""
-    from segany.modeling import transformer
-    from segany.modeling.fast import make_fast
+    from segany.engine import transformer
+    from segany.engine import make_fast
 
     fast = make_fast(copy.deepcopy(tiny_sam))
     g = torch.Generator().manual_seed(n_points)

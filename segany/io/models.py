@@ -10,15 +10,13 @@ import torch
 from torch import nn
 
 from ..modeling import SAM_CONFIGS, SamConfig
-from ..modeling.fast import make_fast
 from ..modeling.tiny_vit import mobile_sam_config
 from .checkpoint import build_model, load_checkpoint, model_from_state_dict, read_state_dict
 
 PathLike = Union[str, os.PathLike]
 
-# exact: float32, reproduces the released implementation; fast: bfloat16 encoder and decoder bulk
-# (segany.modeling.fast), about 1.7x faster encoding than exact on AVX-512 BF16 CPUs, masks agree
-# closely.
+# exact: float32, reproduces the released implementation; fast: the engine runs the encoder and the
+# decoder bulk in bfloat16 (segany.engine.precision); masks agree closely (docs/benchmarks.md).
 MODES = ("exact", "fast")
 
 # A name that is not a file is looked up here (the model zoo registers its resolver).
@@ -50,15 +48,14 @@ def load_model(
     The architecture (SAM ViT size, MobileSAM, HQ-SAM) is read from the state dict itself.
     mode="exact" runs in float32 and reproduces the released implementation; mode="fast" runs the image
     encoder and the mask decoder's bulk (upscaling, MLPs) in bfloat16, its few tokens in float32
-    (inference only; see segany.modeling.fast).
+    (inference only; see segany.engine.precision). The model returned is the plain float32 definition
+    either way; the mode is what the predictors' engine (segany.engine.SamEngine) runs it in.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     path = resolve_checkpoint(checkpoint)
     model = load_checkpoint(path, config)
     model = model.to(device).eval()
-    if mode == "fast":
-        make_fast(model)
     model.mode = mode
     return model
 

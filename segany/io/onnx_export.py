@@ -35,8 +35,6 @@ class PromptDecoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if getattr(model, "fast_dtype", None) is not None:
-            raise ValueError("export a model loaded with mode='exact' (the fast mode's casts are not exportable)")
         if hasattr(model.image_encoder, "forward_with_interm"):
             raise ValueError("HQ-SAM's decoder needs early encoder features; its ONNX export is not supported")
         self.model = model
@@ -84,8 +82,6 @@ class PromptDecoderGraph(nn.Module):
 class EncoderGraph(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if getattr(model, "fast_dtype", None) is not None:
-            raise ValueError("export a model loaded with mode='exact' (the fast mode's casts are not exportable)")
         self.image_encoder = model.image_encoder
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:

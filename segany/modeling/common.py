@@ -1,20 +1,10 @@
 """Small building blocks shared by the SAM modules."""
 from __future__ import annotations
 
-from typing import Optional, Type
+from typing import Type
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from .kernels import (
-    Linear,
-    float32_copy,
-    float32_weight_for,
-    fusable_activation,
-    is_exporting,
-    linear,
-)
 
 
 class LayerNorm2d(nn.Module):
@@ -38,40 +28,12 @@ class MLPBlock(nn.Module):
 
     def __init__(self, embedding_dim: int, mlp_dim: int, act: Type[nn.Module] = nn.GELU) -> None:
         super().__init__()
-        self.lin1 = Linear(embedding_dim, mlp_dim)
-        self.lin2 = Linear(mlp_dim, embedding_dim)
+        self.lin1 = nn.Linear(embedding_dim, mlp_dim)
+        self.lin2 = nn.Linear(mlp_dim, embedding_dim)
         self.act = act()
 
-    # Inference over more positions than this runs in row chunks (see forward).
-    CHUNK_ROWS = 1024
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """lin2(act(lin1(x))), plus `residual` when given (added as each chunk is computed)."""
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting() or not x.is_cpu:
-            dtype = self.lin1.weight.dtype
-            if x.dtype != dtype and not torch.is_grad_enabled() and self.lin2.weight.dtype == dtype:
-                # Weights in another dtype than the input (the fast mode's float32 tokens through a
-                # bfloat16 MLP): one cast each way around the whole block.
-                y = self.lin2(self.act(self.lin1(x.to(dtype)))).to(x.dtype)
-            else:
-                y = self.lin2(self.act(self.lin1(x)))
-            return y if residual is None else residual + y
-        # Row chunks keep the (rows, mlp_dim) hidden activations small: for a 64x64 image they are
-        # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block
-        # (on a CPU; a GPU runs the whole at once). Each row's arithmetic is unchanged.
-        flat = x.reshape(rows, x.shape[-1])
-        flat_residual = None if residual is None else residual.reshape(rows, self.lin2.out_features)
-        out = flat.new_empty(rows, self.lin2.out_features)
-        fused = fusable_activation(self.act)  # applied by the product's kernel as it writes
-        for r0 in range(0, rows, self.CHUNK_ROWS):
-            chunk = slice(r0, r0 + self.CHUNK_ROWS)
-            hidden = linear(flat[chunk], self.lin1.weight, self.lin1.bias, activation=fused)
-            if fused is None:
-                hidden = self.act(hidden)
-            shortcut = None if flat_residual is None else flat_residual[chunk]
-            out[chunk] = linear(hidden, self.lin2.weight, self.lin2.bias, residual=shortcut)
-        return out.view(*x.shape[:-1], self.lin2.out_features)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(self.act(self.lin1(x)))
 
 
 class MLP(nn.Module):
@@ -89,24 +51,12 @@ class MLP(nn.Module):
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
         self.num_layers = num_layers
-        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
         self.sigmoid_output = sigmoid_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = self.num_layers - 1
-        dtype = x.dtype
-        # A few bfloat16 rows (the IoU token) run the whole MLP as float32 products of the same values,
-        # cast once each way (see kernels.float32_weight_for).
-        in_float32 = float32_weight_for(x, self.layers[0].weight) is not None
-        if in_float32:
-            x = x.float()
         for i, layer in enumerate(self.layers):
-            if in_float32:
-                x = F.linear(x, float32_copy(layer.weight), float32_copy(layer.bias))
-            else:
-                x = layer(x)
-            if i < last:
+            x = layer(x)
+            if i < self.num_layers - 1:
                 x = torch.relu(x)
-        if self.sigmoid_output:
-            x = torch.sigmoid(x)
-        return x.to(dtype) if in_float32 else x
+        return torch.sigmoid(x) if self.sigmoid_output else x

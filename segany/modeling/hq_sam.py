@@ -22,7 +22,7 @@ from .build import ENCODER_BUILDERS, build_mask_decoder, build_prompt_encoder
 from .common import MLP, LayerNorm2d
 from .config import SAM_CONFIGS, SamConfig
 from .image_encoder import ImageEncoderViT
-from .mask_decoder import MaskDecoder, mask_logits
+from .mask_decoder import MaskDecoder
 from .sam import Sam
 
 
@@ -80,12 +80,7 @@ class MaskDecoderHQ(MaskDecoder):
 
     def hq_features(self, image_embeddings: torch.Tensor, interm_embeddings: torch.Tensor) -> torch.Tensor:
         """(B_img, 256, 64, 64) + (B_img, C_vit, 64, 64) -> (B_img, 32, 256, 256)."""
-        dtype = self.image_dtype
-        return self.embedding_encoder(image_embeddings.to(dtype)) + self.compress_vit_feat(interm_embeddings.to(dtype))
-
-    def bulk_modules(self) -> List[nn.Module]:
-        """SAM's, and the HQ fusion's convolutions over the image (see MaskDecoder.bulk_modules)."""
-        return super().bulk_modules() + [self.compress_vit_feat, self.embedding_encoder, self.embedding_maskfeature]
+        return self.embedding_encoder(image_embeddings) + self.compress_vit_feat(interm_embeddings)
 
     def forward(
         self,
@@ -122,7 +117,6 @@ class MaskDecoderHQ(MaskDecoder):
         hq_features: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """SAM masks (B, 4, 256, 256), HQ mask (B, 1, 256, 256), IoU predictions (B, 4)."""
-        batch = sparse_prompt_embeddings.shape[0]
         hs, upscaled = self.run_transformer(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings
         )
@@ -130,9 +124,13 @@ class MaskDecoderHQ(MaskDecoder):
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         hq_token_out = hs[:, 1 + self.num_mask_tokens, :]
 
-        upscaled_hq = self.embedding_maskfeature(upscaled) + self.expand_to_batch(hq_features, batch)
-        sam_masks = mask_logits(self.hypernetwork_weights(mask_tokens_out), upscaled)  # B, 4, 4h, 4w
-        hq_mask = mask_logits(self.hf_mlp(hq_token_out).unsqueeze(1), upscaled_hq)  # B, 1, 4h, 4w
+        upscaled_hq = self.embedding_maskfeature(upscaled) + hq_features  # B, C/8, 4h, 4w
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )  # B, 4, C/8
+        b, c, h, w = upscaled.shape
+        sam_masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)  # B, 4, 4h, 4w
+        hq_mask = (self.hf_mlp(hq_token_out)[:, None] @ upscaled_hq.view(b, c, h * w)).view(b, 1, h, w)
         return sam_masks, hq_mask, self.iou_prediction_head(iou_token_out)
 
 
@@ -155,10 +153,8 @@ class HqSam(Sam):
         masks: Optional[torch.Tensor],
         multimask_output: bool,
         hq_token_only: Optional[bool] = None,
-        cache: Optional[Dict[str, Any]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """As Sam.decode; returns one mask per prompt. `hq_token_only` returns the HQ mask alone.
-        `cache` is accepted for the common signature; HQ-SAM's decoder prepares its image side per call."""
+        """As Sam.decode; returns one mask per prompt. `hq_token_only` returns the HQ mask alone."""
         if "interm_embeddings" not in features:
             raise ValueError(
                 "HQ-SAM needs the early image-encoder features as well as the image embedding: "

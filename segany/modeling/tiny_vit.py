@@ -24,7 +24,6 @@ from torch import nn
 from .build import ENCODER_BUILDERS
 from .common import LayerNorm2d
 from .config import SamConfig
-from .kernels import Linear, linear
 
 
 @dataclass
@@ -130,8 +129,8 @@ class WindowAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.norm = nn.LayerNorm(dim)
-        self.qkv = Linear(dim, 3 * dim)  # per head: [q | k | v]
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)  # per head: [q | k | v]
+        self.proj = nn.Linear(dim, dim)
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("bias_index", window_offsets_index(window), persistent=False)
 
@@ -140,14 +139,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each B*nW, heads, N, head_dim
         bias = self.attention_biases[:, self.bias_index]  # heads, N, N
-        if q.dtype == torch.float32 or torch.is_grad_enabled() or not q.is_cpu:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.head_dim**-0.5)
-        else:
-            # Reduced precision (fast mode) on a CPU: PyTorch's CPU kernel falls back to a generic
-            # path for a bfloat16 mask (with scans for fully masked rows); products in bfloat16, the
-            # logits, bias and softmax in float32 are both faster and closer to float32.
-            logits = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)
-            out = (logits.float() + bias.float()).softmax(-1).to(v.dtype) @ v
+        attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1) + bias
+        out = attn.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -157,12 +150,11 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.fc1 = Linear(dim, hidden)
-        self.fc2 = Linear(hidden, dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")  # fc1, then GELU
-        return self.fc2(hidden)
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
 
 
 def to_windows(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -287,7 +279,7 @@ class TinyViT(nn.Module):
 
     def forward_with_interm(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Embedding (B, 256, 64, 64) and the early feature after stage 1 (B, C1, 64, 64)."""
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))
+        x = self.patch_embed(x)
         interm = x
         for i, layer in enumerate(self.layers):
             x = layer(x)
@@ -296,9 +288,7 @@ class TinyViT(nn.Module):
         return self.neck(x), interm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Channels-last from the start: the convolutions run faster on it (about 1.3x for the whole
-        # encoder here) and the attention stages' (B, H, W, C) view of it needs no copy.
-        x = self.patch_embed(x.contiguous(memory_format=torch.channels_last))  # B, C0, S/4, S/4
+        x = self.patch_embed(x)  # B, C0, S/4, S/4
         for layer in self.layers:
             x = layer(x)
         return self.neck(x)  # B, 256, S/16, S/16

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ..io import rle as rle_io
-from ..modeling.sam import low_res_region
 from . import mask_ops
 from .inputs import load_image
 
@@ -123,10 +122,46 @@ class SamMaskSource:
     predict() returns the decoder's low-resolution (256 x 256) logits; upscale() maps them to the crop
     exactly as the released post-processing does (Sam.postprocess_masks).
 
-    For the plain SAM mask decoder (exact or fast mode) it also offers predict_above(), the path the
-    generator prefers: the output upscaling and hypernetwork products run only for the (point, mask)
-    pairs that pass the predicted-IoU threshold. Every step is the decoder's own module applied to the
-    same inputs, so the values are those of a full decode.
+    Where the engine can (the plain SAM mask decoder, exact or fast mode) it also offers
+    predict_above(), the path the generator prefers: the output upscaling and hypernetwork products
+    run only for the (point, mask) pairs that pass the predicted-IoU threshold
+    (SamEngine.decode_above); the values are those of a full decode.
+    """
+
+    def __init__(self, model: torch.nn.Module, decode_options: Optional[Dict[str, Any]] = None) -> None:
+        from .segmenter import Segmenter
+
+        self.segmenter = Segmenter(model)
+        self.mask_threshold = float(getattr(model, "mask_threshold", 0.0))
+        self.decode_options = dict(decode_options or {})
+        self.embedding = None
+        if not self._can_split():
+            self.predict_above = None  # type: ignore[assignment]  # generator falls back to predict()
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.segmenter.model
+
+    def _can_split(self) -> bool:
+        return self.segmenter.engine.can_decode_above and not self.decode_options
+
+    def set_crop(self, image: np.ndarray) -> None: ...
+
+    def predict(self, points: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]: ...
+
+    def upscale(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
+class SamMaskSource:
+    """The network as a mask source: a segany Segmenter over a SAM-family model.
+
+    predict() returns the decoder's low-resolution (256 x 256) logits; upscale() maps them to the crop
+    exactly as the released post-processing does (Sam.postprocess_masks).
+
+    Where the engine can (the plain SAM mask decoder, exact or fast mode) it also offers
+    predict_above(), the path the generator prefers: the output upscaling and hypernetwork products
+    run only for the (point, mask) pairs that pass the predicted-IoU threshold
+    (SamEngine.decode_above); the values are those of a full decode.
     """
 
     def __init__(self, model: torch.nn.Module, decode_options: Optional[Dict[str, Any]] = None) -> None:
@@ -183,68 +218,14 @@ class SamMaskSource:
     def predict_above(
         self, points: np.ndarray, iou_threshold: float
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Decode one-point prompts, computing masks only for outputs that pass the predicted-IoU filter.
-
-        Returns iou (N, 3) of the multimask outputs, flat_index (K,) = point * 3 + output of the outputs
-        with iou > iou_threshold (all of them when iou_threshold <= 0), ascending, and their low-res
-        logits (K, 256, 256) in that order (where upscale() reads them; on a CPU the padding's rows and
-        columns are zero). On a CPU point by point: the two-way transformer and the IoU head, then the
-        output upscaling and hypernetwork products only for a point with a passing output,
-        while that point's image side is still in cache. Every step is the decoder's own module on the
-        same inputs, so the values are those of a full decode (in the decoder's dtypes: float32 in exact
-        mode; in fast mode a bfloat16 image side and float32 tokens; the results are float32). On a GPU
-        the whole batch is decoded at once and the passing outputs picked from it.
-        """
-        if self.segmenter.device.type != "cpu":
-            low, iou = self.predict(points)
-            iou = iou.float()
-            flat = iou.flatten()
-            if iou_threshold <= 0:
-                keep = torch.arange(len(flat), device=flat.device)
-            else:
-                keep = torch.nonzero(flat > iou_threshold).flatten()
-            return iou, keep.cpu(), low.flatten(0, 1)[keep].float()
+        """Decode one-point prompts, computing masks only for outputs that pass the predicted-IoU filter:
+        iou (N, 3), flat_index (K,) = point * 3 + output, ascending, and their low-res logits (K, 256,
+        256) (see SamEngine.decode_above)."""
         coords, labels = self._prompts(points)
-        model, emb = self.model, self._require_embedding()
-        dec = model.mask_decoder
-        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-        batch = sparse.shape[0]
-        tokens = dec.tokens_with(sparse)
-        # The image side shared by every point, prepared once per crop embedding (in the decoder's dtype).
-        side = model.cached_image_side(
-            emb.decoder_cache, emb.features["image_embeddings"], model.prompt_encoder.get_dense_pe(), dense
+        emb = self._require_embedding()
+        return self.segmenter.engine.decode_above(
+            coords, labels, iou_threshold, features=emb.features, input_size=emb.input_size, cache=emb.decoder_cache
         )
-        h, w = side.size
-        # upscale() reads only the low-res rows and columns of the un-padded crop (low_res_region), and
-        # each decoder pixel owns a 4x4 block of them: only those pixels are upscaled (for an 854x480
-        # crop 37 of 64 rows), the rest of the low-res logits are left at zero.
-        region = low_res_region((4 * h, 4 * w), model.image_size, emb.input_size)
-        upscaled = None if region is None else (-(-region[2] // 4), -(-region[3] // 4))
-        ious: List[torch.Tensor] = []
-        index: List[int] = []
-        logits: List[torch.Tensor] = []
-        # The multimask outputs: mask tokens 1..3 (token 0 is the single-mask output), rows 2..4 after the IoU token.
-        transformer, outputs = dec.transformer, slice(1, 1 + dec.num_multimask_outputs)
-        rows = slice(1 + outputs.start, 1 + outputs.stop)
-        for i in range(batch):
-            point_tokens = tokens[i : i + 1]
-            queries, keys = transformer.run_blocks(side, point_tokens)
-            # The final attention treats tokens independently: the IoU token first, the mask tokens only
-            # for a point with a passing output.
-            iou_token = transformer.final_attention(queries[:, :1], point_tokens[:, :1], keys, side=side)
-            iou = dec.iou_prediction_head(iou_token[:, 0, :])[0, 1:].float()  # multimask outputs: tokens 1..3
-            ious.append(iou)
-            passing = torch.arange(3) if iou_threshold <= 0 else torch.nonzero(iou > iou_threshold).flatten()
-            if len(passing) == 0:
-                continue
-            mask_tokens = transformer.final_attention(queries[:, rows], point_tokens[:, rows], keys, side=side)
-            hyper = dec.hypernetwork_weights(mask_tokens, outputs)[:, passing]
-            logits.append(dec.output_upscaling.masks(keys.view(1, h, w, -1), hyper, region=upscaled)[0].float())
-            index.extend((3 * i + passing).tolist())
-        iou_all = torch.stack(ious) if ious else torch.zeros(0, 3)
-        if not logits:
-            return iou_all, torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4 * h, 4 * w)
-        return iou_all, torch.tensor(index, dtype=torch.int64), torch.cat(logits)
 
     @torch.no_grad()
     def upscale(self, logits: torch.Tensor) -> torch.Tensor:

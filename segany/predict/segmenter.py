@@ -18,9 +18,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..modeling.sam import low_res_region
+from ..engine import SamEngine
 from .inputs import check_boxes, check_mask_input, check_points, load_image
-from .transforms import ResizeLongestSide, upscale_logits_native, upscale_logits_opencv
+from .transforms import ResizeLongestSide
 
 
 @dataclass
@@ -30,7 +30,7 @@ class ImageEmbedding:
     features: Dict[str, torch.Tensor]  # "image_embeddings": (1, 256, 64, 64), variants add more
     original_size: Tuple[int, int]  # (H, W) of the user's image
     input_size: Tuple[int, int]  # (h, w) after resizing the long side to the model's input size
-    # What the decoder derives from these features and re-uses for every prompt (see Sam.decode).
+    # What the decoder derives from these features and re-uses for every prompt (see SamEngine.decode).
     # Treat an ImageEmbedding as a value: replace it rather than editing its tensors in place.
     decoder_cache: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -64,8 +64,10 @@ class Prediction:
 class Segmenter:
     """Stateless predictor: embeddings are values you keep, re-use and store."""
 
-    def __init__(self, model: torch.nn.Module, prompt_batch_size: int = 64) -> None:
+    def __init__(self, model: torch.nn.Module, prompt_batch_size: int = 64, mode: Optional[str] = None) -> None:
+        """`mode`: "exact" or "fast"; by default the mode the model was loaded for (load_model)."""
         self.model = model
+        self.engine = SamEngine(model, mode)
         self.transform = ResizeLongestSide(model.image_size)
         self.prompt_batch_size = prompt_batch_size
 
@@ -93,7 +95,7 @@ class Segmenter:
             raise ValueError(f"transformed image must be (1, 3, h, w), got {tuple(transformed.shape)}")
         if max(transformed.shape[2:]) != self.model.image_size:
             raise ValueError(f"the long side of the transformed image must be {self.model.image_size}")
-        features = self.model.encode(self.model.preprocess(transformed))
+        features = self.engine.encode(self.engine.preprocess(transformed))
         return ImageEmbedding(features, tuple(original_size), tuple(transformed.shape[-2:]))
 
     def embed(self, image: Any) -> ImageEmbedding:
@@ -107,8 +109,8 @@ class Segmenter:
         out: List[ImageEmbedding] = []
         for start in range(0, len(prepared), batch_size):
             chunk = prepared[start : start + batch_size]
-            batch = torch.cat([self.model.preprocess(t) for t, _, _ in chunk], dim=0)
-            features = self.model.encode(batch)
+            batch = torch.cat([self.engine.preprocess(t) for t, _, _ in chunk], dim=0)
+            features = self.engine.encode(batch)
             for i, (_, original_size, input_size) in enumerate(chunk):
                 one = {name: value[i : i + 1] for name, value in features.items()}
                 out.append(ImageEmbedding(one, original_size, input_size))
@@ -151,24 +153,14 @@ class Segmenter:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts already in the model's input frame -> low-res logits (B, C, 256, 256), IoU (B, C)."""
         points = (point_coords, point_labels) if point_coords is not None else None
-        return self.model.decode(
+        return self.engine.decode(
             embedding.features, points, boxes, mask_input, multimask_output, cache=embedding.decoder_cache, **decode_options
         )
 
     def upscale(self, low_res: torch.Tensor, embedding: ImageEmbedding, threshold: Optional[float] = None) -> torch.Tensor:
         """Low-res logits (..., 256, 256) -> logits at the original image size, or with `threshold` the
-        masks logits > threshold. The fast mode resizes on a CPU through segany's compiled kernel where
-        it is available (transforms.upscale_logits_native: the two steps' composite), else with OpenCV
-        (transforms.upscale_logits_opencv); the exact mode as the released code."""
-        fast = getattr(self.model, "fast_dtype", None) is not None
-        size = self.model.image_size
-        resizable = low_res_region(low_res.shape[-2:], size, embedding.input_size) is not None
-        if fast and low_res.device.type == "cpu" and not low_res.requires_grad and resizable:
-            args = (low_res, embedding.input_size, embedding.original_size, size, threshold)
-            resized = upscale_logits_native(*args)
-            return resized if resized is not None else upscale_logits_opencv(*args)
-        full = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
-        return full if threshold is None else full > threshold
+        masks logits > threshold (see SamEngine.upscale)."""
+        return self.engine.upscale(low_res, embedding.input_size, embedding.original_size, threshold)
 
     def _validate(self, prompt: Prompt, embedding: ImageEmbedding) -> Prompt:
         coords, labels = check_points(prompt.points, prompt.labels, embedding.original_size)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import kept_until_changed
+from .twin import register
 
 
 def is_exporting() -> bool:
@@ -196,3 +197,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+register(nn.Linear, Linear)

@@ -12,10 +12,10 @@ rate and moves half the bytes. What stays float32:
 - the interfaces: the encoder returns float32 embeddings (interchangeable with exact mode's, storable)
   and the decoder float32 logits and scores; inputs are cast on the way in.
 (segany.predict's Segmenter also resizes fast-mode masks to the image with OpenCV.)
-The casts are hooks on the encoder and the decoder (which casts its image side itself), so variants
-(MobileSAM, HQ-SAM with its early features) get the same treatment without code of their own. The
-weights are converted once; the state-dict keys are unchanged (the converted values are rounded to
-bfloat16).
+The engine casts at its boundaries (SamEngine.encode and decode; the decoder casts its image side
+itself), so variants (MobileSAM, HQ-SAM with its early features) get the same treatment without code
+of their own. The engine's twin of the model holds the converted weights (rounded to bfloat16, same
+names); the model itself stays float32, the plain definition that training and export use.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from .twin import own_weights_in
 
 FAST_DTYPE = torch.bfloat16
 
@@ -62,35 +64,27 @@ def _run_in(dtype: torch.dtype, method: Callable) -> Callable:
     return wrapped
 
 
-def run_module_in(module: nn.Module, dtype: torch.dtype, extra_methods=("forward_with_interm",)) -> None:
-    """Convert `module`'s weights to `dtype`; its forward (and `extra_methods` where present) take any
-    float input and return float32."""
-    module.to(dtype)
-    module.forward = _run_in(dtype, module.forward)
-    for name in extra_methods:
-        if hasattr(module, name):
-            setattr(module, name, _run_in(dtype, getattr(module, name)))
+def make_fast(model: nn.Module) -> nn.Module:
+    """Mark `model` for the fast mode: engines built from it (segany.engine.SamEngine, and so every
+    predictor) run it in bfloat16. The model's own weights are not changed. Returns the model."""
+    model.mode = "fast"
+    return model
 
 
-def _returning_float32(method: Callable) -> Callable:
-    @functools.wraps(method)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        return cast_floats(method(*args, **kwargs), torch.float32)
-
-    return wrapped
+def model_mode(model: nn.Module) -> str:
+    """The mode a model was loaded or marked for: "exact" unless load_model(mode="fast") or make_fast."""
+    return getattr(model, "mode", None) or "exact"
 
 
-def make_fast(model: nn.Module, dtype: torch.dtype = FAST_DTYPE) -> nn.Module:
-    """Convert a Sam-family model in place to the fast mode and return it (inference only)."""
-    if getattr(model, "fast_dtype", None) is not None:
-        return model
-    run_module_in(model.image_encoder, dtype)
-    decoder = model.mask_decoder
-    if not hasattr(decoder, "bulk_modules"):  # a decoder that does not split its sides: all of it
-        run_module_in(decoder, dtype)
-    else:
-        for module in decoder.bulk_modules():
-            module.to(dtype)
-        decoder.forward = _returning_float32(decoder.forward)
-    model.fast_dtype = dtype
-    return model.eval()
+def convert_twin(net: nn.Module, dtype: torch.dtype = FAST_DTYPE) -> None:
+    """The fast mode's precision policy on an engine twin (segany.engine.twin): the image encoder and
+    the mask decoder's bulk get bfloat16 weights of their own; a decoder that does not split its sides
+    is converted whole, its inputs cast on the way in."""
+    own_weights_in(net.image_encoder, dtype)
+    decoder = net.mask_decoder
+    if not hasattr(decoder, "bulk_modules"):
+        own_weights_in(decoder, dtype)
+        decoder.forward = _run_in(dtype, decoder.forward)
+        return
+    for module in decoder.bulk_modules():
+        own_weights_in(module, dtype)

@@ -1,0 +1,60 @@
+"""Engine twins of a model's modules: the same parameters and buffers under the same names, the
+engine's inference code.
+
+Each engine module is a subclass of the plain module in segany.modeling that it serves, registered
+here (`register(plain_class, engine_class)`); `twin(model)` walks the model and gives every module
+whose class is registered the engine's class. The twin holds the model's own parameter and buffer
+dictionaries, so weights loaded, moved or modified in place are what the engine reads; the model
+itself is never changed.
+"""
+from __future__ import annotations
+
+from typing import Dict, Type
+
+import torch
+from torch import nn
+
+_ENGINE_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {}
+
+
+def register(plain: Type[nn.Module], engine: Type[nn.Module]) -> None:
+    """Serve modules of exactly the class `plain` with `engine` (a subclass with the same attributes)."""
+    _ENGINE_CLASSES[plain] = engine
+
+
+def engine_class(plain: Type[nn.Module]) -> Type[nn.Module]:
+    return _ENGINE_CLASSES.get(plain, plain)
+
+
+def twin(module: nn.Module) -> nn.Module:
+    """A copy of `module`'s tree whose modules have the engine's classes, sharing its parameters and
+    buffers (their dictionaries, not copies)."""
+    made: Dict[int, nn.Module] = {}
+
+    def convert(m: nn.Module) -> nn.Module:
+        if id(m) in made:
+            return made[id(m)]
+        new = object.__new__(engine_class(type(m)))
+        new.__dict__ = m.__dict__.copy()
+        new._parameters = m._parameters
+        new._buffers = m._buffers
+        made[id(m)] = new
+        new._modules = {name: None if child is None else convert(child) for name, child in m._modules.items()}
+        return new
+
+    return convert(module)
+
+
+def own_weights_in(module: nn.Module, dtype: torch.dtype) -> None:
+    """Give the twin `module` (and its submodules) floating parameters and buffers of its own in `dtype`
+    (inference only); those already in `dtype` stay shared with the model."""
+
+    def converted(t: torch.Tensor) -> torch.Tensor:
+        if t is None or not t.is_floating_point() or t.dtype == dtype:
+            return t
+        value = t.detach().to(dtype)
+        return nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
+
+    for m in module.modules():
+        m._parameters = {name: converted(p) for name, p in m._parameters.items()}
+        m._buffers = {name: converted(b) for name, b in m._buffers.items()}

@@ -1,0 +1,160 @@
+"""The split between the model definition (segany.modeling) and the inference engine (segany.engine):
+the definition holds no speed paths and imports nothing above it, the plain modules reproduce the
+released outputs themselves, and the engine agrees with them."""
+from __future__ import annotations
+
+import ast
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import segany
+from segany.engine import SamEngine
+from segany.predict.transforms import ResizeLongestSide
+
+from .conftest import REFERENCE, case_image_path, load_rgb, manifest, needs_shared
+
+MODELING = Path(segany.__file__).parent / "modeling"
+
+# What the definition must not test: grad mode, export/tracing, device, dtype, the native library.
+FORBIDDEN = [
+    r"is_grad_enabled",
+    r"is_exporting",
+    r"is_tracing",
+    r"is_scripting",
+    r"onnx",
+    r"\.is_cpu\b",
+    r"\.is_cuda\b",
+    r"device\.type",
+    r"\.dtype\s*[=!]=",
+    r"bfloat16",
+    r"float16",
+    r"native",
+    r"ctypes",
+    r"inference_mode",
+    r"kept_until_changed",
+    r"_cache\b",
+]
+
+
+def _modeling_files():
+    return sorted(MODELING.glob("*.py"))
+
+
+def test_the_definition_tests_no_mode_device_dtype_or_native_library():
+    offences = []
+    for path in _modeling_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for pattern in FORBIDDEN:
+                if re.search(pattern, code):
+                    offences.append(f"{path.name}:{number}: {line.strip()}")
+    assert not offences, "\n".join(offences)
+    assert not list(MODELING.glob("**/*.c")), "C sources belong to segany/engine"
+
+
+def test_the_definition_imports_nothing_above_it():
+    above = ("engine", "predict", "io", "cli", "server", "train", "eval")
+    offences = []
+    for path in _modeling_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                absolute = module.startswith("segany.") and module.split(".")[1] in above
+                relative = node.level >= 2 and module.split(".")[0] in above
+                if absolute or relative or (node.level >= 2 and not module):
+                    offences.append(f"{path.name}: from {'.' * node.level}{module}")
+            elif isinstance(node, ast.Import):
+                offences += [f"{path.name}: import {a.name}" for a in node.names if a.name.startswith("segany.") and a.name.split(".")[1] in above]
+    assert not offences, offences
+
+
+def test_the_engine_leaves_the_model_unchanged(tiny_sam):
+    model = copy.deepcopy(tiny_sam)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    engine = SamEngine(model, "fast")
+    assert next(engine.net.image_encoder.parameters()).dtype == torch.bfloat16
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # The exact engine shares the model's weights: a change in place is what it reads next.
+    exact = SamEngine(model, "exact")
+    assert exact.net.mask_decoder.iou_token.weight is model.mask_decoder.iou_token.weight
+
+
+def test_engine_decode_agrees_with_the_plain_modules(tiny_sam):
+    """Every prompt path of the exact engine against the plain definition (the released math)."""
+    torch.manual_seed(11)
+    engine = SamEngine(tiny_sam, "exact")
+    features = {"image_embeddings": torch.randn(1, 256, 64, 64)}
+    cases = [
+        ((torch.rand(1, 1, 2) * 1024, torch.ones(1, 1, dtype=torch.int)), None, None),
+        ((torch.rand(5, 1, 2) * 1024, torch.ones(5, 1, dtype=torch.int)), None, None),
+        ((torch.rand(2, 3, 2) * 1024, torch.randint(-1, 2, (2, 3))), None, None),
+        (None, torch.tensor([[100.0, 200.0, 700.0, 900.0]]), None),
+        ((torch.rand(1, 2, 2) * 1024, torch.ones(1, 2, dtype=torch.int)), None, torch.randn(1, 1, 256, 256) * 4),
+    ]
+    cache: dict = {}
+    with torch.no_grad():
+        for points, boxes, masks in cases:
+            for multimask in (True, False):
+                expected = tiny_sam.decode(features, points, boxes, masks, multimask)
+                got = engine.decode(features, points, boxes, masks, multimask, cache=cache)
+                torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=0)
+                torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=0)
+
+
+class PlainPredictor:
+    """The plain modules alone (Sam.encode, decode, postprocess_masks), with the released predictor's
+    transforms: what the parity tests feed a predictor."""
+
+    def __init__(self, model: torch.nn.Module, image: np.ndarray) -> None:
+        self.model = model
+        self.transform = ResizeLongestSide(model.image_size)
+        resized = np.array(self.transform.apply_image(image))
+        x = torch.as_tensor(resized).permute(2, 0, 1)[None].float()
+        self.original_size, self.input_size = image.shape[:2], resized.shape[:2]
+        with torch.no_grad():
+            self.features = model.encode(model.preprocess(x))
+
+    def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output=True, return_logits=True):
+        points = boxes = masks = None
+        if point_coords is not None:
+            coords = self.transform.apply_coords(np.asarray(point_coords, np.float64), self.original_size)
+            points = (torch.as_tensor(coords, dtype=torch.float)[None], torch.as_tensor(point_labels, dtype=torch.int)[None])
+        if box is not None:
+            boxes = torch.as_tensor(self.transform.apply_boxes(np.asarray(box), self.original_size), dtype=torch.float).reshape(-1, 4)
+        if mask_input is not None:
+            masks = torch.as_tensor(mask_input, dtype=torch.float)[None]
+        with torch.no_grad():
+            low, iou = self.model.decode(self.features, points, boxes, masks, multimask_output)
+            logits = self.model.postprocess_masks(low, self.input_size, self.original_size)
+        if boxes is not None and boxes.shape[0] > 1:
+            return logits.numpy(), iou.numpy(), low.numpy()
+        return logits[0].numpy(), iou[0].numpy(), low[0].numpy()
+
+
+def _models():
+    if not (REFERENCE / "manifest.json").is_file():
+        return []
+    names = sorted({c["model"] for c in manifest()["cases"] if "model" in c})
+    return [n if n == "sam_vit_small" else pytest.param(n, marks=pytest.mark.heavy) for n in names]
+
+
+@needs_shared
+@pytest.mark.parametrize("model_name", _models())
+def test_plain_modules_reproduce_the_reference(model_name):
+    """The definition itself, without the engine, within the fixtures' 1e-4 on every davis345_000 case."""
+    from .test_reference_sam import check_case
+
+    model = segany.load_model(REFERENCE / f"{model_name}.pth")
+    image = load_rgb(case_image_path("davis345_000"))
+    predictor = PlainPredictor(model, image)
+    cases = [c for c in manifest()["cases"] if c.get("model") == model_name and c["image"] == "davis345_000"]
+    assert cases
+    for case in cases:
+        check_case(predictor, case)
