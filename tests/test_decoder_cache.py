@@ -19,7 +19,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 POINTS = [np.array([[40.0, 50.0]]), np.array([[150.0, 90.0], [60.0, 120.0]]), np.array([[10.0, 170.0]])]
 
 
-def _decode(seg.engine, features, coords, cache=None, multimask=True):
+def _decode(model, features, coords, cache=None, multimask=True):
     labels = torch.ones(coords.shape[:2], dtype=torch.int)
     with torch.no_grad():
         return model.decode(features, (coords, labels), None, None, multimask, cache=cache)

@@ -106,10 +106,9 @@ def rel_pos_attention_chunked(
 
     Small (windowed) attention: a chunk of windows x heads at a time, their logits in float32 with the
     bias added in place as its two broadcast factors (rel_h over key rows, rel_w over key columns),
-    softmax in float32, then the product with v. Against the fused kernel with the bias materialised
-    as its mask: 1.5x faster in float32 (equal up to rounding), 2.4x in bfloat16 (and half the error).
-    Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded);
-    about 2x faster than the fused kernel with a materialised mask in float32, 3.5x in bfloat16.
+    softmax in float32, then the product with v: faster than the fused kernel with the bias
+    materialised as its mask, and closer to float32 in bfloat16 (docs/benchmarks.md).
+    Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded).
     """
     bh, n, _ = q.shape
     if not q.is_cpu:

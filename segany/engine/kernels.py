@@ -2,7 +2,7 @@
 
 PyTorch sends a float32 linear layer or matrix product on the CPU to MKL's sgemm; for SAM's shapes
 (thousands of rows: image tokens, bands of attention logits) oneDNN's kernels compute the same float32
-products about twice as fast on an AVX-512 CPU (measured here: 350-500 against ~210 GFLOP/s) and can
+products faster on an AVX-512 CPU (figures in docs/benchmarks.md) and can
 apply a GELU or add a residual while the output is still in cache. The sums run in another order,
 so results differ from F.linear's by float32 rounding (~1e-6 relative). bfloat16 products already
 go to oneDNN in PyTorch; here they skip a few copies and get the same fusions, except a few rows

@@ -66,8 +66,8 @@ class MaskUpscaling(plain.MaskUpscaling):
     """
 
     # Input pixels per band, for 4-byte floats (twice as many for 2-byte ones): 1024 pixels of a 64-wide
-    # input are 16 rows, 16384 upscaled pixels. Measured here: more, smaller bands cost more in per-call
-    # overhead than they gain in cache (8 rows: 8% slower in float32, 25% in bfloat16).
+    # input are 16 rows, 16384 upscaled pixels. More, smaller bands cost more in per-call overhead
+    # than they gain in cache.
     BAND_PIXELS = 1024
     ROWS_PER_BAND: Optional[int] = None  # fixed rows per band instead (tests)
 
@@ -194,8 +194,8 @@ class MaskUpscaling(plain.MaskUpscaling):
     # The compiled kernel (segany.engine.native, csrc/decoder_bf16.c) for the bfloat16 inference path:
     # a few pixels at a time through both convolutions, the norm, the GELUs and the hypernetwork
     # product, only the logits written. Its intermediates stay in float32 (the second convolution's
-    # input excepted), so it is closer to the float32 result than the banded path below (measured:
-    # 0.16% against 0.50% relative L2 of the logits, same bfloat16 weights).
+    # input excepted), so it is closer to the float32 result than the banded path below
+    # (tests/test_native.py).
 
     def _native_weights(self) -> Optional[Tuple[torch.Tensor, ...]]:
         """The weights packed for the kernel (see csrc/decoder_bf16.c), kept until they change; None
@@ -474,7 +474,7 @@ class MaskDecoder(plain.MaskDecoder):
         if batch > INFERENCE_MICRO_BATCH and inference and sparse_prompt_embeddings.is_cpu:
             # Each prompt carries its own (h*w, C) image side through the transformer and the upscaling;
             # on a CPU these are memory-bound, and one prompt's working set fits in cache where 64 do not:
-            # prompts one at a time ran about 2x faster per prompt than in one batch of 64 (same results).
+            # prompts one at a time run faster per prompt than in one batch (same results).
             # (A GPU takes the whole batch at once.)
             parts = [
                 self.predict_masks(

@@ -24,7 +24,7 @@ def upscale_logits_opencv(
 ) -> torch.Tensor:
     """Sam.postprocess_masks (low-res logits (..., h, w) -> logits at the original image size) with
     OpenCV's bilinear resize: the same two steps (upsample to the model's input frame, drop the padding,
-    resize to the original size), each mask on its own, about 4x faster on a CPU than PyTorch's kernel.
+    resize to the original size), each mask on its own, faster on a CPU than PyTorch's kernel.
 
     OpenCV computes the sample positions in its own float arithmetic, so values differ from PyTorch's by
     up to ~1e-4 (relative ~1e-5): within the noise of the fast mode (bfloat16), which uses this; the

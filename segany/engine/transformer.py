@@ -501,7 +501,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
             outputs = len(outputs) if prefix else torch.as_tensor(outputs, device=point_embedding.device)
         if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled() and point_embedding.is_cpu:
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
-            # CPU): about 2x faster per prompt than a batch of 64, same results. (A GPU takes them at once.)
+            # CPU): faster per prompt than a whole batch, same results. (A GPU takes them at once.)
             step = INFERENCE_MICRO_BATCH
             parts = [
                 self.run(side, point_embedding[start : start + step], outputs)
