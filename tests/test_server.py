@@ -53,8 +53,10 @@ def server(fixture_sam, tmp_path_factory):
         data_dir=data, checkpoint=CHECKPOINT, import_roots=[imports], max_upload_bytes=300_000, max_pixels=400 * 400
     )
     app = create_app(config, model=fixture_sam)
-    with TestClient(app) as client:
+    # TestClient's peer is "testclient" (not loopback): every request needs the token, as a remote one would.
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         client.headers["X-User"] = "tester"
+        client.headers["Authorization"] = f"Bearer {config.token}"
         project = client.post("/api/projects", json={"name": "demo"}).json()
         up = client.post(
             f"/api/projects/{project['id']}/images",

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..predict import Segmenter
@@ -24,6 +26,8 @@ from .embeddings import PRIORITY_BULK, EmbeddingService, model_key
 from .images import ImageRejected
 from .logits import LogitsCache
 from .routes import annotations, decode, images, info, projects, transfer
+from .schemas import Error
+from .security import Guard
 from .storage import Conflict, NotFound, Storage
 
 log = logging.getLogger("segany.server")
@@ -42,6 +46,24 @@ class ServerConfig:
     decode_wait_s: float = 120.0  # how long a decode waits for a missing embedding
     logits_cache: int = 64  # recent decodes whose low-res logits can be fed back as mask input
     model_name: Optional[str] = None  # shown on the page
+    # Access token for writes and for non-loopback clients (a fresh one per start unless given).
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    allowed_hosts: List[str] = field(default_factory=list)  # Host names besides the loopback ones
+    allowed_origins: List[str] = field(default_factory=list)  # Origins besides the server's own
+    max_json_bytes: int = 16 * 1024 * 1024  # a JSON body (annotations with their masks)
+    max_prompt_bytes: int = 1024 * 1024  # a decode or proposals body (a mask input is 350 kB in base64)
+
+
+# Every error the API answers, as the OpenAPI schema describes it: {"detail": "one line"}.
+ERROR_RESPONSES = {
+    status: {"model": Error, "description": text}
+    for status, text in {
+        400: "Malformed request", 401: "Missing or wrong access token", 403: "Cross-origin or outside the allowed folders",
+        404: "No such project, image, label or annotation", 409: "Conflict with the stored state",
+        413: "Body, file or image too large", 415: "Not a supported image", 421: "Unknown Host",
+        422: "Invalid request (the reason in detail)", 503: "Busy: try again (Retry-After)",
+    }.items()
+}
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -103,26 +125,37 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
     app.state.config = config
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Refuse an oversized request before its body is read (multipart would spool it to disk first).
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > config.max_request_bytes
-            except ValueError:
-                return _error(400, "invalid Content-Length")
-            if too_big:
-                return _error(413, f"request body of {length} bytes exceeds the limit of {config.max_request_bytes}")
-        return await call_next(request)
-
     for module in (info, projects, images, decode, annotations, transfer):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     info.mount_static(app)
+
+    def body_limit(method: str, path: str, content_type: str) -> int:
+        if content_type.startswith("multipart/"):
+            return config.max_request_bytes
+        if path.endswith(("/decode", "/proposals")):
+            return config.max_prompt_bytes
+        return config.max_json_bytes
+
+    app.add_middleware(Guard, token=config.token, allowed_hosts=config.allowed_hosts,
+                       allowed_origins=config.allowed_origins, body_limit=body_limit)
     return app
 
 
+def _validation_message(exc: RequestValidationError) -> str:
+    """FastAPI's validation errors as one line, without echoing the input (it can be megabytes)."""
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}"[:300])
+    more = len(exc.errors()) - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc))
+
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound):
         return _error(404, str(exc))
