@@ -24,6 +24,7 @@ from ..predict import Segmenter
 from .deps import ServerContext
 from .embeddings import PRIORITY_BULK, EmbeddingService, model_key
 from .images import ImageRejected
+from .jobs import Cancelled, Jobs
 from .logits import LogitsCache
 from .routes import annotations, decode, images, info, projects, transfer
 from .schemas import Error
@@ -52,6 +53,8 @@ class ServerConfig:
     allowed_origins: List[str] = field(default_factory=list)  # Origins besides the server's own
     max_json_bytes: int = 16 * 1024 * 1024  # a JSON body (annotations with their masks)
     max_prompt_bytes: int = 1024 * 1024  # a decode or proposals body (a mask input is 350 kB in base64)
+    max_jobs: int = 2  # proposals / imports running at once (more get 503)
+    job_time_limit_s: float = 300.0  # a proposals or import job is stopped after this long
 
 
 # Every error the API answers, as the OpenAPI schema describes it: {"detail": "one line"}.
@@ -97,6 +100,7 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
         segmenter=segmenter,
         embeddings=EmbeddingService(segmenter, data_dir / "embeddings" / key, config.memory_embeddings),
         logits_cache=LogitsCache(config.logits_cache),
+        jobs=Jobs(config.max_jobs, config.job_time_limit_s),
     )
 
     @contextlib.asynccontextmanager
@@ -171,6 +175,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError):
         return _error(422, str(exc))
+
+    @app.exception_handler(Cancelled)
+    async def _cancelled(request: Request, exc: Cancelled):  # its client is gone: nobody reads this
+        return _error(503, str(exc))
 
     @app.exception_handler(TimeoutError)
     async def _timeout(request: Request, exc: TimeoutError):

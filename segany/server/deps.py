@@ -14,6 +14,7 @@ from fastapi import Depends, Header, Request
 from ..predict import Segmenter
 from .embeddings import PRIORITY_BULK, EmbeddingService
 from .images import check_image_bytes, store
+from .jobs import Jobs
 from .logits import LogitsCache
 from .storage import Storage
 
@@ -29,6 +30,7 @@ class ServerContext:
     segmenter: Segmenter
     embeddings: EmbeddingService
     logits_cache: LogitsCache
+    jobs: Jobs
 
     def image_path(self, image: Dict[str, Any]) -> Path:
         return self.images_dir / image["stored_name"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,19 +100,26 @@ def resolve_import_folder(folder: str, roots: List[Path]) -> Path:
     raise ImageRejected(f"folder {folder} is outside the import roots ({allowed})", status=403)
 
 
-def folder_images(folder: Path, recursive: bool = False) -> Tuple[List[Path], List[str]]:
-    """Image files in a folder (sorted) and the names skipped. Links leading outside it are skipped."""
-    found, skipped = [], []
-    candidates = sorted(folder.rglob("*") if recursive else folder.iterdir())
-    for path in candidates:
-        if not path.is_file():
-            continue
-        if path.suffix.lower() not in EXTENSIONS:
-            skipped.append(path.name)
-            continue
-        real = path.resolve()
-        if folder not in real.parents:
-            skipped.append(path.name)
-            continue
-        found.append(path)
-    return found, skipped
+def folder_images(folder: Path, recursive: bool = False, max_files: int = 100_000) -> Tuple[List[Path], int]:
+    """Image files in a folder (sorted by path) and how many other files were skipped.
+
+    Hidden files and folders (.git, .cache, ...) are never entered nor counted, links leading outside the
+    folder are skipped, and the names of skipped files are not reported (they may be anything). More
+    than `max_files` entries is an error rather than a long silent walk.
+    """
+    found: List[Path] = []
+    skipped = seen = 0
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            seen += 1
+            if seen > max_files:
+                raise ImageRejected(f"the folder holds more than {max_files} files; import a smaller one", 422)
+            path = Path(root) / name
+            if path.suffix.lower() not in EXTENSIONS or not path.is_file() or folder not in path.resolve().parents:
+                skipped += 1
+                continue
+            found.append(path)
+    return sorted(found), skipped

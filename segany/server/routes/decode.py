@@ -5,7 +5,7 @@ import time
 from typing import Any, Dict
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from ...predict import Prompt
 from ...predict.inputs import check_boxes, check_points
@@ -67,13 +67,18 @@ def decode(image_id: int, body: DecodeIn, ctx: Ctx) -> Dict[str, Any]:
     }
 
 
-@router.post("/api/images/{image_id}/proposals", summary="Everything-mode proposals for an image")
-def proposals(image_id: int, body: ProposalsIn, ctx: Ctx) -> Dict[str, Any]:
+@router.post("/api/images/{image_id}/proposals", summary="Everything-mode proposals for an image "
+             "(a cancellable job: closing the connection stops it)")
+async def proposals(image_id: int, body: ProposalsIn, ctx: Ctx, request: Request) -> Dict[str, Any]:
     from ..proposals import generate_proposals
 
     image = ctx.storage.image(image_id)
-    embedding = ctx.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
-    t0 = time.perf_counter()
-    records = generate_proposals(ctx.segmenter, embedding, ctx.image_path(image), body.model_dump())
-    records = sorted(records, key=lambda r: -r["predicted_iou"])[: body.max_proposals]
-    return {"proposals": records, "seconds": round(time.perf_counter() - t0, 3)}
+
+    def work(job):
+        embedding = ctx.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
+        t0 = time.perf_counter()
+        records = generate_proposals(ctx.segmenter, embedding, ctx.image_path(image), body.model_dump(), job)
+        records = sorted(records, key=lambda r: -r["predicted_iou"])[: body.max_proposals]
+        return {"proposals": records, "seconds": round(time.perf_counter() - t0, 3)}
+
+    return await ctx.jobs.run(request, work)

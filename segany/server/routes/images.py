@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from ..deps import Ctx, User
@@ -51,24 +51,30 @@ async def upload_images(project_id: int, ctx: Ctx, user: User, files: List[Uploa
     return {"images": out}
 
 
-@router.post("/api/projects/{project_id}/import-folder", summary="Import the images of a server-side folder")
-def import_folder(project_id: int, body: FolderImportIn, ctx: Ctx, user: User) -> Dict[str, Any]:
+@router.post("/api/projects/{project_id}/import-folder", summary="Import the images of a server-side folder "
+             "(a cancellable job); 'skipped' counts files that are not images (hidden ones are never read)")
+async def import_folder(project_id: int, body: FolderImportIn, ctx: Ctx, user: User, request: Request) -> Dict[str, Any]:
     config = ctx.config
     ctx.storage.project(project_id)
     folder = resolve_import_folder(body.folder, ctx.import_roots)
-    paths, skipped = folder_images(folder, body.recursive)
-    added, existing, rejected = [], [], [{"file": n, "reason": "not an image file name"} for n in skipped]
-    for path in paths:
-        try:
-            if path.stat().st_size > config.max_upload_bytes:
-                raise ImageRejected(f"larger than {config.max_upload_bytes} bytes", 413)
+
+    def work(job):
+        paths, skipped = folder_images(folder, body.recursive)
+        added, existing, rejected = [], [], []
+        for path in paths:
+            job.check()
             rel = str(path.relative_to(folder))
-            image, created = ctx.add_image_bytes(project_id, rel, path.read_bytes(), user)
-        except ImageRejected as exc:
-            rejected.append({"file": str(path.relative_to(folder)), "reason": str(exc)})
-            continue
-        (added if created else existing).append(image["id"])
-    return {"added": added, "existing": existing, "rejected": rejected}
+            try:
+                if path.stat().st_size > config.max_upload_bytes:
+                    raise ImageRejected(f"larger than {config.max_upload_bytes} bytes", 413)
+                image, created = ctx.add_image_bytes(project_id, rel, path.read_bytes(), user)
+            except ImageRejected as exc:
+                rejected.append({"file": rel, "reason": str(exc)})
+                continue
+            (added if created else existing).append(image["id"])
+        return {"added": added, "existing": existing, "rejected": rejected, "skipped": skipped}
+
+    return await ctx.jobs.run(request, work)
 
 
 @router.get("/api/images/{image_id}", summary="One image")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from typing import Any, Dict
 
-from fastapi import APIRouter, File, UploadFile
+from fastapi import APIRouter, File, Request, UploadFile
 from fastapi.responses import Response
 
 from .. import exports
@@ -33,12 +33,19 @@ def export_sa1b(image_id: int, ctx: Ctx) -> Dict[str, Any]:
     return exports.sa1b_image(image, ctx.storage.annotations(image_id))
 
 
-@router.post("/api/projects/{project_id}/import/coco", summary="Import COCO annotations for images already in the project")
-async def import_coco(project_id: int, ctx: Ctx, user: User, file: UploadFile = File(...)) -> Dict[str, Any]:
+@router.post("/api/projects/{project_id}/import/coco", summary="Import COCO annotations for images already in the "
+             "project (a cancellable job: closing the connection stops it before anything is written)")
+async def import_coco(project_id: int, ctx: Ctx, user: User, request: Request,
+                      file: UploadFile = File(...)) -> Dict[str, Any]:
     ctx.storage.project(project_id)
-    raw = await file.read(ctx.config.max_request_bytes + 1)
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not a JSON file: {exc}") from None
-    return exports.import_coco(ctx.storage, project_id, data, user)
+
+    def work(job):
+        file.file.seek(0)
+        raw = file.file.read(ctx.config.max_request_bytes + 1)
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"not a JSON file: {exc}") from None
+        return exports.import_coco(ctx.storage, project_id, data, user, job)
+
+    return await ctx.jobs.run(request, work)

@@ -743,7 +743,7 @@ $("import-folder").onclick = async () => {
   try {
     const out = await api("POST", `/api/projects/${S.project.id}/import-folder`, { folder });
     await loadImages();
-    status(`imported ${out.added.length}, already there ${out.existing.length}, rejected ${out.rejected.length}`);
+    status(`imported ${out.added.length}, already there ${out.existing.length}, rejected ${out.rejected.length}, skipped ${out.skipped || 0} other files`);
     if (!S.image && S.images.length) await openImage(S.images[0].id);
   } catch (err) { fail(err); }
 };
