@@ -20,6 +20,10 @@ class Cancelled(Exception):
     """The job was cancelled (its client went away)."""
 
 
+class TooLong(ValueError):
+    """The job ran past its time limit: the request asks for too much work (422, ask for less)."""
+
+
 class Busy(TimeoutError):
     """Too many jobs running: the client should try again later (503)."""
 
@@ -42,7 +46,8 @@ class Job:
         if self._cancel.is_set():
             raise Cancelled("the job was cancelled")
         if time.monotonic() > self.deadline:
-            raise TimeoutError(f"the job took longer than its limit of {self.time_limit_s:g} s: ask for less")
+            raise TooLong(f"the job took longer than its limit of {self.time_limit_s:g} s: ask for less "
+                          "(fewer points per side, a smaller file)")
 
 
 class Jobs:
