@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..io.atomic import atomic_write_bytes
+from ..predict.inputs import CONVERTIBLE, HIGH_DEPTH_GRAY, TRANSPARENT
+
+SUPPORTED_MODES = set(HIGH_DEPTH_GRAY) | set(TRANSPARENT) | set(CONVERTIBLE)
+SUPPORTED_MODES.discard("La")  # premultiplied alpha: PIL cannot convert it
 
 # Pillow format name -> extension of the stored file
 FORMATS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif", "GIF": "gif"}
@@ -66,6 +70,8 @@ def check_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> CheckedIm
                     status=413,
                 )
             probe.load()  # decodes fully: a truncated or corrupt file fails here
+            if probe.mode not in SUPPORTED_MODES:
+                raise ImageRejected(f"images in PIL mode {probe.mode} are not supported: save it as 8-bit RGB or grayscale")
             oriented = ImageOps.exif_transpose(probe)
             width, height = oriented.size
     except ImageRejected:
