@@ -256,3 +256,14 @@ def test_jobs_have_a_time_limit():
     time.sleep(0.01)
     with pytest.raises(ValueError, match="limit"):  # a 422: the request asks for too much
         job.check()
+
+
+def test_address_and_host_helpers():
+    from segany.server.security import host_name, is_loopback_address, token_matches
+
+    assert all(map(is_loopback_address, ["127.0.0.1", "127.8.0.3", "::1", "[::1]", "::ffff:127.0.0.1", "localhost"]))
+    assert not any(map(is_loopback_address, ["10.0.0.1", "0.0.0.0", "testclient", "::ffff:10.1.1.1", "", None]))
+    assert [host_name(h) for h in ["[::1]:8000", "LocalHost:80", "::1", "127.0.0.1.evil.example"]] == [
+        "::1", "localhost", "::1", "127.0.0.1.evil.example"]
+    assert token_matches(TOKEN, TOKEN) and not token_matches(TOKEN[:-1], TOKEN) and not token_matches("", TOKEN)
+    assert not token_matches("t\udcff", TOKEN)  # undecodable header bytes: no match, no crash

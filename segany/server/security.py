@@ -42,9 +42,11 @@ def is_loopback_address(address: Optional[str]) -> bool:
     if address.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(address).is_loopback
+        ip = ipaddress.ip_address(address.strip("[]"))
     except ValueError:
         return False
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
 
 
 def token_matches(given: Optional[str], expected: str) -> bool:
