@@ -75,6 +75,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
     """The server for `config`; `model` (a loaded SAM-family model) avoids loading it again."""
+    if not config.token:  # None or empty: never an open server
+        config.token = secrets.token_urlsafe(32)
     data_dir = Path(config.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     images_dir = data_dir / "images"
