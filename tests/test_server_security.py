@@ -220,6 +220,29 @@ def test_hostile_polygon_in_a_subprocess_is_a_value_error():
     assert out.returncode == 0 and out.stdout.startswith("refused:"), out.stderr[-500:]
 
 
+def test_non_finite_numbers_are_refused_not_stored(live):
+    c, iid = live["client"], live["image"]["id"]
+    seg = {"size": [48, 64], "counts": [10, 5, 48 * 64 - 15]}
+    before = counts(live)
+    for item in ({"segmentation": seg, "score": "Infinity"}, {"segmentation": seg, "meta": {"x": "NaN"}}):
+        raw = json.dumps({"annotations": [item]}).replace('"Infinity"', "Infinity").replace('"NaN"', "NaN")
+        r = c.post(f"/api/images/{iid}/annotations", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+    assert counts(live) == before and c.get(f"/api/images/{iid}/annotations").status_code == 200
+    doc = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [],
+           "annotations": [{"id": 1, "image_id": 1, "segmentation": [[0, 0, 10**400, 0, 5, 5]]}]}
+    r = c.post(f"/api/projects/{live['project']['id']}/import/coco",
+               files={"file": ("c.json", json.dumps(doc), "application/json")})
+    assert r.status_code == 422, r.text
+    # An imported score of Infinity is dropped (the mask comes in); the image's list still reads.
+    doc["annotations"][0].update(segmentation=[[2, 2, 20, 2, 20, 20]], score=float("inf"), id={"x": 1})
+    r = c.post(f"/api/projects/{live['project']['id']}/import/coco",
+               files={"file": ("c.json", json.dumps(doc), "application/json")})
+    assert r.status_code == 200, r.text
+    listed = c.get(f"/api/images/{iid}/annotations")
+    assert listed.status_code == 200 and listed.json()["annotations"][-1]["score"] is None
+
+
 def test_coco_import_with_odd_types_is_422(live):
     c, pid = live["client"], live["project"]["id"]
     for doc in ({"images": [{"id": [1], "file_name": "a.png"}], "annotations": [], "categories": []},

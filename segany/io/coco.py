@@ -170,7 +170,10 @@ def check_polygons(polygons: Any, height: int, width: int) -> List[List[float]]:
             raise ValueError(f"more than {MAX_POLYGON_VALUES} polygon coordinates in one annotation")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon):
             raise ValueError("polygon coordinates must be numbers")
-        xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        try:
+            xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        except OverflowError:
+            raise ValueError("polygon coordinates must be finite") from None
         if not np.isfinite(xy).all():
             raise ValueError("polygon coordinates must be finite")
         if xy[:, 0].min() < lo_x or xy[:, 0].max() > hi_x or xy[:, 1].min() < lo_y or xy[:, 1].max() > hi_y:

@@ -1,6 +1,7 @@
 """Project data out and in: COCO instances JSON, SA-1B per-image JSON, COCO import."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Dict, List, Optional
 
@@ -75,6 +76,16 @@ def sa1b_image(image: Dict[str, Any], annotations: List[Dict[str, Any]]) -> Dict
     return sa1b_io.validate_sa1b(sa1b_io.sa1b_document(records, info))
 
 
+def _finite_or_none(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 def import_coco(storage: Storage, project_id: int, data: Any, user: str, job: Optional[Job] = None) -> Dict[str, Any]:
     """Add a COCO file's annotations to the project's images of the same file_name (all or nothing per image).
 
@@ -123,9 +134,9 @@ def import_coco(storage: Storage, project_id: int, data: Any, user: str, job: Op
                 "rle_counts": encoded["counts"],
                 "area": encoded["area"],
                 "bbox": encoded["bbox"],
-                "score": float(a["score"]) if isinstance(a.get("score"), (int, float)) else None,
+                "score": _finite_or_none(a.get("score")),
                 "source": "import",
-                "meta": {"coco_id": a.get("id")},
+                "meta": {"coco_id": a.get("id") if isinstance(a.get("id"), (int, str)) else None},
             }
         )
     label_ids = {cat: storage.add_label(project_id, name)["id"] for cat, name in label_names.items()}

@@ -43,7 +43,7 @@ class DecodeIn(BaseModel):
 class AnnotationIn(BaseModel):
     segmentation: Dict[str, Any]  # COCO RLE {"size": [h, w], "counts": str | [int]}
     label_id: Optional[int] = None
-    score: Optional[float] = None
+    score: Optional[float] = Field(default=None, allow_inf_nan=False)
     source: Literal["click", "box", "brush", "proposal", "import", "api"] = "api"
     meta: Dict[str, Any] = Field(default_factory=dict)  # e.g. point_coords, stability_score, crop_box
 

@@ -16,7 +16,11 @@ router = APIRouter(tags=["annotations"])
 def _checked_item(image: Dict[str, Any], item: AnnotationIn) -> Dict[str, Any]:
     encoded = masks.from_client(item.segmentation, image["height"], image["width"])
     meta = item.meta or {}
-    if len(json.dumps(meta)) > 20000:
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except ValueError:
+        raise ValueError("annotation meta holds NaN or infinite numbers") from None
+    if len(text) > 20000:
         raise ValueError("annotation meta is too large")
     return {
         "label_id": item.label_id,
