@@ -55,6 +55,13 @@ def test_sa1b_viz_resume_and_failure(inputs, tmp_path):
     assert "1 image(s) segmented" in result.output and "1 already done" in result.output
     sa1b.read_sa1b(out / "b.json")
     assert not list(out.glob(".*.tmp"))
+    assert doc["image"]["image_id"] == 1 and sa1b.read_sa1b(out / "b.json")["image"]["image_id"] == 2
+    # Other settings in the same folder: stopped with the difference, nothing rewritten.
+    before = (out / "a.json").read_bytes()
+    changed = [o if o != "0.05" else "0.5" for o in OPTIONS]
+    result = CliRunner().invoke(everything, [str(inputs), "--checkpoint", ckpt, "--out", str(out), *changed])
+    assert result.exit_code == 2 and "pred_iou_thresh: 0.05 -> 0.5" in result.output and "--overwrite" in result.output
+    assert (out / "a.json").read_bytes() == before
 
 
 def test_coco_format_merges(inputs, tmp_path):
@@ -62,7 +69,10 @@ def test_coco_format_merges(inputs, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text("in/a.png\n# a comment\nin/b.jpg\n")
     out = tmp_path / "coco"
-    result = run([str(listing), "-c", str(REFERENCE / "sam_vit_small.pth"), "-o", str(out), "--format", "coco", *OPTIONS])
+    out.mkdir()
+    (out / "segany-run.json").write_text('{"checkpoint_sha256": "another model"}')  # --overwrite starts over
+    result = run([str(listing), "-c", str(REFERENCE / "sam_vit_small.pth"), "-o", str(out), "--format", "coco",
+                  "--overwrite", *OPTIONS])
     assert result.exit_code == 0, result.output
     merged = coco_io.read_coco(out / "instances.json")
     assert sorted(im["file_name"] for im in merged["images"]) == ["a.png", "b.jpg"]

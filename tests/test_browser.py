@@ -53,14 +53,15 @@ def live(fixture_sam, tmp_path_factory):
     from segany.server import ServerConfig, create_app
 
     data = tmp_path_factory.mktemp("data")
-    app = create_app(ServerConfig(data_dir=data, checkpoint=REFERENCE / "sam_vit_small.pth"), model=fixture_sam)
+    config = ServerConfig(data_dir=data, checkpoint=REFERENCE / "sam_vit_small.pth", token="e2e-token")
+    app = create_app(config, model=fixture_sam)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     until(lambda: server.started, 30)
-    client = httpx.Client(base_url=base, timeout=120)
+    client = httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {config.token}"})
     project = client.post("/api/projects", json={"name": "e2e"}).json()
     image_path = DATASETS / "davis345" / "images" / "000.jpg"
     if not image_path.is_file():
@@ -75,7 +76,7 @@ def live(fixture_sam, tmp_path_factory):
     up = client.post(f"/api/projects/{project['id']}/images", files=[("files", ("davis_000.jpg", buf.getvalue(), "image/jpeg"))])
     image = up.json()["images"][0]
     until(lambda: client.get(f"/api/images/{image['id']}/embedding").json()["status"] == "ready", 120, 0.2)
-    yield {"base": base, "client": client, "project": project, "image": image, "data": data}
+    yield {"base": base, "token": config.token, "client": client, "project": project, "image": image, "data": data}
     client.close()
     server.should_exit = True
     thread.join(30)
@@ -120,7 +121,7 @@ def test_click_pick_accept_label_reload_export(live, browser, tmp_path):
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.goto(f"{live['base']}/?project={live['project']['id']}")
+    page.goto(f"{live['base']}/?project={live['project']['id']}#token={live['token']}")
     page.wait_for_selector("#image-list li.current")
     page.wait_for_function(f"segany.shownImage === {image['id']}")
     page.wait_for_selector("#image-list .badge.ready")
@@ -210,7 +211,7 @@ def test_hand_edits_survive_a_new_click(live, browser):
     w, h = image["width"], image["height"]
     context = browser.new_context(viewport={"width": 1400, "height": 820})
     page = context.new_page()
-    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token={live['token']}")
     page.wait_for_function(f"segany.shownImage === {image['id']}")
     click_image(page, w * 0.5, h * 0.5)
     page.wait_for_function("segany.timings.length === 1", timeout=60000)
@@ -246,7 +247,7 @@ def test_two_tabs_and_proposals_and_timing(live, browser):
     context = browser.new_context(viewport={"width": 1400, "height": 820})
     a, b = context.new_page(), context.new_page()
     for page in (a, b):
-        page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+        page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token={live['token']}")
         # The picture and the stored objects are both loaded: counting list items before this races
         # with the annotation fetch (the earlier test left objects on this image).
         page.wait_for_function(f"segany.shownImage === {image['id']}")

@@ -53,8 +53,10 @@ def server(fixture_sam, tmp_path_factory):
         data_dir=data, checkpoint=CHECKPOINT, import_roots=[imports], max_upload_bytes=300_000, max_pixels=400 * 400
     )
     app = create_app(config, model=fixture_sam)
-    with TestClient(app) as client:
+    # TestClient's peer is "testclient" (not loopback): every request needs the token, as a remote one would.
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         client.headers["X-User"] = "tester"
+        client.headers["Authorization"] = f"Bearer {config.token}"
         project = client.post("/api/projects", json={"name": "demo"}).json()
         up = client.post(
             f"/api/projects/{project['id']}/images",
@@ -140,11 +142,26 @@ def test_import_folder(server, tmp_path):
     assert r.status_code == 200, r.text
     out = r.json()
     assert len(out["added"]) == 2
-    assert {x["file"] for x in out["rejected"]} == {"notes.txt", "fake.jpg"}
+    # Image files that fail the checks are named; other files are only counted (their names are nobody's business).
+    assert {x["file"] for x in out["rejected"]} == {"fake.jpg"} and out["skipped"] == 1
+    assert "notes.txt" not in r.text
     listing = c.get(f"/api/projects/{pid}/images").json()
     assert [i["file_name"] for i in listing["images"]] == ["one.png", "two.png"]
     assert listing["progress"]["total"] == 2
     assert all(i["embedding"] in ("queued", "computing", "ready") for i in listing["images"])
+    # Recursive: sub-folders yes, hidden folders (.git) never entered nor mentioned.
+    (folder / "sub").mkdir()
+    (folder / "sub" / "three.png").write_bytes(png_bytes(36, 36, 13))
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (folder / ".git" / "secret.png").write_bytes(png_bytes(30, 30, 14))
+    r = c.post(f"/api/projects/{pid}/import-folder", json={"folder": str(folder), "recursive": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["added"]) == 1 and len(out["existing"]) == 2 and out["skipped"] == 1
+    assert ".git" not in r.text and "HEAD" not in r.text and "secret" not in r.text
+    names = [i["file_name"] for i in c.get(f"/api/projects/{pid}/images").json()["images"]]
+    assert names == ["one.png", "two.png", "sub/three.png"]
     # Outside the import roots, or via "..": refused.
     assert c.post(f"/api/projects/{pid}/import-folder", json={"folder": str(tmp_path)}).status_code == 403
     sneaky = str(folder / ".." / ".." / tmp_path.name)

@@ -27,6 +27,10 @@ pytest.importorskip("uvicorn", reason="uvicorn is not installed")
 from pycocotools import mask as mask_utils  # noqa: E402
 
 
+TOKEN = "crash-test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -36,7 +40,8 @@ def free_port() -> int:
 def start_server(data, port, log):
     cmd = [sys.executable, "-m", "segany.cli.main", "serve", "--checkpoint", str(REFERENCE / "sam_vit_small.pth"),
            "--data", str(data), "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, SEGANY_TOKEN=TOKEN)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -78,7 +83,7 @@ def test_kill_during_burst_of_saves(tmp_path):
     acked = {}  # annotation id -> counts the server acknowledged
     lock = threading.Lock()
     try:
-        client = httpx.Client(base_url=base, timeout=10)
+        client = httpx.Client(base_url=base, timeout=10, headers=AUTH)
         pid = client.post("/api/projects", json={"name": "crash"}).json()["id"]
         iid = client.post(f"/api/projects/{pid}/images", files=[("files", ("t.png", tiny_png(), "image/png"))]).json()["images"][0]["id"]
         kill_after = 60
@@ -127,7 +132,8 @@ def test_kill_during_burst_of_saves(tmp_path):
     try:
         listed = httpx.get(f"{base}/api/images/{iid}/annotations", timeout=10).json()["annotations"]
         assert set(acked) <= {a["id"] for a in listed}
-        r = httpx.post(f"{base}/api/images/{iid}/annotations", json={"annotations": [{"segmentation": rect_rle(3)}]}, timeout=10)
+        r = httpx.post(f"{base}/api/images/{iid}/annotations", json={"annotations": [{"segmentation": rect_rle(3)}]}, timeout=10,
+                       headers=AUTH)
         assert r.status_code == 201
     finally:
         proc.terminate()

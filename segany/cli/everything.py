@@ -3,10 +3,16 @@
 Per image it writes DIR/<name>.json (SA-1B per-image format) or, with --format coco, DIR/<name>.coco.json
 (a one-image COCO file) and at the end DIR/instances.json merging every input image. Existing valid
 outputs are skipped, so an interrupted run resumes; an image that fails is reported and skipped.
+DIR/segany-run.json records the checkpoint's SHA-256 and every setting that changes the masks: resuming
+into a folder made with another checkpoint or other settings stops with the difference (--overwrite
+starts over).
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import re
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -14,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import click
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+RUN_LOG = "segany-run.json"
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
 
@@ -55,6 +62,53 @@ def output_names(images: Sequence[Path]) -> List[str]:
     ]
 
 
+def display_names(images: Sequence[Path]) -> List[str]:
+    """The file_name each image gets in the outputs: its name, or its path below the inputs' common folder
+    where two images share a name (so instances.json never lists two images as the same file)."""
+    names = [p.name for p in images]
+    if len(set(names)) == len(names):
+        return names
+    resolved = [p.resolve() for p in images]
+    root = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+    return [n if names.count(n) == 1 else r.relative_to(root).as_posix() for n, r in zip(names, resolved)]
+
+
+def sa1b_image_ids(images: Sequence[Path]) -> List[int]:
+    """SA-1B image ids: the number of an SA-1B file name (sa_223750.jpg -> 223750) where every input has
+    one and they are unique, else the image's position in the input (1, 2, ...)."""
+    numbers = []
+    for p in images:
+        m = re.fullmatch(r"sa_(\d+)", p.stem)
+        numbers.append(int(m.group(1)) if m else None)
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return numbers
+    return list(range(1, len(images) + 1))
+
+
+def check_run_log(out: Path, run: Dict, names: Sequence[str], fmt: str, overwrite: bool) -> None:
+    """Refuse to resume into `out` unless it was made by the same checkpoint and settings; record `run`."""
+    from ..io.atomic import atomic_write_bytes
+
+    log = out / RUN_LOG
+    run = json.loads(json.dumps(run))  # as it reads back (tuples become lists)
+    if not overwrite:
+        if log.is_file():
+            try:
+                previous = json.loads(log.read_text())
+            except (OSError, ValueError):
+                previous = {}
+            if previous != run:
+                keys = sorted(set(previous) | set(run))
+                diff = [f"{k}: {previous.get(k)!r} -> {run.get(k)!r}" for k in keys if previous.get(k) != run.get(k)]
+                changed = "; ".join(d[:160] for d in diff[:4])
+                raise click.UsageError(f"{out} holds results of another run ({changed}): pass --overwrite to start "
+                                       "over, or choose another --out")
+        elif any(_output_path(out, n, fmt).is_file() for n in names):
+            raise click.UsageError(f"{out} holds results without a {RUN_LOG} (which checkpoint and settings made them "
+                                   "is unknown): pass --overwrite to start over, or choose another --out")
+    atomic_write_bytes(log, (json.dumps(run, indent=1, sort_keys=True) + "\n").encode())
+
+
 def _output_path(out: Path, name: str, fmt: str) -> Path:
     return out / (f"{name}.json" if fmt == "sa1b" else f"{name}.coco.json")
 
@@ -87,20 +141,24 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--recursive", "-r", is_flag=True, help="Search folders recursively.")
 @click.option("--polygons", is_flag=True, help="COCO: polygons (masks without holes) instead of RLE.")
-@click.option("--tolerance", default=1.0, show_default=True, help="Polygon simplification tolerance in pixels.")
-@click.option("--points-per-side", default=32, show_default=True, type=int)
-@click.option("--points-per-batch", default=64, show_default=True, type=int)
-@click.option("--pred-iou-thresh", default=0.88, show_default=True, type=float)
-@click.option("--stability-score-thresh", default=0.95, show_default=True, type=float)
-@click.option("--stability-score-offset", default=1.0, show_default=True, type=float)
-@click.option("--box-nms-thresh", default=0.7, show_default=True, type=float)
-@click.option("--crop-n-layers", default=0, show_default=True, type=int)
-@click.option("--crop-nms-thresh", default=0.7, show_default=True, type=float)
-@click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=float)
-@click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=int)
-@click.option("--min-mask-region-area", default=0, show_default=True, type=int)
+@click.option("--tolerance", default=1.0, show_default=True, type=click.FloatRange(0),
+              help="Polygon simplification tolerance in pixels.")
+@click.option("--points-per-side", default=32, show_default=True, type=click.IntRange(1, 1024))
+@click.option("--points-per-batch", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--pred-iou-thresh", default=0.88, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--stability-score-thresh", default=0.95, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--stability-score-offset", default=1.0, show_default=True, type=click.FloatRange(0))
+@click.option("--box-nms-thresh", default=0.7, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--crop-n-layers", default=0, show_default=True, type=click.IntRange(0, 4))
+@click.option("--crop-nms-thresh", default=0.7, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--min-mask-region-area", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--overwrite", is_flag=True,
+              help="Start over in --out even if it holds results of another checkpoint or other settings.")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
-               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, **generator_options) -> None:
+               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, overwrite: bool,
+               **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
     \b
@@ -111,14 +169,27 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
     """
     from tqdm import tqdm
 
+    from ..io.device import check_device
+    from ..io.models import resolve_checkpoint
+    from ..io.zoo import sha256_of
     from ..predict.amg import AmgSettings
 
     settings = AmgSettings(**generator_options, output_mode="uncompressed_rle").validate()
+    check_device(device)
     images = collect_images(paths, recursive)
     names = output_names(images)
+    file_names = display_names(images)
+    ids = sa1b_image_ids(images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    todo = [(img, name) for img, name in zip(images, names) if not _is_done(_output_path(out, name, fmt), fmt)]
+    path = resolve_checkpoint(checkpoint)
+    run_key = {"checkpoint_sha256": sha256_of(path), "mode": "fast" if fast else "exact", "format": fmt,
+               **{k: v for k, v in settings.to_dict().items() if k != "output_mode"}}
+    if fmt == "coco":
+        run_key.update(polygons=polygons, tolerance=tolerance)
+    check_run_log(out, run_key, names, fmt, overwrite)
+    todo = [(img, name, file_name, image_id) for img, name, file_name, image_id in zip(images, names, file_names, ids)
+            if overwrite or not _is_done(_output_path(out, name, fmt), fmt)]
     skipped = len(images) - len(todo)
     failed: List[Tuple[Path, str]] = []
     n_masks = 0
@@ -127,12 +198,13 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
         import segany
         from ..predict.amg import MaskGenerator
 
-        model = segany.load_model(checkpoint, mode="fast" if fast else "exact", device=device)
+        model = segany.load_model(path, mode="fast" if fast else "exact", device=device)
         generator = MaskGenerator(model, settings)
         with tqdm(todo, unit="img", desc="everything", dynamic_ncols=True) as bar:
-            for image_path, name in bar:
+            for image_path, name, file_name, image_id in bar:
                 try:
-                    n_masks += _process_one(generator, image_path, name, out, fmt, viz, cutouts, polygons, tolerance)
+                    n_masks += _process_one(generator, image_path, name, out, fmt, viz, cutouts, polygons, tolerance,
+                                            file_name, image_id)
                 except (ValueError, OSError, RuntimeError) as exc:
                     failed.append((image_path, str(exc).splitlines()[0] if str(exc) else type(exc).__name__))
                     bar.write(f"failed: {image_path}: {failed[-1][1]}")
@@ -153,13 +225,14 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
 
 
 def _process_one(generator, image_path: Path, name: str, out: Path, fmt: str, viz: bool, cutouts: bool,
-                 polygons: bool, tolerance: float) -> int:
+                 polygons: bool, tolerance: float, file_name: Optional[str] = None, image_id: int = 1) -> int:
     from ..io import coco as coco_io
     from ..io import sa1b
     from ..predict.inputs import load_image
 
     image = load_image(image_path)
     h, w = image.shape[:2]
+    file_name = file_name or image_path.name
     records = generator.generate_records(image)
     annotations = records.to_annotations("uncompressed_rle")
     # Pictures first: the JSON is what marks an image as done.
@@ -175,10 +248,11 @@ def _process_one(generator, image_path: Path, name: str, out: Path, fmt: str, vi
                 viz_io.save_png(out / f"{name}_cutouts" / f"{i:04d}.png", viz_io.cutout_rgba(image, mask))
     if fmt == "sa1b":
         sa1b.write_sa1b(_output_path(out, name, fmt), annotations,
-                        {"width": w, "height": h, "file_name": image_path.name})
+                        {"image_id": image_id, "width": w, "height": h, "file_name": file_name})
     else:
         doc = coco_io.coco_document()
-        coco_io.add_image(doc, image_path.name, h, w, annotations, polygons=polygons, tolerance=tolerance)
+        coco_io.add_image(doc, file_name, h, w, annotations, polygons=polygons, tolerance=tolerance,
+                          image_id=image_id)
         coco_io.write_coco(_output_path(out, name, fmt), doc)
     return len(annotations)
 

@@ -9,9 +9,9 @@ import click
 
 @click.command("export-onnx")
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint file or model name.")
-@click.option("--out", "-o", "out", type=click.Path(path_type=Path), required=True,
+@click.option("--out", "-o", "out", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="Decoder graph path (e.g. sam_decoder.onnx).")
-@click.option("--encoder-out", type=click.Path(path_type=Path), default=None,
+@click.option("--encoder-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also export the image encoder to this path.")
 def export_onnx(checkpoint: str, out: Path, encoder_out: Optional[Path]) -> None:
     """Export the prompt encoder + mask decoder (and with --encoder-out the image encoder) to ONNX.

@@ -92,7 +92,7 @@ Examples:
     help=f"Low-res logits (1x256x256) of an earlier prediction to refine, e.g. {BEST_LOW_RES_FILE} from a previous run.",
 )
 @click.option(
-    "-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), metavar="DIR",
+    "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
     help="Output folder (created if needed) for mask_*.png, overlay.png and result.json.",
 )
 @click.option(

@@ -193,6 +193,16 @@ def check_state_dict(model: nn.Module, sd: StateDict, source: object = "checkpoi
         more = len(missing) + len(unexpected) - min(len(missing), 5) - min(len(unexpected), 5)
         tail = f" (and {more} more missing/unexpected keys)" if more > 0 else ""
         raise CheckpointError(f"{source} does not fit the model: " + "; ".join(problems[:10]) + tail)
+    check_finite(sd, source)
+
+
+def check_finite(sd: StateDict, source: object = "checkpoint") -> None:
+    """Raise a CheckpointError if a weight is NaN or infinite (such a model would print 'score nan')."""
+    bad = [k for k, v in sd.items() if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CheckpointError(f"{source} has NaN or infinite weights in {', '.join(map(repr, bad[:3]))}{more}: "
+                              "the file is damaged or comes from a diverged training run")
 
 
 def load_state_dict_into(model: nn.Module, sd: StateDict, source: object = "checkpoint") -> nn.Module:

@@ -114,9 +114,12 @@ def validate_coco(doc: Any, image_keys: Sequence[str] = ("id", "height", "width"
     for im in doc["images"]:
         if not isinstance(im, dict) or not set(image_keys) <= set(im):
             raise ValueError("each COCO image needs " + ", ".join(repr(k) for k in image_keys))
+        if not isinstance(im["id"], (int, str)):
+            raise ValueError(f"COCO image id {str(im['id'])[:50]} is not a number or a string")
         images[im["id"]] = im
     for i, ann in enumerate(doc["annotations"]):
-        if not isinstance(ann, dict) or ann.get("image_id") not in images or "segmentation" not in ann:
+        image_id = ann.get("image_id") if isinstance(ann, dict) else None
+        if not isinstance(image_id, (int, str)) or image_id not in images or "segmentation" not in ann:
             raise ValueError(f"COCO annotation {i} needs a known 'image_id' and a 'segmentation'")
     return doc
 
@@ -135,10 +138,62 @@ def annotation_mask(doc: Dict[str, Any], ann: Dict[str, Any]) -> np.ndarray:
     return rle_io.decode(seg)  # uncompressed or compressed RLE
 
 
+MAX_POLYGONS = 10_000  # polygons in one annotation
+MAX_POLYGON_VALUES = 200_000  # coordinates (x and y) in one annotation
+# Vertices may lie outside the image (annotators overshoot its border) but only within this many image
+# sizes of it; the outline's length (pixels, as pycocotools steps along it) is bounded in units of H + W.
+POLYGON_MARGIN = 1.0
+MAX_OUTLINE = 500
+
+
+def check_polygons(polygons: Any, height: int, width: int) -> List[List[float]]:
+    """COCO polygons as lists of floats, checked before pycocotools rasterises them.
+
+    pycocotools allocates memory in proportion to the outline's length and does not check its inputs:
+    a coordinate of 1e9 makes it allocate gigabytes or crash the process. So coordinates must be finite
+    and near the image, and counts and the total outline bounded; anything else is a ValueError.
+    """
+    if not isinstance(polygons, (list, tuple)) or not polygons:
+        raise ValueError("polygon segmentation must be a non-empty list of polygons")
+    if len(polygons) > MAX_POLYGONS:
+        raise ValueError(f"{len(polygons)} polygons in one annotation: more than the limit of {MAX_POLYGONS}")
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size {height}x{width} is empty")
+    lo_x, hi_x = -POLYGON_MARGIN * width, (1 + POLYGON_MARGIN) * width
+    lo_y, hi_y = -POLYGON_MARGIN * height, (1 + POLYGON_MARGIN) * height
+    out, values, outline = [], 0, 0.0
+    for polygon in polygons:
+        if not isinstance(polygon, (list, tuple)) or len(polygon) < 2 or len(polygon) % 2:
+            raise ValueError("each polygon must be a list [x0, y0, x1, y1, ...] of x, y pairs")
+        values += len(polygon)
+        if values > MAX_POLYGON_VALUES:
+            raise ValueError(f"more than {MAX_POLYGON_VALUES} polygon coordinates in one annotation")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon):
+            raise ValueError("polygon coordinates must be numbers")
+        try:
+            xy = np.asarray(polygon, dtype=np.float64).reshape(-1, 2)
+        except OverflowError:
+            raise ValueError("polygon coordinates must be finite") from None
+        if not np.isfinite(xy).all():
+            raise ValueError("polygon coordinates must be finite")
+        if xy[:, 0].min() < lo_x or xy[:, 0].max() > hi_x or xy[:, 1].min() < lo_y or xy[:, 1].max() > hi_y:
+            raise ValueError(
+                f"polygon coordinates reach ({xy[:, 0].min():g}..{xy[:, 0].max():g}, {xy[:, 1].min():g}.."
+                f"{xy[:, 1].max():g}), too far outside the {width}x{height} image"
+            )
+        steps = np.abs(np.diff(np.vstack([xy, xy[:1]]), axis=0)).max(axis=1)
+        outline += float(steps.sum())
+        out.append([float(v) for v in polygon])
+    if outline > MAX_OUTLINE * (height + width):
+        raise ValueError(f"the polygons' outline ({outline:.0f} px) is too long for a {width}x{height} image")
+    return out
+
+
 def polygons_rle(polygons: Sequence[Sequence[float]], height: int, width: int) -> Dict[str, Any]:
     """Compressed RLE (str counts) of the union of COCO polygons [x0, y0, x1, y1, ...], rasterised as
-    pycocotools does (so areas match COCO's own tools)."""
+    pycocotools does (so areas match COCO's own tools). Checked first (see check_polygons)."""
     from pycocotools import mask as mask_utils
 
-    rle = mask_utils.merge(mask_utils.frPyObjects([list(p) for p in polygons], height, width))
+    checked = check_polygons(polygons, height, width)
+    rle = mask_utils.merge(mask_utils.frPyObjects(checked, height, width))
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}

@@ -12,6 +12,7 @@ from torch import nn
 from ..modeling import SAM_CONFIGS, SamConfig
 from ..modeling.tiny_vit import mobile_sam_config
 from .checkpoint import build_model, load_checkpoint, model_from_state_dict, read_state_dict
+from .device import check_device
 
 PathLike = Union[str, os.PathLike]
 
@@ -53,6 +54,7 @@ def load_model(
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    device = check_device(device)  # before loading: a bad device is one line, not a traceback
     path = resolve_checkpoint(checkpoint)
     model = load_checkpoint(path, config)
     model = model.to(device).eval()

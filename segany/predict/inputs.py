@@ -8,8 +8,59 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 
+HIGH_DEPTH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+TRANSPARENT = ("RGBA", "RGBa", "LA", "La", "PA")
+CONVERTIBLE = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _gray_to_8bit(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit and float grayscale -> uint8, scaled by the range the values are in.
+
+    Integers within 0..65535 are 16-bit samples (x / 257, so a 16-bit copy of an 8-bit image gives the
+    8-bit image back); floats within 0..1 are fractions (x * 255); anything else is stretched from its
+    own minimum to maximum, as image viewers show such data. NaN becomes 0.
+    """
+    x = values.astype(np.float64)
+    finite = np.isfinite(x)
+    x = np.where(finite, x, 0.0)
+    lo, hi = (float(x[finite].min()), float(x[finite].max())) if finite.any() else (0.0, 0.0)
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        scaled = x * 255.0
+    elif mode != "F" and lo >= 0 and hi <= 65535:
+        scaled = x / 257.0
+    elif hi > lo:
+        scaled = (x - lo) * (255.0 / (hi - lo))
+    else:
+        scaled = np.zeros_like(x)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def pil_to_rgb(image: Any) -> np.ndarray:
+    """An HxWx3 uint8 array of a PIL image of any mode, as an image viewer shows it.
+
+    High-depth grayscale is scaled to 8 bits (see _gray_to_8bit; PIL's own convert would clip 16-bit
+    values to white), transparent pixels are shown over white, palette / CMYK / YCbCr / LAB / HSV / 1-bit
+    are converted by PIL. A mode with no sensible picture is a ValueError that names it.
+    """
+    mode = image.mode
+    if mode in HIGH_DEPTH_GRAY:
+        gray = _gray_to_8bit(np.asarray(image), mode)
+        return np.ascontiguousarray(np.repeat(gray[..., None], 3, axis=2))
+    transparent = mode in TRANSPARENT or (mode in ("P", "L", "RGB") and "transparency" in image.info)
+    try:
+        if transparent:
+            rgba = np.asarray(image.convert("RGBA"), dtype=np.float32)
+            alpha = rgba[..., 3:] / 255.0
+            return np.clip(np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)), 0, 255).astype(np.uint8)
+        if mode in CONVERTIBLE:
+            return np.asarray(image.convert("RGB"))
+    except ValueError:
+        pass
+    raise ValueError(f"images in PIL mode {mode} are not supported: save it as 8-bit RGB or grayscale")
+
+
 def load_image(image: Any) -> np.ndarray:
-    """An HxWx3 uint8 RGB array from an array, a PIL image or a path."""
+    """An HxWx3 uint8 RGB array from an array, a PIL image (any mode: see pil_to_rgb) or a path."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if isinstance(image, (str, os.PathLike)):
@@ -19,11 +70,13 @@ def load_image(image: Any) -> np.ndarray:
         try:
             with Image.open(path) as opened:
                 opened.load()
-                image = ImageOps.exif_transpose(opened).convert("RGB")
+                image = pil_to_rgb(ImageOps.exif_transpose(opened))
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from None
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        image = pil_to_rgb(image)
     if hasattr(image, "detach") and hasattr(image, "numpy"):  # a torch tensor
         raise ValueError("pass the image as an HxWx3 uint8 numpy array, a PIL image or a path, not a tensor")
     if not isinstance(image, np.ndarray):

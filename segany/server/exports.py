@@ -1,13 +1,17 @@
 """Project data out and in: COCO instances JSON, SA-1B per-image JSON, COCO import."""
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from ..io import coco as coco_io
 from ..io import sa1b as sa1b_io
 from . import masks
+from .jobs import Job
 from .storage import Storage
+
+MAX_IMPORT_ANNOTATIONS = 500_000  # in one COCO file
 
 UNLABELED = "unlabeled"
 
@@ -72,25 +76,41 @@ def sa1b_image(image: Dict[str, Any], annotations: List[Dict[str, Any]]) -> Dict
     return sa1b_io.validate_sa1b(sa1b_io.sa1b_document(records, info))
 
 
-def import_coco(storage: Storage, project_id: int, data: Any, user: str) -> Dict[str, Any]:
+def _finite_or_none(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def import_coco(storage: Storage, project_id: int, data: Any, user: str, job: Optional[Job] = None) -> Dict[str, Any]:
     """Add a COCO file's annotations to the project's images of the same file_name (all or nothing per image).
 
-    Categories become labels (by name). Crowd annotations are imported too (as masks).
+    Categories become labels (by name). Crowd annotations are imported too (as masks). Every mask is
+    checked (sizes, coordinates, counts) before pycocotools sees it; `job` can stop the checking phase,
+    before anything is written.
     """
     if isinstance(data, dict) and not data.get("categories"):
         data = dict(data, categories=[])  # categories are optional here: without them, masks come in unlabeled
     # The project's image gives the size, so a COCO image needs only an id and a file_name.
     coco_io.validate_coco(data, image_keys=("id", "file_name"))
+    if len(data["annotations"]) > MAX_IMPORT_ANNOTATIONS:
+        raise ValueError(f"{len(data['annotations'])} annotations: more than the limit of {MAX_IMPORT_ANNOTATIONS}")
     categories = {}
     for c in data["categories"]:
-        if isinstance(c, dict) and "id" in c and "name" in c:
+        if isinstance(c, dict) and isinstance(c.get("id"), (int, str)) and "name" in c:
             categories[c["id"]] = str(c["name"])
     coco_images = {i["id"]: i for i in data["images"]}
     # Check everything first, write afterwards: a bad file writes nothing.
     per_image: Dict[int, List[Dict[str, Any]]] = {}
     label_names: Dict[int, str] = {}
     missing = set()
-    for a in data["annotations"]:
+    for n, a in enumerate(data["annotations"]):
+        if job is not None and n % 64 == 0:
+            job.check()
         coco_image = coco_images[a["image_id"]]
         name = str(coco_image["file_name"]).replace("\\", "/").split("/")[-1]
         image = storage.image_by_file_name(project_id, str(coco_image["file_name"])) or storage.image_by_file_name(
@@ -104,6 +124,8 @@ def import_coco(storage: Storage, project_id: int, data: Any, user: str) -> Dict
         except ValueError as exc:
             raise ValueError(f"annotation {a.get('id')}: {exc}") from None
         category = a.get("category_id")
+        if not isinstance(category, (int, str)):
+            category = None
         if category is not None and category in categories:
             label_names[category] = categories[category]
         per_image.setdefault(image["id"], []).append(
@@ -112,9 +134,9 @@ def import_coco(storage: Storage, project_id: int, data: Any, user: str) -> Dict
                 "rle_counts": encoded["counts"],
                 "area": encoded["area"],
                 "bbox": encoded["bbox"],
-                "score": float(a["score"]) if isinstance(a.get("score"), (int, float)) else None,
+                "score": _finite_or_none(a.get("score")),
                 "source": "import",
-                "meta": {"coco_id": a.get("id")},
+                "meta": {"coco_id": a.get("id") if isinstance(a.get("id"), (int, str)) else None},
             }
         )
     label_ids = {cat: storage.add_label(project_id, name)["id"] for cat, name in label_names.items()}

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..io.atomic import atomic_write_bytes
+from ..predict.inputs import CONVERTIBLE, HIGH_DEPTH_GRAY, TRANSPARENT
+
+SUPPORTED_MODES = set(HIGH_DEPTH_GRAY) | set(TRANSPARENT) | set(CONVERTIBLE)
+SUPPORTED_MODES.discard("La")  # premultiplied alpha: PIL cannot convert it
 
 # Pillow format name -> extension of the stored file
 FORMATS = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif", "GIF": "gif"}
@@ -65,6 +70,8 @@ def check_image_bytes(data: bytes, max_bytes: int, max_pixels: int) -> CheckedIm
                     status=413,
                 )
             probe.load()  # decodes fully: a truncated or corrupt file fails here
+            if probe.mode not in SUPPORTED_MODES:
+                raise ImageRejected(f"images in PIL mode {probe.mode} are not supported: save it as 8-bit RGB or grayscale")
             oriented = ImageOps.exif_transpose(probe)
             width, height = oriented.size
     except ImageRejected:
@@ -99,19 +106,26 @@ def resolve_import_folder(folder: str, roots: List[Path]) -> Path:
     raise ImageRejected(f"folder {folder} is outside the import roots ({allowed})", status=403)
 
 
-def folder_images(folder: Path, recursive: bool = False) -> Tuple[List[Path], List[str]]:
-    """Image files in a folder (sorted) and the names skipped. Links leading outside it are skipped."""
-    found, skipped = [], []
-    candidates = sorted(folder.rglob("*") if recursive else folder.iterdir())
-    for path in candidates:
-        if not path.is_file():
-            continue
-        if path.suffix.lower() not in EXTENSIONS:
-            skipped.append(path.name)
-            continue
-        real = path.resolve()
-        if folder not in real.parents:
-            skipped.append(path.name)
-            continue
-        found.append(path)
-    return found, skipped
+def folder_images(folder: Path, recursive: bool = False, max_files: int = 100_000) -> Tuple[List[Path], int]:
+    """Image files in a folder (sorted by path) and how many other files were skipped.
+
+    Hidden files and folders (.git, .cache, ...) are never entered nor counted, links leading outside the
+    folder are skipped, and the names of skipped files are not reported (they may be anything). More
+    than `max_files` entries is an error rather than a long silent walk.
+    """
+    found: List[Path] = []
+    skipped = seen = 0
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            seen += 1
+            if seen > max_files:
+                raise ImageRejected(f"the folder holds more than {max_files} files; import a smaller one", 422)
+            path = Path(root) / name
+            if path.suffix.lower() not in EXTENSIONS or not path.is_file() or folder not in path.resolve().parents:
+                skipped += 1
+                continue
+            found.append(path)
+    return sorted(found), skipped

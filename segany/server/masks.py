@@ -87,7 +87,7 @@ def from_coco(segmentation: Any, height: int, width: int) -> Dict[str, Any]:
         polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
         if not polygons:
             raise ValueError("polygon segmentation has no polygon with at least 3 points")
-        rle = coco_io.polygons_rle([[float(v) for v in p] for p in polygons], height, width)
+        rle = coco_io.polygons_rle(polygons, height, width)  # checks coordinates and counts first
         return from_client(rle, height, width)
     return from_client(segmentation, height, width)
 

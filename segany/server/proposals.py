@@ -2,33 +2,50 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ..predict import ImageEmbedding, Segmenter
 from ..predict.amg import AmgSettings, MaskGenerator, SamMaskSource
 from ..predict.inputs import load_image
+from .jobs import Job
 
 
 class CachedEmbeddingSource(SamMaskSource):
     """SamMaskSource that takes the whole-image crop's embedding from the server's cache instead of
-    running the image encoder again (crops smaller than the image are still embedded)."""
+    running the image encoder again (crops smaller than the image are still embedded). Every step
+    first asks the job whether to go on, so a cancelled request stops within one batch."""
 
-    def __init__(self, segmenter: Segmenter, embedding: ImageEmbedding) -> None:
+    def __init__(self, segmenter: Segmenter, embedding: ImageEmbedding, job: Optional[Job] = None) -> None:
         super().__init__(segmenter.model)
         self.segmenter = segmenter
         self.cached = embedding
+        self.job = job or Job(float("inf"))
 
     def set_crop(self, image: np.ndarray) -> None:
+        self.job.check()
         if tuple(image.shape[:2]) == tuple(self.cached.original_size):
             self.embedding = self.cached
         else:
             super().set_crop(image)
 
+    def predict(self, points):
+        self.job.check()
+        return super().predict(points)
+
+    def predict_above(self, *args, **kwargs):
+        self.job.check()
+        return super().predict_above(*args, **kwargs)
+
+    def upscale(self, logits):
+        self.job.check()
+        return super().upscale(logits)
+
 
 def generate_proposals(
-    segmenter: Segmenter, embedding: ImageEmbedding, image_path: Path, options: Dict[str, Any]
+    segmenter: Segmenter, embedding: ImageEmbedding, image_path: Path, options: Dict[str, Any],
+    job: Optional[Job] = None,
 ) -> List[Dict[str, Any]]:
     """SA-1B-style records (COCO RLE segmentation, bbox, area, predicted_iou, stability_score,
     point_coords, crop_box) for one image."""
@@ -40,7 +57,7 @@ def generate_proposals(
         min_mask_region_area=int(options["min_mask_region_area"]),
         output_mode="coco_rle",
     )
-    generator = MaskGenerator(CachedEmbeddingSource(segmenter, embedding), settings)
+    generator = MaskGenerator(CachedEmbeddingSource(segmenter, embedding, job), settings)
     records = generator.generate(load_image(image_path))
     out = []
     for i, r in enumerate(records):

@@ -78,6 +78,12 @@ class NotFound(LookupError):
     """A project, image, label or annotation id that does not exist."""
 
 
+def _check_id(kind: str, value: Any) -> None:
+    """An id SQLite cannot even hold (beyond 64 bits) is an id that does not exist, not a server error."""
+    if not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        raise NotFound(f"{kind} {value} does not exist")
+
+
 class Conflict(RuntimeError):
     """A write that contradicts the stored state (duplicate name, stale version)."""
 
@@ -163,12 +169,14 @@ class Storage:
         return [self._project_row(r) for r in self._query("SELECT * FROM projects ORDER BY id")]
 
     def project(self, project_id: int) -> Dict[str, Any]:
+        _check_id("project", project_id)
         rows = self._query("SELECT * FROM projects WHERE id = ?", (project_id,))
         if not rows:
             raise NotFound(f"project {project_id} does not exist")
         return self._project_row(rows[0])
 
     def revision(self, project_id: int) -> int:
+        _check_id("project", project_id)
         rows = self._query("SELECT revision FROM projects WHERE id = ?", (project_id,))
         if not rows:
             raise NotFound(f"project {project_id} does not exist")
@@ -201,6 +209,7 @@ class Storage:
     def _check_label(self, db: sqlite3.Connection, project_id: int, label_id: Optional[int]) -> None:
         if label_id is None:
             return
+        _check_id("label", label_id)
         row = db.execute("SELECT project_id FROM labels WHERE id = ?", (label_id,)).fetchone()
         if row is None or row[0] != project_id:
             raise NotFound(f"label {label_id} does not exist in project {project_id}")
@@ -246,6 +255,7 @@ class Storage:
         return [self._image_row(r) for r in rows]
 
     def image(self, image_id: int) -> Dict[str, Any]:
+        _check_id("image", image_id)
         rows = self._query(
             "SELECT images.*, (SELECT COUNT(*) FROM annotations a WHERE a.image_id = images.id) AS num_annotations"
             " FROM images WHERE id = ?",
@@ -300,6 +310,7 @@ class Storage:
         return [self._annotation_row(r) for r in rows]
 
     def annotation(self, annotation_id: int) -> Dict[str, Any]:
+        _check_id("annotation", annotation_id)
         rows = self._query(self._ANNOTATION_SELECT + " WHERE annotations.id = ?", (annotation_id,))
         if not rows:
             raise NotFound(f"annotation {annotation_id} does not exist")

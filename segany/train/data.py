@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from ..predict.inputs import pil_to_rgb
 from ..predict.transforms import preprocess_shape
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -67,7 +68,7 @@ class ImageRecord:
     def load_image(self) -> np.ndarray:
         try:
             with Image.open(self.image) as im:
-                return np.array(im.convert("RGB"))
+                return np.array(pil_to_rgb(im))  # 16-bit / float / transparent images as a viewer shows them
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read image {self.image}: {exc}") from None
 

@@ -22,8 +22,25 @@ window.segany = S;  // for tests and the console
 
 // ------------------------------------------------------------------ HTTP
 
+// The access token comes once in the URL that `segany serve` printed (#token=...; a fragment never
+// reaches a server or a log); it is kept for this tab in sessionStorage and taken out of the address bar.
+const TOKEN = (() => {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (fromHash) {
+    sessionStorage.setItem("segany.token", fromHash);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  return fromHash || sessionStorage.getItem("segany.token") || "";
+})();
+
+// A GET URL that carries the token (for <img src> and downloads, which cannot send headers).
+function withToken(url) {
+  return TOKEN ? `${url}${url.includes("?") ? "&" : "?"}token=${encodeURIComponent(TOKEN)}` : url;
+}
+
 async function api(method, path, body, isForm) {
   const opts = { method, headers: { "X-User": S.user } };
+  if (TOKEN) opts.headers["Authorization"] = `Bearer ${TOKEN}`;
   if (body !== undefined) {
     if (isForm) opts.body = body;
     else { opts.body = JSON.stringify(body); opts.headers["Content-Type"] = "application/json"; }
@@ -522,7 +539,7 @@ async function openImage(id) {
   updateUrl();
   api("POST", `/api/images/${id}/embedding`).catch(() => {});  // compute this one next
   const img = new Image();
-  img.src = im.url;
+  img.src = withToken(im.url);
   await img.decode().catch(() => {});
   if (!S.image || S.image.id !== id) return;
   S.img = img;
@@ -726,11 +743,11 @@ $("import-folder").onclick = async () => {
   try {
     const out = await api("POST", `/api/projects/${S.project.id}/import-folder`, { folder });
     await loadImages();
-    status(`imported ${out.added.length}, already there ${out.existing.length}, rejected ${out.rejected.length}`);
+    status(`imported ${out.added.length}, already there ${out.existing.length}, rejected ${out.rejected.length}, skipped ${out.skipped || 0} other files`);
     if (!S.image && S.images.length) await openImage(S.images[0].id);
   } catch (err) { fail(err); }
 };
-$("export-coco").onclick = () => { if (S.project) location.href = `/api/projects/${S.project.id}/export/coco`; };
+$("export-coco").onclick = () => { if (S.project) location.href = withToken(`/api/projects/${S.project.id}/export/coco`); };
 $("export-sa1b").onclick = async () => {
   if (!S.image) return;
   try {

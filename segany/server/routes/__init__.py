@@ -1,0 +1,1 @@
+"""The API, one router per resource; create_app includes them all."""

@@ -1,0 +1,84 @@
+"""Decoding prompts into masks, and everything-mode proposals, on an image's cached embedding."""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from ...predict import Prompt
+from ...predict.inputs import check_boxes, check_points
+from .. import masks
+from ..deps import Ctx
+from ..logits import mask_from_b64
+from ..schemas import DecodeIn, ProposalsIn
+
+router = APIRouter(tags=["decode"])
+
+
+@router.post("/api/images/{image_id}/decode", summary="Masks for points / box / previous logits")
+def decode(image_id: int, body: DecodeIn, ctx: Ctx) -> Dict[str, Any]:
+    t0 = time.perf_counter()
+    image = ctx.storage.image(image_id)
+    size = (image["height"], image["width"])
+    coords = labels = None
+    if body.points or body.labels:
+        coords, labels = check_points(np.array(body.points, dtype=np.float64).reshape(-1, 2), body.labels, size)
+    box = check_boxes(body.box, size) if body.box is not None else None
+    mask = None
+    if body.mask_input is not None and body.mask_input_b64 is not None:
+        raise ValueError("give mask_input or mask_input_b64, not both")
+    if body.mask_input is not None:
+        mask = ctx.logits_cache.get(body.mask_input.token, image_id, body.mask_input.index)
+    elif body.mask_input_b64 is not None:
+        mask = mask_from_b64(body.mask_input_b64, ctx.segmenter.low_res_size)
+    if coords is None and box is None and mask is None:
+        raise ValueError("give at least one point, a box or a mask_input")
+    t1 = time.perf_counter()
+    embedding = ctx.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
+    t2 = time.perf_counter()
+    pred = ctx.segmenter.segment(
+        embedding, Prompt(points=coords, labels=labels, box=box, mask=mask), multimask_output=body.multimask
+    )
+    token = ctx.logits_cache.put(image_id, pred.low_res_logits.astype(np.float32))
+    candidates = []
+    for i in range(pred.masks.shape[0]):
+        encoded = masks.encode(pred.masks[i])
+        candidates.append(
+            {
+                "index": i,
+                "score": float(pred.scores[i]),
+                "segmentation": {"size": [size[0], size[1]], "counts": encoded["counts"]},
+                "area": encoded["area"],
+                "bbox": encoded["bbox"],
+            }
+        )
+    t3 = time.perf_counter()
+    return {
+        "candidates": candidates,
+        "best": int(np.argmax(pred.scores)),
+        "token": token,
+        "timing_ms": {
+            "wait_embedding": round((t2 - t1) * 1000, 2),
+            "decode": round((t3 - t2) * 1000, 2),
+            "total": round((t3 - t0) * 1000, 2),
+        },
+    }
+
+
+@router.post("/api/images/{image_id}/proposals", summary="Everything-mode proposals for an image "
+             "(a cancellable job: closing the connection stops it)")
+async def proposals(image_id: int, body: ProposalsIn, ctx: Ctx, request: Request) -> Dict[str, Any]:
+    from ..proposals import generate_proposals
+
+    image = ctx.storage.image(image_id)
+
+    def work(job):
+        embedding = ctx.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
+        t0 = time.perf_counter()
+        records = generate_proposals(ctx.segmenter, embedding, ctx.image_path(image), body.model_dump(), job)
+        records = sorted(records, key=lambda r: -r["predicted_iou"])[: body.max_proposals]
+        return {"proposals": records, "seconds": round(time.perf_counter() - t0, 3)}
+
+    return await ctx.jobs.run(request, work)
