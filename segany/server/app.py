@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from ..predict import Prompt, Segmenter
 from ..predict.inputs import check_boxes, check_points
 from . import exports, masks
+from .decoder_routes import add_page_decoding
 from .embeddings import PRIORITY_BULK, PRIORITY_OPEN, EmbeddingService, model_key
 from .images import ImageRejected, check_image_bytes, display_name, folder_images, resolve_import_folder, store
 from .storage import Conflict, NotFound, Storage
@@ -526,6 +527,9 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
         return exports.import_coco(storage, project_id, data, _user(x_user))
 
     # ------------------------------------------------------------ the page
+
+    add_page_decoding(app, model=model, data_dir=data_dir, checkpoint=config.checkpoint, model_key=key, storage=storage,
+                      embeddings=embeddings, image_path=image_path, wait_s=config.decode_wait_s)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
