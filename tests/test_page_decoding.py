@@ -69,7 +69,8 @@ def test_decoder_export_served_cached_and_equal_to_server_decode(server, fixture
     image = start(client, h, w)
     info = client.get("/api/decoder").json()
     assert info["available"] and info["url"].endswith(".onnx") and info["image_size"] == 1024
-    url = f"/api/decoder/{info['key']}.onnx"
+    url = info["url"]
+    assert url == f"/api/decoder/{info['key']}.onnx"
     first = client.get(url)
     assert first.status_code == 200 and first.headers["etag"]
     assert (data / "decoders" / f"{info['key']}.onnx").is_file()

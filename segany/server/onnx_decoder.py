@@ -76,7 +76,7 @@ class DecoderExport:
             return {"available": False, "reason": self.reason or self._error}
         return {
             "available": True,
-            "url": "/api/decoder.onnx",
+            "url": f"/api/decoder/{self.key}.onnx",
             "key": self.key,
             "inputs": ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"],
             "outputs": ["masks", "iou_predictions", "low_res_masks"],
