@@ -234,6 +234,7 @@ def test_token_from_the_address_goes_with_every_request(live, browser):
     context.close()
 
 
+@pytest.mark.heavy  # a second server and model; test_page_decoding checks the same refusal through the API
 def test_hq_sam_falls_back_to_server_decoding(browser, tmp_path):
     path = REFERENCE / "sam_hq_vit_small.pth"
     if not path.is_file():

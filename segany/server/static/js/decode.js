@@ -39,7 +39,9 @@ export async function initDecoder(key) {
     if (!session) {
       ort = await import(VENDOR + "ort.wasm.min.mjs");
       // Threads need SharedArrayBuffer, which needs the page to be cross-origin isolated (the server sends COOP/COEP).
-      const threads = self.crossOriginIsolated ? Math.max(1, Math.min(4, navigator.hardwareConcurrency || 1)) : 1;
+      // localStorage "segany.wasmThreads" overrides the count (benchmarks, a busy machine).
+      const wanted = Number(localStorage.getItem("segany.wasmThreads")) || Math.min(4, navigator.hardwareConcurrency || 1);
+      const threads = self.crossOriginIsolated ? Math.max(1, wanted) : 1;
       ort.env.wasm.wasmPaths = VENDOR;
       ort.env.wasm.numThreads = threads;
       const { bytes } = await cachedBytes(decoderInfo.url, `decoder/${decoderInfo.key}.onnx`);
