@@ -167,8 +167,8 @@ def test_in_page_decode_equals_the_servers(live, browser):
     page_logits = np.array(got["logits"]).reshape(3, -1)
     ref_logits = ref.masks[:, ::7, ::7].reshape(3, -1)
     diff = np.abs(page_logits - ref_logits).max()
-    assert diff < 2e-2, diff  # float16 rounding of the embedding, not a different computation
-    sure = np.abs(ref_logits) > 2e-2
+    assert diff < 1e-3, diff  # the float16 rounding of the embedding moves these logits by about 1.4e-4
+    sure = np.abs(ref_logits) > 1e-3
     assert ((page_logits > 0) == (ref_logits > 0))[sure].all()
     shot(page, "10_in_page_decode")
     assert not errors, errors
@@ -254,3 +254,17 @@ def test_hq_sam_falls_back_to_server_decoding(browser, tmp_path):
         context.close()
     finally:
         stop()
+
+
+def test_find_box_disables_itself_without_a_text_endpoint(live, browser):
+    image = live["image"]
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page = context.new_page()
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    assert page.is_enabled("#find-text")
+    page.fill("#find-text", "a dog")
+    page.click("#find-run")
+    page.wait_for_function("document.getElementById('find-run').disabled")
+    assert "unavailable" in page.inner_text("#find-note") and page.evaluate("segany.proposals.length") == 0
+    context.close()
