@@ -42,7 +42,11 @@ export async function runFind() {
     show(out.matches, "matches");
     status(`${S.proposals.length} matches for "${text}" in ${Number(out.seconds).toFixed(1)} s`);
   } catch (err) {
-    if (err.status === 404 || err.status === 405 || err.status === 501) disableFind(`text prompts unavailable: ${err.message}`);
+    // No such endpoint, or a server without a text model: say so and disable the box. A 422 is about
+    // this request's text or numbers, so the box stays for the next try.
+    if (err.status === 501 || (err.status >= 400 && err.status < 500 && err.status !== 422 && err.status !== 429)) {
+      disableFind(`text prompts unavailable: ${err.message}`);
+    }
     fail(err);
   }
 }
