@@ -135,3 +135,24 @@ def test_hq_sam_has_no_page_decoder(tmp_path):
         assert missing.status_code == 404 and "HQ-SAM" in missing.json()["detail"]
         page = client.get("/")
         assert page.headers["cross-origin-embedder-policy"] == "require-corp"
+
+
+def test_decoder_is_exported_once_and_from_the_exact_model_in_fast_mode(server, tmp_path):
+    import segany
+    from segany.server.onnx_decoder import DecoderExport
+
+    client, app, data = server
+    exported = app.state.decoder_export.ensure()
+    before = exported.stat().st_mtime_ns
+    again = DecoderExport(app.state.segmenter.model, exported.parent, REFERENCE / "sam_vit_small.pth", app.state.decoder_export.key)
+    assert again.ensure() == exported and exported.stat().st_mtime_ns == before  # the cached file, not a new export
+    fast = segany.load_model(REFERENCE / "sam_vit_small.pth", mode="fast")
+    if getattr(fast, "fast_dtype", None) is None:
+        pytest.skip("the fast mode has no separate dtype on this machine")
+    path = DecoderExport(fast, tmp_path, REFERENCE / "sam_vit_small.pth", "fastcase").ensure()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["masks", "iou_predictions", "low_res_masks"]
+    no_file = DecoderExport(fast, tmp_path / "nofile", None, None)
+    with pytest.raises(RuntimeError, match="fast mode"):
+        no_file.ensure()
+    assert no_file.describe()["available"] is False
