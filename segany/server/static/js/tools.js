@@ -2,7 +2,7 @@
 import { S, $, status, fail } from "./state.js";
 import { api } from "./api.js";
 import { encodeRle } from "./rle.js";
-import { canvas, overlay, maskCanvas, refreshWorkCanvas, render, toImage } from "./view.js";
+import { canvas, overlay, refreshWorkCanvas, render, thumbCanvas, toImage } from "./view.js";
 import { decodePrompt } from "./decode.js";
 import { currentLabelId, loadAnnotations } from "./objects.js";
 
@@ -104,7 +104,8 @@ export function renderCandidates() {
     const el = document.createElement("div");
     el.className = "candidate" + (i === S.selected && S.workSource !== "brush" ? " selected" : "");
     el.dataset.index = i;
-    el.appendChild(maskCanvas(c.mask, S.image.width, S.image.height, [37, 99, 235], 255, 255));
+    if (!c.thumb) c.thumb = thumbCanvas(c.mask, S.image.width, S.image.height);
+    el.appendChild(c.thumb);
     const label = document.createElement("div");
     label.textContent = `${i + 1}: ${c.score.toFixed(3)}`;
     label.className = "score";

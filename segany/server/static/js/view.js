@@ -29,6 +29,19 @@ export function maskCanvas(mask, w, h, rgb, fillAlpha, outlineAlpha) {
   return c;
 }
 
+// A small picture of a mask (nearest sample, long side `side` pixels) for the candidate list: drawing
+// three full-size canvases per click cost more than the rest of the page's work.
+export function thumbCanvas(mask, w, h, side = 128) {
+  const s = Math.min(1, side / Math.max(w, h));
+  const tw = Math.max(1, Math.round(w * s)), th = Math.max(1, Math.round(h * s));
+  const small = new Uint8Array(tw * th);
+  for (let y = 0; y < th; y++) {
+    const row = Math.min(h - 1, Math.floor((y + 0.5) / s)) * w;
+    for (let x = 0; x < tw; x++) small[y * tw + x] = mask[row + Math.min(w - 1, Math.floor((x + 0.5) / s))];
+  }
+  return maskCanvas(small, tw, th, [37, 99, 235], 255, 255);
+}
+
 export function labelColor(labelId) {
   const l = S.labels.find((x) => x.id === labelId);
   return l ? l.color : "#9ca3af";
