@@ -378,4 +378,8 @@ def test_page_is_served(server):
     c = server["client"]
     r = c.get("/")
     assert r.status_code == 200 and "<canvas" in r.text
-    assert c.get("/static/app.js").status_code == 200
+    for module in ("main", "api", "rle", "state", "view", "tools", "objects", "proposals", "decode"):
+        r = c.get(f"/static/js/{module}.js")
+        assert r.status_code == 200 and "javascript" in r.headers["content-type"], module
+    wasm = c.get("/static/vendor/onnxruntime-web/ort-wasm-simd-threaded.wasm")
+    assert wasm.status_code == 200 and wasm.headers["content-type"] == "application/wasm"

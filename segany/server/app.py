@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from ..predict import Segmenter
+from .decoder_routes import add_page_decoding
 from .deps import ServerContext
 from .embeddings import PRIORITY_BULK, EmbeddingService, model_key
 from .images import ImageRejected
@@ -133,6 +134,9 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
 
     for module in (info, projects, images, decode, annotations, transfer):
         app.include_router(module.router, responses=ERROR_RESPONSES)
+    add_page_decoding(app, model=model, data_dir=data_dir, checkpoint=config.checkpoint, model_key=key,
+                      storage=ctx.storage, embeddings=ctx.embeddings, image_path=ctx.image_path,
+                      wait_s=config.decode_wait_s)
     info.mount_static(app)
 
     def body_limit(method: str, path: str, content_type: str) -> int:

@@ -1,0 +1,106 @@
+"""Routes for decoding in the page: the ONNX prompt decoder, compact embeddings, cross-origin isolation.
+
+    GET /api/decoder                         {"available", "url", "key", ...} or {"available": false, "reason"}
+    GET /api/decoder/{key}.onnx              the graph (immutable: its URL names the model)
+    GET /api/images/{id}/embedding.safetensors?dtype=float16|float32
+                                             the image embedding (waits for it like decode does)
+
+Both files carry an ETag and answer If-None-Match with 304. The page keeps them in its own cache too.
+The page and its static files are served cross-origin isolated (COOP/COEP) so that ONNX Runtime Web
+may run its WebAssembly on several threads (SharedArrayBuffer needs it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from .onnx_decoder import DecoderExport, embedding_file
+
+ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
+
+
+def _not_modified(request: Request, etag: str) -> bool:
+    wanted = request.headers.get("if-none-match", "")
+    return etag in [tag.strip() for tag in wanted.split(",")] or wanted.strip() == "*"
+
+
+def page_decoding_router(
+    decoder: DecoderExport,
+    storage: Any,
+    embeddings: Any,
+    image_path: Callable[[Dict[str, Any]], Path],
+    model_key: str,
+    wait_s: float,
+) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/api/decoder", summary="Whether the page can decode itself, and where its ONNX decoder is")
+    def decoder_info() -> Dict[str, Any]:
+        return decoder.describe()
+
+    @router.get("/api/decoder/{key}.onnx", summary="The model's prompt decoder as ONNX (exported once, cached)")
+    def decoder_file(key: str, request: Request):
+        if not decoder.available:
+            return JSONResponse({"detail": decoder.describe()["reason"]}, status_code=404)
+        if key != decoder.key:
+            return JSONResponse({"detail": f"no decoder {key!r}: this server runs model {decoder.key}"}, status_code=404)
+        etag = f'"{decoder.key}"'
+        headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
+        if _not_modified(request, etag):
+            return Response(status_code=304, headers=headers)
+        try:
+            path = decoder.ensure()
+        except RuntimeError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=404)
+        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+
+    @router.get(
+        "/api/images/{image_id}/embedding.safetensors",
+        summary="The image embedding for in-page decoding (safetensors; sizes in its metadata)",
+    )
+    def embedding_download(
+        image_id: int, request: Request, dtype: str = Query(default="float16", pattern="^(float16|float32)$")
+    ):
+        image = storage.image(image_id)
+        etag = f'"{model_key}-{image["sha256"][:32]}-{dtype}"'
+        headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
+        if _not_modified(request, etag):
+            return Response(status_code=304, headers=headers)
+        embedding = embeddings.get(image["sha256"], image_path(image), wait_s)
+        return Response(embedding_file(embedding, dtype), media_type="application/octet-stream", headers=headers)
+
+    return router
+
+
+def add_page_decoding(
+    app: FastAPI,
+    *,
+    model: Any,
+    data_dir: Path,
+    checkpoint: Optional[Path],
+    model_key: str,
+    storage: Any,
+    embeddings: Any,
+    image_path: Callable[[Dict[str, Any]], Path],
+    wait_s: float,
+) -> DecoderExport:
+    """Register the routes and the isolation headers on `app`; returns the decoder export."""
+    file_backed = checkpoint is not None and Path(checkpoint).is_file()
+    checkpoint_hash = model_key.split("-")[0] if file_backed else None
+    decoder = DecoderExport(model, Path(data_dir) / "decoders", checkpoint if file_backed else None, checkpoint_hash)
+    app.state.decoder_export = decoder
+    app.include_router(page_decoding_router(decoder, storage, embeddings, image_path, model_key, wait_s))
+
+    @app.middleware("http")
+    async def _isolate_page(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path
+        if path == "/" or path.startswith("/static/"):
+            for name, value in ISOLATION_HEADERS.items():
+                response.headers.setdefault(name, value)
+        return response
+
+    return decoder

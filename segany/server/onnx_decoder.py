@@ -1,0 +1,131 @@
+"""The model's prompt decoder as ONNX for the page, and image embeddings in a compact form.
+
+The page decodes clicks itself (ONNX Runtime Web) with the graph `segany export-onnx` writes: prompt
+encoder + mask decoder + mask post-processing (see segany.io.onnx_export). The server exports it once
+per model and keeps it at <data>/decoders/<key>.onnx, written atomically; <key> is the checkpoint's
+content hash (a model without a file: the hash of its prompt encoder's and decoder's weights).
+
+Embeddings travel as a safetensors file (an 8-byte header length, a JSON header with dtype, shape and
+offsets, the raw little-endian data) holding "image_embeddings" (1, 256, 64, 64) in float16 by default,
+with the sizes the decoder needs (original_size, input_size) in its metadata.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from ..predict import ImageEmbedding
+
+log = logging.getLogger("segany.server")
+
+EMBEDDING_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def decoder_unavailable_reason(model: Any) -> Optional[str]:
+    """Why the model's decoder cannot run in the page, or None when it can."""
+    if not all(hasattr(model, name) for name in ("prompt_encoder", "mask_decoder", "image_encoder")):
+        return f"{type(model).__name__} has no SAM prompt decoder to export"
+    if hasattr(model.image_encoder, "forward_with_interm"):
+        return "HQ-SAM's decoder needs the encoder's early features; it has no ONNX export, so clicks decode on the server"
+    return None
+
+
+def _weights_hash(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for part in (model.prompt_encoder, model.mask_decoder):
+        for name, value in sorted(part.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().float().cpu().numpy().tobytes())
+    return "weights-" + digest.hexdigest()[:16]
+
+
+class DecoderExport:
+    """The ONNX decoder of one model, exported on first use and cached on disk."""
+
+    def __init__(self, model: Any, cache_dir: Path, checkpoint: Optional[Path], checkpoint_hash: Optional[str]) -> None:
+        self.model = model
+        self.cache_dir = Path(cache_dir)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.reason = decoder_unavailable_reason(model)
+        self._key = checkpoint_hash
+        self._lock = threading.Lock()
+        self._error: Optional[str] = None
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None and self._error is None
+
+    @property
+    def key(self) -> str:
+        if self._key is None:
+            self._key = _weights_hash(self.model)
+        return self._key
+
+    @property
+    def path(self) -> Path:
+        return self.cache_dir / f"{self.key}.onnx"
+
+    def describe(self) -> Dict[str, Any]:
+        if not self.available:
+            return {"available": False, "reason": self.reason or self._error}
+        return {
+            "available": True,
+            "url": f"/api/decoder/{self.key}.onnx",
+            "key": self.key,
+            "inputs": ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"],
+            "outputs": ["masks", "iou_predictions", "low_res_masks"],
+            "image_size": int(self.model.image_size),
+            "low_res_size": list(self.model.prompt_encoder.mask_input_size),
+            "mask_threshold": float(getattr(self.model, "mask_threshold", 0.0)),
+        }
+
+    def _exportable_model(self) -> torch.nn.Module:
+        if getattr(self.model, "fast_dtype", None) is None:
+            return self.model
+        # The fast mode's casts are not exportable; the exact model has the same weights.
+        if self.checkpoint is None or not self.checkpoint.is_file():
+            raise RuntimeError("the server runs the fast mode without a checkpoint file to export the exact decoder from")
+        from ..io.models import load_model
+
+        return load_model(self.checkpoint, mode="exact")
+
+    def ensure(self) -> Path:
+        """The exported graph's path, exporting it first if it is not on disk yet."""
+        if not self.available:
+            raise RuntimeError(self.reason or self._error)
+        with self._lock:
+            if self.path.is_file():
+                return self.path
+            from ..io.onnx_export import export_decoder
+
+            try:
+                log.info("exporting the ONNX prompt decoder to %s", self.path)
+                export_decoder(self._exportable_model(), self.path)  # atomic: a temporary file, then a rename
+            except Exception as exc:  # the page falls back to server decoding and says why
+                log.exception("ONNX decoder export failed")
+                self._error = f"the decoder's ONNX export failed: {exc}"
+                raise RuntimeError(self._error) from None
+            return self.path
+
+
+def embedding_file(embedding: ImageEmbedding, dtype: str) -> bytes:
+    """The embedding as safetensors bytes with the sizes the decoder needs in the metadata."""
+    from safetensors.torch import save
+
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(EMBEDDING_DTYPES)}, got {dtype!r}")
+    tensor = embedding.image_embeddings.detach().float().cpu()
+    if dtype == "float16":
+        finite = torch.isfinite(tensor).all() and tensor.abs().max() <= float(np.finfo(np.float16).max)
+        if not finite:
+            raise ValueError("the embedding does not fit float16; ask for dtype=float32")
+    tensor = tensor.to(EMBEDDING_DTYPES[dtype]).contiguous()
+    (h, w), (ih, iw) = embedding.original_size, embedding.input_size
+    meta = {"original_size": f"{h},{w}", "input_size": f"{ih},{iw}"}
+    return save({"image_embeddings": tensor}, metadata=meta)

@@ -1,0 +1,270 @@
+"""In-page decoding in headless Chromium: ONNX Runtime Web against the server's decode, the fallback, the
+page's cache across a reload, and the access-token convention of the page's API client."""
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+
+from tests.conftest import DATASETS, REFERENCE, needs_shared
+from tests.test_browser import CHROMIUM, CHROMIUM_ARGS, click_image, free_port, shot, until
+
+pytestmark = [pytest.mark.browser, needs_shared]
+uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
+pytest.importorskip("onnx", reason="onnx (the ONNX export) is not installed")
+
+
+def serve(model, checkpoint, data):
+    """The server in a thread, with one project and one image (a smaller DAVIS frame) whose embedding is ready."""
+    from PIL import Image
+
+    from segany.server import ServerConfig, create_app
+
+    app = create_app(ServerConfig(data_dir=data, checkpoint=checkpoint), model=model)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    until(lambda: server.started, 30)
+    base = f"http://127.0.0.1:{port}"
+    client = httpx.Client(base_url=base, timeout=120)
+    project = client.post("/api/projects", json={"name": "decode"}).json()
+    path = DATASETS / "davis345" / "images" / "000.jpg"
+    if not path.is_file():
+        pytest.skip("davis345 image 000 is absent")
+    buf = io.BytesIO()
+    with Image.open(path) as im:  # an odd size: the crop and resize of the post-processing matter
+        im.convert("RGB").resize((im.width // 2 + 1, im.height // 2 - 1)).save(buf, format="PNG")
+    up = client.post(f"/api/projects/{project['id']}/images", files=[("files", ("davis.png", buf.getvalue(), "image/png"))])
+    image = up.json()["images"][0]
+    until(lambda: client.get(f"/api/images/{image['id']}/embedding").json()["status"] == "ready", 120, 0.2)
+    live = {"base": base, "client": client, "project": project, "image": image, "app": app}
+
+    def stop():
+        client.close()
+        server.should_exit = True
+        thread.join(30)
+
+    return live, stop
+
+
+@pytest.fixture(scope="module")
+def live(fixture_sam, tmp_path_factory):
+    live, stop = serve(fixture_sam, REFERENCE / "sam_vit_small.pth", tmp_path_factory.mktemp("data"))
+    yield live
+    stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw:
+        try:
+            b = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            pytest.skip(f"chromium does not start under playwright: {exc}")
+        yield b
+        b.close()
+
+
+def open_page(live, context, mode="page"):
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    image = live["image"]
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    page.wait_for_function("segany.decoderReady !== undefined")
+    page.evaluate("segany.decoderReady")
+    assert page.evaluate("segany.decoder.mode") == mode, page.evaluate("segany.decoder")
+    return page, errors
+
+
+def click_and_wait(page, x, y, button="left"):
+    n = page.evaluate("segany.timings.length")
+    click_image(page, x, y, button=button)
+    page.wait_for_function(f"segany.timings.length === {n + 1}", timeout=60000)
+    return page.evaluate("segany.lastTiming")
+
+
+SAMPLED = """() => {
+  const d = segany.lastDecode, plane = d.height * d.width, out = [];
+  for (let c = 1; c <= 3; c++) for (let y = 0; y < d.height; y += 7) for (let x = 0; x < d.width; x += 7)
+    out.push(d.logits[c * plane + y * d.width + x]);
+  return { logits: out, iou: d.iou.slice(1), low: Array.from(d.lowRes.subarray(65536)), h: d.height, w: d.width };
+}"""
+
+
+def server_logits(live, points, labels, mask=None):
+    from segany.predict import Prompt
+
+    app, image = live["app"], live["image"]
+    embedding = app.state.embeddings.get(image["sha256"], None)
+    return app.state.segmenter.segment(
+        embedding, Prompt(points=np.array(points), labels=np.array(labels), mask=mask), multimask_output=True, return_logits=True
+    )
+
+
+def test_in_page_decode_equals_the_servers(live, browser):
+    image = live["image"]
+    w, h = image["width"], image["height"]
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page, errors = open_page(live, context)
+    # float32 embedding: the graph itself against the server's decode, 1e-4 on the logits
+    page.evaluate("segany.embeddingDtype = 'float32'")
+    timing = click_and_wait(page, w * 0.35, h * 0.55)
+    assert timing["mode"] == "page"
+    points = page.evaluate("segany.points.map(p => [p.x, p.y])")
+    got = page.evaluate(SAMPLED)
+    assert (got["h"], got["w"]) == (h, w)
+    ref = server_logits(live, points, [1])
+    np.testing.assert_allclose(np.array(got["logits"]).reshape(3, -1), ref.masks[:, ::7, ::7].reshape(3, -1), atol=1e-4)
+    np.testing.assert_allclose(got["iou"], ref.scores, atol=1e-4)
+    np.testing.assert_allclose(np.array(got["low"]).reshape(3, 256, 256), ref.low_res_logits, atol=1e-4)
+    # the page's masks are the server's own decode (HTTP) wherever the logit is not at the threshold
+    served = live["client"].post(f"/api/images/{image['id']}/decode", json={"points": points, "labels": [1]}).json()
+    from pycocotools import mask as mask_utils
+
+    for i, cand in enumerate(served["candidates"]):
+        rle = {"size": cand["segmentation"]["size"], "counts": cand["segmentation"]["counts"].encode()}
+        server_mask = mask_utils.decode(rle).astype(bool)
+        page_mask = np.array(page.evaluate(f"Array.from(segany.candidates[{i}].mask)"), bool).reshape(h, w)
+        sure = np.abs(ref.masks[i]) > 1e-3
+        assert (page_mask[sure] == server_mask[sure]).all()
+
+    # a negative click refines the chosen candidate with its low-res logits (mask input)
+    selected = page.evaluate("segany.selected")
+    previous = np.array(page.evaluate(f"Array.from(segany.candidates[{selected}].lowRes)"), np.float32).reshape(1, 256, 256)
+    timing = click_and_wait(page, w * 0.8, h * 0.2, button="right")
+    assert timing["mode"] == "page"
+    points = page.evaluate("segany.points.map(p => [p.x, p.y])")
+    got = page.evaluate(SAMPLED)
+    ref = server_logits(live, points, [1, 0], mask=previous)
+    np.testing.assert_allclose(np.array(got["logits"]).reshape(3, -1), ref.masks[:, ::7, ::7].reshape(3, -1), atol=1e-4)
+    np.testing.assert_allclose(got["iou"], ref.scores, atol=1e-4)
+
+    # a box, then the default float16 embedding: masks equal wherever the logit is clearly decided
+    page.keyboard.press("Escape")
+    page.evaluate("segany.embeddingDtype = 'float16'")
+    start = page.evaluate(
+        "([x, y]) => { const r = document.getElementById('canvas').getBoundingClientRect(); const v = segany.view;"
+        " return [r.left + v.ox + x * v.scale, r.top + v.oy + y * v.scale, v.scale]; }", [w * 0.2, h * 0.3])
+    n = page.evaluate("segany.timings.length")
+    page.mouse.move(start[0], start[1])
+    page.mouse.down()
+    page.mouse.move(start[0] + w * 0.4 * start[2], start[1] + h * 0.4 * start[2], steps=4)
+    page.mouse.up()
+    page.wait_for_function(f"segany.timings.length === {n + 1}", timeout=60000)
+    box = page.evaluate("[segany.box.x0, segany.box.y0, segany.box.x1, segany.box.y1]")
+    from segany.predict import Prompt
+
+    embedding = live["app"].state.embeddings.get(image["sha256"], None)
+    ref = live["app"].state.segmenter.segment(embedding, Prompt(box=np.array(box)), return_logits=True)
+    got = page.evaluate(SAMPLED)
+    page_logits = np.array(got["logits"]).reshape(3, -1)
+    ref_logits = ref.masks[:, ::7, ::7].reshape(3, -1)
+    diff = np.abs(page_logits - ref_logits).max()
+    assert diff < 1e-3, diff  # the float16 rounding of the embedding moves these logits by about 1.4e-4
+    sure = np.abs(ref_logits) > 1e-3
+    assert ((page_logits > 0) == (ref_logits > 0))[sure].all()
+    shot(page, "10_in_page_decode")
+    assert not errors, errors
+    context.close()
+
+
+def test_forced_server_decoding_and_back(live, browser):
+    image = live["image"]
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page, errors = open_page(live, context)
+    page.check("#force-server")
+    page.wait_for_function("segany.decoder.mode === 'server'")
+    assert "server" in page.inner_text("#decoder-mode")
+    timing = click_and_wait(page, image["width"] * 0.5, image["height"] * 0.5)
+    assert timing["mode"] == "server" and timing["server_ms"] >= 0
+    assert page.evaluate("segany.candidates.length") == 3 and page.evaluate("segany.token") is not None
+    # refinement on the server by token
+    timing = click_and_wait(page, image["width"] * 0.2, image["height"] * 0.2, button="right")
+    assert timing["mode"] == "server"
+    # the setting survives a reload, and unchecking it brings the page's decoder back
+    page.reload()
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    page.evaluate("segany.decoderReady")
+    assert page.evaluate("segany.decoder.mode") == "server" and page.is_checked("#force-server")
+    page.uncheck("#force-server")
+    page.wait_for_function("segany.decoder.mode === 'page'")
+    assert "in-page" in page.inner_text("#decoder-mode")
+    assert click_and_wait(page, image["width"] * 0.4, image["height"] * 0.6)["mode"] == "page"
+    assert not errors, errors
+    context.close()
+
+
+def test_reload_decodes_from_the_pages_cache(live, browser):
+    image = live["image"]
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page, errors = open_page(live, context)
+    assert click_and_wait(page, image["width"] * 0.3, image["height"] * 0.3)["mode"] == "page"
+    fetched = []
+    page.on("request", lambda r: fetched.append(r.url) if ".onnx" in r.url or "embedding.safetensors" in r.url else None)
+    page.reload()
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    page.evaluate("segany.decoderReady")
+    assert page.evaluate("segany.decoder.mode") == "page"
+    assert click_and_wait(page, image["width"] * 0.6, image["height"] * 0.4)["mode"] == "page"
+    assert fetched == [], fetched  # the decoder and the embedding came from the page's own cache
+    assert not errors, errors
+    context.close()
+
+
+def test_token_from_the_address_goes_with_every_request(live, browser):
+    image = live["image"]
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page = context.new_page()
+    seen = []
+    page.on("request", lambda r: seen.append((r.url, r.headers.get("authorization"))))
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token=s3cret")
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    assert "token" not in page.evaluate("location.href")
+    assert page.evaluate("sessionStorage.getItem('segany.token')") == "s3cret"
+    api_calls = [(u, a) for u, a in seen if "/api/" in u and "/file" not in u]
+    assert api_calls and all(a == "Bearer s3cret" for _, a in api_calls), api_calls
+    assert any("/file?token=s3cret" in u for u, _ in seen)  # the <img> carries it in its URL
+    context.close()
+
+
+@pytest.mark.heavy  # a second server and model; test_page_decoding checks the same refusal through the API
+def test_hq_sam_falls_back_to_server_decoding(browser, tmp_path):
+    path = REFERENCE / "sam_hq_vit_small.pth"
+    if not path.is_file():
+        pytest.skip("the HQ-SAM fixture is absent")
+    import segany
+
+    live, stop = serve(segany.load_model(path), path, tmp_path)
+    try:
+        context = browser.new_context(viewport={"width": 1300, "height": 800})
+        page, errors = open_page(live, context, mode="server")
+        assert "HQ-SAM" in page.inner_text("#decoder-mode")
+        image = live["image"]
+        timing = click_and_wait(page, image["width"] * 0.5, image["height"] * 0.5)
+        assert timing["mode"] == "server" and page.evaluate("segany.candidates.length") >= 1
+        assert page.evaluate("segany.work.length") == image["width"] * image["height"]
+        assert not errors, errors
+        context.close()
+    finally:
+        stop()
+
+
+def test_find_box_disables_itself_without_a_text_endpoint(live, browser):
+    image = live["image"]
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page = context.new_page()
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.wait_for_function(f"segany.shownImage === {image['id']}")
+    assert page.is_enabled("#find-text")
+    page.fill("#find-text", "a dog")
+    page.click("#find-run")
+    page.wait_for_function("document.getElementById('find-run').disabled")
+    assert "unavailable" in page.inner_text("#find-note") and page.evaluate("segany.proposals.length") == 0
+    context.close()
