@@ -56,8 +56,10 @@ def server(fixture_sam, tmp_path_factory):
     from segany.server import ServerConfig, create_app
 
     data = tmp_path_factory.mktemp("data")
-    app = create_app(ServerConfig(data_dir=data, checkpoint=REFERENCE / "sam_vit_small.pth"), model=fixture_sam)
-    with TestClient(app) as client:
+    config = ServerConfig(data_dir=data, checkpoint=REFERENCE / "sam_vit_small.pth")
+    app = create_app(config, model=fixture_sam)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        client.headers["Authorization"] = f"Bearer {config.token}"
         yield client, app, data
 
 
@@ -127,8 +129,10 @@ def test_hq_sam_has_no_page_decoder(tmp_path):
     import segany
     from segany.server import ServerConfig, create_app
 
-    app = create_app(ServerConfig(data_dir=tmp_path, checkpoint=path), model=segany.load_model(path))
-    with TestClient(app) as client:
+    config = ServerConfig(data_dir=tmp_path, checkpoint=path)
+    app = create_app(config, model=segany.load_model(path))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        client.headers["Authorization"] = f"Bearer {config.token}"
         info = client.get("/api/decoder").json()
         assert info["available"] is False and "HQ-SAM" in info["reason"]
         missing = client.get("/api/decoder/anything.onnx")
