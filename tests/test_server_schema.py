@@ -34,7 +34,7 @@ EXAMPLES = int(os.environ.get("SEGANY_SCHEMA_EXAMPLES", "4"))
 def api_schema(fixture_sam, tmp_path_factory):
     data = tmp_path_factory.mktemp("data")
     # Small limits keep generated proposals requests short (a job past its limit is a documented 422).
-    with live_server(fixture_sam, data, job_time_limit_s=1.0, max_upload_bytes=300_000) as srv:
+    with live_server(fixture_sam, data, job_time_limit_s=0.5, max_upload_bytes=300_000) as srv:
         c = srv["client"]
         project = c.post("/api/projects", json={"name": "schema"}).json()
         up = c.post(f"/api/projects/{project['id']}/images", files=[("files", ("a.png", png_bytes(40, 50), "image/png"))])
