@@ -17,6 +17,8 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
 pytest.importorskip("onnx", reason="onnx (the ONNX export) is not installed")
 
+TOKEN = "s3cret"  # the server's access token; the page takes it from the address
+
 
 def serve(model, checkpoint, data):
     """The server in a thread, with one project and one image (a smaller DAVIS frame) whose embedding is ready."""
@@ -24,14 +26,15 @@ def serve(model, checkpoint, data):
 
     from segany.server import ServerConfig, create_app
 
-    app = create_app(ServerConfig(data_dir=data, checkpoint=checkpoint), model=model)
+    config = ServerConfig(data_dir=data, checkpoint=checkpoint, token=TOKEN)
+    app = create_app(config, model=model)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     until(lambda: server.started, 30)
     base = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=base, timeout=120)
+    client = httpx.Client(base_url=base, timeout=120, headers={"Authorization": f"Bearer {TOKEN}"})
     project = client.post("/api/projects", json={"name": "decode"}).json()
     path = DATASETS / "davis345" / "images" / "000.jpg"
     if not path.is_file():
@@ -75,7 +78,7 @@ def open_page(live, context, mode="page"):
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
     image = live["image"]
-    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token={TOKEN}")
     page.wait_for_function(f"segany.shownImage === {image['id']}")
     page.wait_for_function("segany.decoderReady !== undefined")
     page.evaluate("segany.decoderReady")
@@ -224,7 +227,7 @@ def test_token_from_the_address_goes_with_every_request(live, browser):
     page = context.new_page()
     seen = []
     page.on("request", lambda r: seen.append((r.url, r.headers.get("authorization"))))
-    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token=s3cret")
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token={TOKEN}")
     page.wait_for_function(f"segany.shownImage === {image['id']}")
     assert "token" not in page.evaluate("location.href")
     assert page.evaluate("sessionStorage.getItem('segany.token')") == "s3cret"
@@ -260,7 +263,7 @@ def test_find_box_disables_itself_without_a_text_endpoint(live, browser):
     image = live["image"]
     context = browser.new_context(viewport={"width": 1300, "height": 800})
     page = context.new_page()
-    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}")
+    page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token={TOKEN}")
     page.wait_for_function(f"segany.shownImage === {image['id']}")
     assert page.is_enabled("#find-text")
     page.fill("#find-text", "a dog")
