@@ -6,7 +6,9 @@ Each round runs one process per tree, alternating (before, after, before, ...), 
 drift hits both alike. A process loads seeded random weights (the same file for both trees) with
 `segany.load_model(mode=...)` and times, on one 854x480 DAVIS frame: set_image (encoder), one
 one-point predict (click, mean of 10), 64 one-point prompts through predict_torch (per prompt) and
-everything mode (SamAutomaticMaskGenerator, `--points-per-side`, released thresholds otherwise).
+everything mode (SamAutomaticMaskGenerator, `--points-per-side`, released thresholds otherwise);
+in exact mode also a fine-tuning step of the mask decoder (Sam.decode with autograd, 8 one-point
+prompts, forward + backward; median of 3 after a warm-up).
 Prints per row the median over rounds of each tree and their ratio. The reference implementation is
 not timed here (see bench_speed.py).
 """
@@ -50,6 +52,19 @@ if pps > 0:
     generator = segany.SamAutomaticMaskGenerator(model, points_per_side=pps)
     t = time.perf_counter(); masks = generator.generate(image); out["everything_s"] = time.perf_counter() - t
     out["everything_masks"] = len(masks)
+if mode == "exact":  # a fine-tuning step of the mask decoder: 8 one-point prompts, forward + backward
+    features = {"image_embeddings": predictor.features.detach()}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("mask_decoder."))
+    points = (torch.rand(8, 1, 2, generator=torch.Generator().manual_seed(0)) * 1024, torch.ones(8, 1, dtype=torch.int))
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        low, iou = model.decode(features, points, None, None, True)
+        (low.square().mean() + iou.sum()).backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    out["train_step_ms"] = sorted(times[1:])[1] * 1e3
 print(json.dumps(out))
 """
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from segany.engine import make_fast
+from segany.engine.twin import twin
 from segany.predict.predictor import SamPredictor
 from segany.predict.segmenter import Prompt, Segmenter
 
@@ -115,7 +116,7 @@ def test_projected_image_side_equals_the_plain_path(dtype):
     PE projected) gives the tokens and image side of the plain path (projections folded into the
     tokens, image + PE formed): in float32 up to rounding; in bfloat16 as close to float32 as the
     plain bfloat16 path is."""
-    transformer = small_sam(7).mask_decoder.transformer
+    transformer = twin(small_sam(7)).mask_decoder.transformer
     torch.manual_seed(0)
     image, pe, tokens = torch.randn(1, 64, 16, 16) * 2, torch.randn(1, 64, 16, 16), torch.randn(1, 7, 64) * 2
     with torch.no_grad():
@@ -155,7 +156,7 @@ def test_batched_hypernetworks_equal_one_mlp_per_token():
 def test_final_attention_on_selected_tokens_equals_those_rows(project):
     """transformer.run(outputs=[indices]) gives exactly those tokens' rows of the full run (each token's
     final attention is independent of the others), and the same image side."""
-    transformer = small_sam(9).mask_decoder.transformer
+    transformer = twin(small_sam(9)).mask_decoder.transformer
     torch.manual_seed(1)
     image, pe, tokens = torch.randn(1, 64, 16, 16), torch.randn(1, 64, 16, 16), torch.randn(1, 7, 64)
     with torch.no_grad():

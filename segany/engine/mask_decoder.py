@@ -492,7 +492,7 @@ class MaskDecoder(plain.MaskDecoder):
         # hypernetworks: a multimask decode skips mask token 0 (the single-mask output), a single-mask
         # decode the other three.
         selected = range(self.num_mask_tokens)[mask_tokens]
-        hs, src = self.transform(
+        hs, src = self.run_two_way(
             image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, image_side,
             outputs=[0] + [1 + i for i in selected],
         )
@@ -512,11 +512,11 @@ class MaskDecoder(plain.MaskDecoder):
 
         Token order: IoU token, the mask tokens, then whatever a variant's output_tokens adds (prompt tokens dropped).
         """
-        hs, src = self.transform(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
+        hs, src = self.run_two_way(image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings)
         upscaled = self.output_upscaling(src.permute(0, 3, 1, 2))  # B, C/8, 4h, 4w
         return hs, upscaled
 
-    def transform(
+    def run_two_way(
         self,
         image_embeddings: torch.Tensor,
         image_pe: torch.Tensor,

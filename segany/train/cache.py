@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ..engine import SamEngine
 from ..io.atomic import atomic_write_bytes
 
 
@@ -41,6 +42,14 @@ def encode_frame(model: nn.Module, frame: torch.Tensor, size: Tuple[int, int]) -
     return model.encode(model.preprocess(x))
 
 
+@torch.no_grad()
+def infer_frame(model: nn.Module, frame: torch.Tensor, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
+    """encode_frame at inference (nothing to differentiate): through the inference engine."""
+    h, w = size
+    x = frame[:, :h, :w].float()[None].to(model.device)
+    return SamEngine(model).encode(model.preprocess(x))
+
+
 class EmbeddingCache:
     """Features of a frozen encoder, stored as one small torch file per (encoder, image)."""
 
@@ -65,7 +74,7 @@ class EmbeddingCache:
             except Exception:  # a damaged entry: recompute it
                 pass
         self.misses += 1
-        features = {k: v.detach().to("cpu").contiguous() for k, v in encode_frame(self.model, frame, size).items()}
+        features = {k: v.detach().to("cpu").contiguous() for k, v in infer_frame(self.model, frame, size).items()}
         buffer = io.BytesIO()
         torch.save(features, buffer)
         atomic_write_bytes(path, buffer.getvalue())
@@ -75,5 +84,4 @@ class EmbeddingCache:
 def cached_or_fresh(cache: Optional[EmbeddingCache], model: nn.Module, frame: torch.Tensor, size: Tuple[int, int]) -> Dict[str, torch.Tensor]:
     if cache is not None:
         return cache.get(frame, size)
-    with torch.no_grad():
-        return encode_frame(model, frame, size)
+    return infer_frame(model, frame, size)
