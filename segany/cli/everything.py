@@ -99,8 +99,12 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=float)
 @click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=int)
 @click.option("--min-mask-region-area", default=0, show_default=True, type=int)
+@click.option("--conf", type=float, default=None, help="FastSAM: confidence threshold (default 0.4).")
+@click.option("--iou", type=float, default=None, help="FastSAM: NMS IoU threshold (default 0.9).")
+@click.option("--imgsz", type=int, default=None, help="FastSAM: inference size, longer side (default 1024).")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
-               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, **generator_options) -> None:
+               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float,
+               conf: Optional[float], iou: Optional[float], imgsz: Optional[int], **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
     \b
@@ -108,12 +112,18 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
       segany everything photo.jpg --checkpoint vit_b --out masks/
       segany everything photos/ --checkpoint sam_vit_b.pth --out masks/ --format coco --viz
       segany everything list.txt -c vit_b -o masks/ --crop-n-layers 1 --min-mask-region-area 100
+      segany everything photos/ -c fastsam-s -o masks/ --conf 0.4 --iou 0.9 --imgsz 1024
     """
     from tqdm import tqdm
 
     from ..predict.amg import AmgSettings
 
     settings = AmgSettings(**generator_options, output_mode="uncompressed_rle").validate()
+    fastsam_options = {k: v for k, v in (("conf", conf), ("iou", iou), ("imgsz", imgsz)) if v is not None}
+    if fastsam_options:
+        from ..predict.fastsam import FastSamSettings
+
+        FastSamSettings(**fastsam_options).validate()  # bad values fail before any work
     images = collect_images(paths, recursive)
     names = output_names(images)
     out = Path(out_dir)
@@ -127,8 +137,17 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
         import segany
         from ..predict.amg import MaskGenerator
 
+        from ..modeling.yolov8_seg import YoloV8Seg
+
         model = segany.load_model(checkpoint, mode="fast" if fast else "exact", device=device)
-        generator = MaskGenerator(model, settings)
+        if isinstance(model, YoloV8Seg):  # FastSAM: one network pass gives every mask
+            from ..predict.fastsam import FastSam, FastSamSettings
+
+            generator = FastSam(model, FastSamSettings(**fastsam_options))
+        elif fastsam_options:
+            raise ValueError("--conf, --iou and --imgsz apply to FastSAM models only")
+        else:
+            generator = MaskGenerator(model, settings)
         with tqdm(todo, unit="img", desc="everything", dynamic_ncols=True) as bar:
             for image_path, name in bar:
                 try:
