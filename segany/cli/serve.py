@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import click
 
@@ -19,8 +19,10 @@ import click
               "current folder).")
 @click.option("--max-upload-mb", type=click.IntRange(1, 4096), default=50, show_default=True,
               help="Largest image file accepted.")
+@click.option("--proposal-model", default=None, metavar="CKPT",
+              help="A FastSAM checkpoint or name (e.g. fastsam-s) for everything-mode proposals instead of SAM's grid.")
 def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, import_roots: Tuple[Path, ...],
-          max_upload_mb: int) -> None:
+          max_upload_mb: int, proposal_model: Optional[str]) -> None:
     """Run the annotation server; open http://HOST:PORT/ in a browser."""
     try:
         import uvicorn
@@ -32,10 +34,12 @@ def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, imp
     mode = "fast" if fast else "exact"
     path = resolve_checkpoint(checkpoint)
     model = load_model(path, mode=mode)
+    if proposal_model is not None:
+        resolve_checkpoint(proposal_model)  # a missing file or unknown name fails now, not at the first request
     roots = list(import_roots) or [data_dir, Path.cwd()]
     config = ServerConfig(
         data_dir=data_dir, checkpoint=path, mode=mode, import_roots=roots,
-        max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint),
+        max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint), proposal_model=proposal_model,
     )
     app = create_app(config, model=model)
     click.echo(f"segany annotator on http://{host}:{port}/  (data: {data_dir.resolve()})", err=True)

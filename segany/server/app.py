@@ -50,6 +50,7 @@ class ServerConfig:
     decode_wait_s: float = 120.0  # how long a decode waits for a missing embedding
     logits_cache: int = 64  # recent decodes whose low-res logits can be fed back as mask input
     model_name: Optional[str] = None  # shown on the page
+    proposal_model: Optional[str] = None  # a FastSAM checkpoint / name: proposals from it instead of SAM's grid
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -433,14 +434,21 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
             },
         }
 
+    from .proposals import FastSamProposals
+
+    fastsam = FastSamProposals(config.proposal_model, config.mode)
+
     @app.post("/api/images/{image_id}/proposals", summary="Everything-mode proposals for an image")
     def proposals(image_id: int, body: ProposalsIn) -> Dict[str, Any]:
         from .proposals import generate_proposals
 
         image = storage.image(image_id)
-        embedding = embeddings.get(image["sha256"], image_path(image), config.decode_wait_s)
+        embedding = None if config.proposal_model else embeddings.get(image["sha256"], image_path(image), config.decode_wait_s)
         t0 = time.perf_counter()
-        records = generate_proposals(segmenter, embedding, image_path(image), body.model_dump())
+        if config.proposal_model:
+            records = fastsam.proposals(image_path(image), body.max_proposals)
+        else:
+            records = generate_proposals(segmenter, embedding, image_path(image), body.model_dump())
         records = sorted(records, key=lambda r: -r["predicted_iou"])[: body.max_proposals]
         return {"proposals": records, "seconds": round(time.perf_counter() - t0, 3)}
 
