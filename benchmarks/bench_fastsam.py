@@ -1,7 +1,7 @@
 """FastSAM everything mode: segany vs ultralytics 8.4.190 on the same weights and image, and vs SAM vit_b.
 
     python benchmarks/bench_fastsam.py                         # FastSAM-s and -x, davis345/000, + SAM vit_b
-    python benchmarks/bench_fastsam.py --scales s --repeats 2 --no-sam   # quick
+    python benchmarks/bench_fastsam.py --scales s --rounds 1 --repeats 1 --no-sam   # quick
 
 Every measurement runs in its own process (one model in memory, no shared caches), with the same
 thread count. Weights: FastSAM-s = ../shared/fixtures/fastsam/fastsam_s_random.pt (random, conditioned,
@@ -27,6 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 FIXTURE = SHARED / "fixtures" / "fastsam" / "fastsam_s_random.pt"
+sys.path.insert(0, str(ROOT))
 
 
 def load_rgb(path: str) -> np.ndarray:
@@ -195,7 +196,8 @@ def main() -> None:
     parser.add_argument("--variant", default="exact")
     parser.add_argument("--image", default=str(SHARED / "datasets" / "davis345" / "images" / "000.jpg"))
     parser.add_argument("--imgsz", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-sam", action="store_true")
     parser.add_argument("--weights", default="")
@@ -211,28 +213,43 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench_fastsam_")
     common = dict(image=args.image, imgsz=args.imgsz, repeats=args.repeats, threads=args.threads, tmp=tmp)
     rows = []
+    variants = ("exact", "fast-fp32", "fast-bf16")
     for scale in args.scales.split(","):
         weights = str(FIXTURE) if scale == "s" else f"{tmp}/fastsam_x_random.pt"
-        ref = spawn("ultralytics", scale=scale, weights=weights, out=f"{tmp}/ul_{scale}.npz", **common)
+        seconds = {name: [] for name in ("ultralytics",) + variants}
+        counts = {}
+        # Rounds interleave the implementations so that a change in the machine's load hits all of them.
+        for _ in range(args.rounds):
+            ref = spawn("ultralytics", scale=scale, weights=weights, out=f"{tmp}/ul_{scale}.npz", **common)
+            seconds["ultralytics"].append(ref["seconds"])
+            counts["ultralytics"] = ref["masks"]
+            for variant in variants:
+                out = f"{tmp}/sg_{scale}_{variant}.npz"
+                res = spawn("segany", scale=scale, variant=variant, weights=weights, out=out, **common)
+                seconds[variant].append(res["seconds"])
+                counts[variant] = res["masks"]
         ref_masks = load_masks(f"{tmp}/ul_{scale}.npz")
-        rows.append((f"FastSAM-{scale}", "ultralytics 8.4.190 (fused float32)", ref["seconds"], 1.0, ref["masks"], "reference"))
-        for variant in ("exact", "fast-fp32", "fast-bf16"):
-            out = f"{tmp}/sg_{scale}_{variant}.npz"
-            res = spawn("segany", scale=scale, variant=variant, weights=weights, out=out, **common)
-            rows.append((f"FastSAM-{scale}", f"segany {variant}", res["seconds"], ref["seconds"] / res["seconds"],
-                         res["masks"], agreement(ref_masks, load_masks(out))))
+        ref_s = float(np.median(seconds["ultralytics"]))
+        rows.append((f"FastSAM-{scale}", "ultralytics 8.4.190 (fused float32)", seconds["ultralytics"], 1.0,
+                     counts["ultralytics"], "reference"))
+        for variant in variants:
+            med = float(np.median(seconds[variant]))
+            rows.append((f"FastSAM-{scale}", f"segany {variant}", seconds[variant], ref_s / med, counts[variant],
+                         agreement(ref_masks, load_masks(f"{tmp}/sg_{scale}_{variant}.npz"))))
     if not args.no_sam:
-        for variant in ("fast",):
-            res = spawn("sam", variant=variant, **common)
-            rows.append(("SAM vit_b", f"segany {variant}, 32x32 grid", res["seconds"], None, res["masks"], "n/a"))
+        res = spawn("sam", variant="fast", **common)
+        rows.append(("SAM vit_b", "segany fast, 32x32 grid", [res["seconds"]], None, res["masks"], "n/a"))
     import torch
 
-    print(f"\nimage {Path(args.image).name}, imgsz {args.imgsz}, {args.threads} threads, torch {torch.__version__}, "
-          f"median of {args.repeats} (SAM: {max(1, args.repeats // 2)}) after a warm-up\n")
+    print(f"\nimage {Path(args.image).name}, imgsz {args.imgsz}, {args.threads} threads, torch {torch.__version__}; "
+          f"{args.rounds} round(s), each process: a warm-up then the median of {args.repeats} (SAM: "
+          f"{max(1, args.repeats // 2)}); seconds = median over rounds [each round's]\n")
     print("| model | implementation | seconds | speed-up vs ultralytics | masks | mask agreement (best IoU per reference mask) |")
     print("|---|---|---|---|---|---|")
-    for model, impl, sec, ratio, n, agree in rows:
-        print(f"| {model} | {impl} | {sec:.2f} | {'' if ratio is None else f'{ratio:.2f}x'} | {n} | {agree} |")
+    for model, impl, secs, ratio, n, agree in rows:
+        each = ", ".join(f"{v:.2f}" for v in secs)
+        speed = "" if ratio is None else f"{ratio:.2f}x"
+        print(f"| {model} | {impl} | {np.median(secs):.2f} [{each}] | {speed} | {n} | {agree} |")
 
 
 if __name__ == "__main__":
