@@ -14,8 +14,8 @@ fused conv-BN, channels-last and bfloat16 live in `segany.engine.fastsam`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import nn
