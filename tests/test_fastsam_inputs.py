@@ -307,3 +307,37 @@ def test_fast_mode_bfloat16_runs_and_keeps_float32_outputs():
     bf_pred, bf_protos = FastSamEngine(model, "fast")(x)
     assert bf_pred.dtype == torch.float32 and bf_pred.shape == exact_pred.shape
     assert bf_protos.dtype == torch.float32 and bf_protos.shape == exact_protos.shape
+
+
+# ----------------------------------------------------------------------- post-processing rules
+
+
+def test_border_snapping_and_whole_image_rule():
+    from segany.predict.yolo_postprocess import snap_to_border, whole_image_rule
+
+    boxes = torch.tensor([[19.9, 20.0, 281.0, 180.5], [5.0, 3.0, 290.0, 195.0], [50.0, 50.0, 60.0, 60.0]])
+    snapped = snap_to_border(boxes, (200, 300))
+    torch.testing.assert_close(snapped[0], torch.tensor([0.0, 20.0, 300.0, 200.0]))  # 280 < x2 -> w; 180 < y2 -> h
+    torch.testing.assert_close(snapped[2], boxes[2])
+    final = whole_image_rule(snapped, (200, 300))
+    torch.testing.assert_close(final[1], torch.tensor([0.0, 0.0, 300.0, 200.0]))
+    torch.testing.assert_close(final[0], snapped[0])  # IoU 0.9 exactly is not > 0.9
+    torch.testing.assert_close(final[2], boxes[2])
+
+
+@pytest.mark.parametrize("hw,imgsz,expect_hw", [((50, 100), 640, (320, 640)), ((321, 481), 1024, (704, 1024)),
+                                                 ((480, 854), 1024, (576, 1024)), ((1000, 999), 640, (640, 640)),
+                                                 ((7, 900), 333, (32, 352))])
+def test_letterbox_geometry(hw, imgsz, expect_hw):
+    from segany.predict.yolo_postprocess import boxes_to_image, check_imgsz, letterbox
+
+    size = check_imgsz(imgsz)
+    image = np.random.default_rng(0).integers(0, 255, (*hw, 3), dtype=np.uint8)
+    boxed, lb = letterbox(image, size)
+    assert boxed.shape[:2] == expect_hw and boxed.shape[0] % 32 == 0 and boxed.shape[1] % 32 == 0
+    top, bottom, left, right = lb.pad_tblr
+    assert top <= bottom <= top + 1 and left <= right <= left + 1
+    assert (boxed[:top] == 114).all() and (boxed[boxed.shape[0] - bottom:] == 114).all()
+    # the content rectangle maps back onto the whole image
+    content = torch.tensor([[left, top, left + lb.new_hw[1], top + lb.new_hw[0]]], dtype=torch.float32)
+    torch.testing.assert_close(boxes_to_image(content, lb), torch.tensor([[0.0, 0.0, hw[1], hw[0]]]))
