@@ -154,11 +154,15 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--min-mask-region-area", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--conf", type=click.FloatRange(0, 1), default=None, help="FastSAM: confidence threshold (default 0.4).")
+@click.option("--iou", type=click.FloatRange(0, 1), default=None, help="FastSAM: NMS IoU threshold (default 0.9).")
+@click.option("--imgsz", type=click.IntRange(32, 4096), default=None,
+              help="FastSAM: inference size, longer side (default 1024).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in --out even if it holds results of another checkpoint or other settings.")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
                fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, overwrite: bool,
-               **generator_options) -> None:
+               conf: Optional[float], iou: Optional[float], imgsz: Optional[int], **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
     \b
@@ -166,6 +170,7 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
       segany everything photo.jpg --checkpoint vit_b --out masks/
       segany everything photos/ --checkpoint sam_vit_b.pth --out masks/ --format coco --viz
       segany everything list.txt -c vit_b -o masks/ --crop-n-layers 1 --min-mask-region-area 100
+      segany everything photos/ -c fastsam-s -o masks/ --conf 0.4 --iou 0.9 --imgsz 1024
     """
     from tqdm import tqdm
 
@@ -176,6 +181,11 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
 
     settings = AmgSettings(**generator_options, output_mode="uncompressed_rle").validate()
     check_device(device)
+    fastsam_options = {k: v for k, v in (("conf", conf), ("iou", iou), ("imgsz", imgsz)) if v is not None}
+    if fastsam_options:
+        from ..predict.fastsam import FastSamSettings
+
+        FastSamSettings(**fastsam_options).validate()  # bad values fail before any work
     images = collect_images(paths, recursive)
     names = output_names(images)
     file_names = display_names(images)
@@ -187,6 +197,8 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
                **{k: v for k, v in settings.to_dict().items() if k != "output_mode"}}
     if fmt == "coco":
         run_key.update(polygons=polygons, tolerance=tolerance)
+    if fastsam_options:
+        run_key.update(fastsam=fastsam_options)
     check_run_log(out, run_key, names, fmt, overwrite)
     todo = [(img, name, file_name, image_id) for img, name, file_name, image_id in zip(images, names, file_names, ids)
             if overwrite or not _is_done(_output_path(out, name, fmt), fmt)]
@@ -198,8 +210,17 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
         import segany
         from ..predict.amg import MaskGenerator
 
+        from ..modeling.yolov8_seg import YoloV8Seg
+
         model = segany.load_model(path, mode="fast" if fast else "exact", device=device)
-        generator = MaskGenerator(model, settings)
+        if isinstance(model, YoloV8Seg):  # FastSAM: one network pass gives every mask
+            from ..predict.fastsam import FastSam, FastSamSettings
+
+            generator = FastSam(model, FastSamSettings(**fastsam_options))
+        elif fastsam_options:
+            raise ValueError("--conf, --iou and --imgsz apply to FastSAM models only")
+        else:
+            generator = MaskGenerator(model, settings)
         with tqdm(todo, unit="img", desc="everything", dynamic_ncols=True) as bar:
             for image_path, name, file_name, image_id in bar:
                 try:

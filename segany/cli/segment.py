@@ -74,6 +74,8 @@ Examples:
   # refine with the logits of the previous run
   segany segment photo.jpg -c vit_b --point 320,200 --point 90,40,0 \\
       --mask-input out/best_low_res.npy --out out2/
+  # FastSAM: every proposal holding the click (--single: their union)
+  segany segment photo.jpg -c fastsam-s --point 320,200 --multimask --out out/
 """,
 )
 @click.argument("image", type=click.Path(path_type=Path))
@@ -150,7 +152,10 @@ def segment(
         multimask_output=multimask,
     )
     order = np.argsort(-scores, kind="stable")  # best first
-    masks, scores, low_res = masks[order], scores[order], low_res[order]
+    masks, scores = masks[order], scores[order]
+    has_logits = low_res is not None  # FastSAM selects among its proposals: no low-res logits
+    if has_logits:
+        low_res = low_res[order]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_files = []
@@ -166,10 +171,11 @@ def segment(
     overlay = overlay_masks(rgb, masks[::-1], colors=None)
     overlay = draw_prompts(overlay, coords, labels, parsed_box)
     save_png(out_dir / "overlay.png", overlay)
-    with atomic_write(out_dir / LOW_RES_FILE) as handle:
-        np.save(handle, low_res.astype(np.float32))
-    with atomic_write(out_dir / BEST_LOW_RES_FILE) as handle:
-        np.save(handle, low_res[:1].astype(np.float32))
+    if has_logits:
+        with atomic_write(out_dir / LOW_RES_FILE) as handle:
+            np.save(handle, low_res.astype(np.float32))
+        with atomic_write(out_dir / BEST_LOW_RES_FILE) as handle:
+            np.save(handle, low_res[:1].astype(np.float32))
 
     files = [m["file"] for m in mask_files] + [m["cutout"] for m in mask_files if "cutout" in m]
     result = {
@@ -185,8 +191,11 @@ def segment(
         "multimask": multimask,
         "masks": mask_files,
         "scores": _json_ready(scores.astype(float)),
-        "files": files + ["overlay.png", LOW_RES_FILE, BEST_LOW_RES_FILE, "result.json"],
+        "files": files + ["overlay.png"] + ([LOW_RES_FILE, BEST_LOW_RES_FILE] if has_logits else []) + ["result.json"],
     }
     atomic_write_text(out_dir / "result.json", json.dumps(result, indent=2) + "\n")
+    if not mask_files:
+        click.echo(f"0 masks -> {out_dir} (no proposal matches the prompts)")
+        return
     best = mask_files[0]
     click.echo(f"{len(masks)} mask(s) -> {out_dir} (best: {best['file']}, score {best['score']:.3f})")

@@ -19,13 +19,16 @@ import click
               "current folder).")
 @click.option("--max-upload-mb", type=click.IntRange(1, 4096), default=50, show_default=True,
               help="Largest image file accepted.")
+@click.option("--proposal-model", default=None, metavar="CKPT",
+              help="A FastSAM checkpoint or name (e.g. fastsam-s) for everything-mode proposals instead of SAM's grid.")
 @click.option("--token", envvar="SEGANY_TOKEN", default=None,
               help="Access token clients send (Authorization: Bearer TOKEN) [env SEGANY_TOKEN; default: a new "
               "random one per start, printed in the URL]. Needed to listen on a non-loopback address.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Host name clients may use besides 127.0.0.1, localhost and [::1] (repeatable).")
 def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, import_roots: Tuple[Path, ...],
-          max_upload_mb: int, token: Optional[str], allowed_hosts: Tuple[str, ...]) -> None:
+          max_upload_mb: int, proposal_model: Optional[str], token: Optional[str],
+          allowed_hosts: Tuple[str, ...]) -> None:
     """Run the annotation server; open the printed http://HOST:PORT/#token=... in a browser."""
     try:
         import uvicorn
@@ -46,10 +49,13 @@ def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, imp
     mode = "fast" if fast else "exact"
     path = resolve_checkpoint(checkpoint)
     model = load_model(path, mode=mode)
+    if proposal_model is not None:
+        resolve_checkpoint(proposal_model)  # a missing file or unknown name fails now, not at the first request
     roots = list(import_roots) or [data_dir, Path.cwd()]
     config = ServerConfig(
         data_dir=data_dir, checkpoint=path, mode=mode, import_roots=roots,
         max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint), allowed_hosts=hosts,
+        proposal_model=proposal_model,
     )
     if token is not None:
         config.token = token.strip()

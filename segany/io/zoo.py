@@ -56,6 +56,7 @@ class ModelEntry:
 
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
+_ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
 
 # Sources: the READMEs of facebookresearch/segment-anything (SAM links, Apache-2.0),
 # ChaoningZhang/MobileSAM (weights/mobile_sam.pt in the repository) and SysCV/sam-hq (the
@@ -89,6 +90,12 @@ KNOWN_MODELS = (
                description="HQ-SAM on SAM ViT-L"),
     ModelEntry("hq_vit_h", "sam_hq_vit_h.pth", _HQ + "sam_hq_vit_h.pth", "HQ-SAM", "Apache-2.0",
                description="HQ-SAM on SAM ViT-H"),
+    # FastSAM (CASIA-IVA-Lab/FastSAM, Apache-2.0): the released files as ultralytics' downloader fetches
+    # them (its assets release v8.4.0); no SHA-256 is published, so these downloads are unverified.
+    ModelEntry("fastsam-s", "FastSAM-s.pt", _ULTRALYTICS + "FastSAM-s.pt", "FastSAM", "Apache-2.0",
+               aliases=("fastsam_s",), description="FastSAM-s: YOLOv8s-seg proposals, prompt-guided selection"),
+    ModelEntry("fastsam-x", "FastSAM-x.pt", _ULTRALYTICS + "FastSAM-x.pt", "FastSAM", "Apache-2.0",
+               aliases=("fastsam_x", "fastsam"), description="FastSAM-x: YOLOv8x-seg proposals"),
     ModelEntry("hq_vit_tiny", "sam_hq_vit_tiny.pth", _HQ + "sam_hq_vit_tiny.pth", "HQ-SAM", "Apache-2.0",
                aliases=("light_hq_sam",), description="Light HQ-SAM on MobileSAM's TinyViT"),
 )

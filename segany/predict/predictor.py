@@ -12,6 +12,16 @@ from .segmenter import ImageEmbedding, Prompt, Segmenter
 
 
 class SamPredictor:
+    def __new__(cls, sam_model: Any = None, *args: Any, **kwargs: Any) -> Any:
+        # A FastSAM model gets its own predictor (same set_image / predict API).
+        from ..modeling.yolov8_seg import YoloV8Seg
+
+        if cls is SamPredictor and isinstance(sam_model, YoloV8Seg):
+            from .fastsam_predictor import FastSamPredictor
+
+            return FastSamPredictor(sam_model, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, sam_model: torch.nn.Module) -> None:
         self.model = sam_model
         self.segmenter = Segmenter(sam_model)

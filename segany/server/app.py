@@ -27,6 +27,7 @@ from .embeddings import PRIORITY_BULK, EmbeddingService, model_key
 from .images import ImageRejected
 from .jobs import Cancelled, Jobs
 from .logits import LogitsCache
+from .proposals import FastSamProposals
 from .routes import annotations, decode, images, info, projects, transfer
 from .schemas import Error
 from .security import Guard
@@ -48,6 +49,7 @@ class ServerConfig:
     decode_wait_s: float = 120.0  # how long a decode waits for a missing embedding
     logits_cache: int = 64  # recent decodes whose low-res logits can be fed back as mask input
     model_name: Optional[str] = None  # shown on the page
+    proposal_model: Optional[str] = None  # a FastSAM checkpoint / name: proposals from it instead of SAM's grid
     # Access token for writes and for non-loopback clients (a fresh one per start unless given).
     token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     allowed_hosts: List[str] = field(default_factory=list)  # Host names besides the loopback ones
@@ -104,6 +106,7 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
         embeddings=EmbeddingService(segmenter, data_dir / "embeddings" / key, config.memory_embeddings),
         logits_cache=LogitsCache(config.logits_cache),
         jobs=Jobs(config.max_jobs, config.job_time_limit_s),
+        fastsam_proposals=FastSamProposals(config.proposal_model, config.mode) if config.proposal_model else None,
     )
 
     @contextlib.asynccontextmanager

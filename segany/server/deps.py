@@ -31,6 +31,7 @@ class ServerContext:
     embeddings: EmbeddingService
     logits_cache: LogitsCache
     jobs: Jobs
+    fastsam_proposals: Any = None  # FastSamProposals when the server proposes with FastSAM
 
     def image_path(self, image: Dict[str, Any]) -> Path:
         return self.images_dir / image["stored_name"]

@@ -1,6 +1,7 @@
 """Everything-mode proposals for the semi-automatic stage, re-using the image's cached embedding."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -76,3 +77,47 @@ def generate_proposals(
             }
         )
     return out
+
+
+class FastSamProposals:
+    """Proposals from a FastSAM model (one network pass per image) instead of SAM's point grid.
+    The model is loaded on first use; records have the same fields as SAM's (predicted_iou = the
+    detection confidence, point_coords = the box centre)."""
+
+    def __init__(self, checkpoint: Optional[str], mode: str = "exact") -> None:
+        self.checkpoint, self.mode = checkpoint, mode
+        self._runner = None
+        self._lock = threading.Lock()
+
+    def runner(self):
+        with self._lock:
+            if self._runner is None:
+                from ..io.models import load_model
+                from ..modeling.yolov8_seg import YoloV8Seg
+                from ..predict.fastsam import FastSam
+
+                model = load_model(self.checkpoint, mode=self.mode)
+                if not isinstance(model, YoloV8Seg):
+                    raise ValueError(f"proposal model {self.checkpoint} is not a FastSAM model")
+                self._runner = FastSam(model)
+            return self._runner
+
+    def proposals(self, image_path: Path, max_proposals: int) -> List[Dict[str, Any]]:
+        records = self.runner().generate_records(load_image(image_path)).to_annotations("coco_rle")
+        out = []
+        for i, r in enumerate(records[:max_proposals]):
+            seg = r["segmentation"]
+            counts = seg["counts"].decode("ascii") if isinstance(seg["counts"], bytes) else seg["counts"]
+            out.append(
+                {
+                    "index": i,
+                    "segmentation": {"size": [int(v) for v in seg["size"]], "counts": counts},
+                    "area": int(r["area"]),
+                    "bbox": [float(v) for v in r["bbox"]],
+                    "predicted_iou": float(r["predicted_iou"]),
+                    "stability_score": float(r["stability_score"]),
+                    "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
+                    "crop_box": [float(v) for v in r["crop_box"]],
+                }
+            )
+        return out

@@ -75,9 +75,14 @@ async def proposals(image_id: int, body: ProposalsIn, ctx: Ctx, request: Request
     image = ctx.storage.image(image_id)
 
     def work(job):
-        embedding = ctx.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
-        t0 = time.perf_counter()
-        records = generate_proposals(ctx.segmenter, embedding, ctx.image_path(image), body.model_dump(), job)
+        if ctx.fastsam_proposals is not None:  # one FastSAM pass instead of SAM's point grid
+            t0 = time.perf_counter()
+            records = ctx.fastsam_proposals.proposals(ctx.image_path(image), body.max_proposals)
+            job.check()
+        else:
+            embedding = ctx.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
+            t0 = time.perf_counter()
+            records = generate_proposals(ctx.segmenter, embedding, ctx.image_path(image), body.model_dump(), job)
         records = sorted(records, key=lambda r: -r["predicted_iou"])[: body.max_proposals]
         return {"proposals": records, "seconds": round(time.perf_counter() - t0, 3)}
 
