@@ -154,10 +154,9 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--min-mask-region-area", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--conf", type=click.FloatRange(0, 1), default=None, help="FastSAM: confidence threshold (default 0.4).")
-@click.option("--iou", type=click.FloatRange(0, 1), default=None, help="FastSAM: NMS IoU threshold (default 0.9).")
-@click.option("--imgsz", type=click.IntRange(32, 4096), default=None,
-              help="FastSAM: inference size, longer side (default 1024).")
+@click.option("--conf", type=float, default=None, help="FastSAM: confidence threshold (default 0.4).")
+@click.option("--iou", type=float, default=None, help="FastSAM: NMS IoU threshold (default 0.9).")
+@click.option("--imgsz", type=int, default=None, help="FastSAM: inference size, longer side (default 1024).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in --out even if it holds results of another checkpoint or other settings.")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
