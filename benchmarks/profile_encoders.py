@@ -108,13 +108,18 @@ def profile_segany(model: str, mode: str, weights: Path, reps: int, threads: int
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(reps):
                 encoder(x)
+    ops = {}
     for event in prof.key_averages():
-        kinds[kind_of(event.key, TORCH_KINDS)] += event.self_cpu_time_total / 1e6 / reps
+        seconds = event.self_cpu_time_total / 1e6 / reps
+        kinds[kind_of(event.key, TORCH_KINDS)] += seconds
+        ops[f"{event.key} (x{event.count // reps})"] = seconds
     by_part = defaultdict(float)
     for name, values in parts.items():
         by_part[part_of(name)] += statistics.median(values)
     per_block = {n: statistics.median(v) for n, v in parts.items()}
-    return {"total": statistics.median(totals), "kinds": dict(kinds), "parts": dict(by_part), "modules": per_block}
+    top = dict(sorted(ops.items(), key=lambda kv: -kv[1])[:14])
+    return {"total": statistics.median(totals), "kinds": dict(kinds), "parts": dict(by_part), "ops": top,
+            "modules": per_block}
 
 
 def profile_openvino(model: str, precision: str, encoder: Path, reps: int, threads: int) -> dict:
@@ -155,7 +160,7 @@ def profile_openvino(model: str, precision: str, encoder: Path, reps: int, threa
 
 def show(title: str, res: dict) -> str:
     lines = [f"### {title}: {res['total'] * 1000:.0f} ms per encoder call (median, profiler off)", ""]
-    for key in ("kinds", "parts", "kernels"):
+    for key in ("kinds", "parts", "kernels", "ops"):
         if key not in res:
             continue
         total = sum(res[key].values()) or 1.0
