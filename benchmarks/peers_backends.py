@@ -119,7 +119,7 @@ def prepare(workdir: Path, model: str, seed: int = 0, onnx: bool = True, int8: b
                     # the matrix products (nearly all of the work); quantize_dynamic's ConvInteger route fails
                     # on TinyViT's graph (a convolution weight that is not an initializer)
                     op_types_to_quantize=["MatMul", "Gemm"],
-                    use_external_data_format=paths[name].stat().st_size > 1.5e9,
+                    use_external_data_format=paths["weights"].stat().st_size > 1.5e9 and name == "encoder",
                 )
     return paths
 
@@ -127,20 +127,13 @@ def prepare(workdir: Path, model: str, seed: int = 0, onnx: bool = True, int8: b
 def export_released(sam, model: str, encoder_path: Path, decoder_path: Path) -> None:
     """The released model's image encoder, and the official SamOnnxModel decoder as its export script does it
     (return_single_mask=False: all four masks; dynamic number of points), plus a dynamic prompt batch."""
-    pkg = reference_package(model)
-    big = sum(p.numel() for p in sam.image_encoder.parameters()) * 4 > 1.8e9
     with torch.no_grad():
+        # (a graph over 2 GB, vit_h's, is written with its weights in files beside it by the exporter)
         torch.onnx.export(
             sam.image_encoder, (torch.zeros(1, 3, 1024, 1024),), str(encoder_path),
             input_names=["image"], output_names=["image_embeddings"], opset_version=17,
             do_constant_folding=True, dynamo=False,
         )
-        if big:  # a graph over 2 GB: the weights beside it, as ONNX requires
-            import onnx
-
-            graph = onnx.load(str(encoder_path))
-            onnx.save_model(graph, str(encoder_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=encoder_path.name + ".data")
         onnx_model = released_module(model, "utils.onnx").SamOnnxModel(sam, return_single_mask=False)
         embed_dim = sam.prompt_encoder.embed_dim
         h, w = sam.prompt_encoder.image_embedding_size
