@@ -5,7 +5,8 @@
 
 Both generators get the same seeded random weights (the reference model's state dict is loaded into
 segany's) and the released default settings unless --permissive lowers the thresholds (random weights
-predict low IoUs, so with the released thresholds few or no masks survive). Prints a markdown table:
+predict low IoUs, so with the released thresholds few or no masks survive and almost nothing is upscaled:
+a best case; with --permissive every output passes the IoU filter and is upscaled: the worst case). Prints a markdown table:
 time of each, ratio, mask counts and how well the masks agree (each segany mask's best IoU with a
 reference mask). The reference runs through ../shared/tools/refshim (no torchvision).
 """
@@ -118,6 +119,10 @@ def main() -> None:
     print(f"model {args.model} (random weights, seed {args.seed}), image {args.image.name} {w}x{h}, "
           f"{args.points_per_side}x{args.points_per_side} grid, {'permissive' if args.permissive else 'released'} "
           f"thresholds, segany mode {args.mode}, torch threads {torch.get_num_threads()}")
+    print("permissive: every output passes the IoU filter and is upscaled to full size (the worst case); "
+          if args.permissive else
+          "released thresholds: random weights' outputs do not pass them, so few or no masks are upscaled "
+          "(a best case that real weights do not reach; --permissive for the every-output-upscaled row)")
     print()
     print("| crop_n_layers | reference (s) | segany (s) | speed-up | masks ref | masks segany | mask agreement (best IoU) |")
     print("|---|---|---|---|---|---|---|")

@@ -6,7 +6,12 @@
 
 Rows: `encoder` (set_image on a 854x480 DAVIS frame: resize, normalise, encoder), `decode1` (one point,
 multimask, masks at the original size), `decode64` (64 one-point prompts through predict_torch, per
-prompt), `everything` (SamAutomaticMaskGenerator.generate, released defaults, 32x32 grid; --everything).
+prompt), `everything` (SamAutomaticMaskGenerator.generate, released defaults, 32x32 grid; --everything) and
+`everything-upscaled` (the same with pred_iou_thresh 0, stability_score_thresh 0.5, offset 0.05; --everything).
+With random weights no output passes the released IoU threshold, so the `everything` row upscales no mask
+(a best case that real weights do not reach); in `everything-upscaled` every output passes the IoU filter
+and is upscaled to full size (the worst case). Real weights fall in between; each row reports how many
+masks survive.
 Each figure is the median of --reps samples (a decode1 sample: the mean of 10 consecutive calls);
 reference, exact and fast samples are interleaved so that load from other processes hits them alike.
 segany's first decode of an image also prepares the decoder's image side (kept with the embedding). Agreement of fast with exact: relative L2 error of logits (and
@@ -35,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 REFSHIM = SHARED / "tools" / "refshim"
 IMAGE = SHARED / "datasets" / "davis345" / "images" / "000.jpg"
-ROWS = ("encoder", "decode1", "decode64", "everything")
+ROWS = ("encoder", "decode1", "decode64", "everything", "everything-upscaled")
+# Thresholds under which every random-weight output passes the IoU filter (and is upscaled): see the docstring.
+UPSCALE_ALL = dict(pred_iou_thresh=0.0, stability_score_thresh=0.5, stability_score_offset=0.05)
 # A decode1 sample is the mean of this many consecutive calls (a burst of clicks): one call of about
 # 10-50 ms measured alone swung by 30% from sample to sample here; the reference gets the same treatment.
 CALLS_PER_SAMPLE = {"decode1": 10}
@@ -150,13 +157,16 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray, device: torch.dev
         result["agreement"]["decode fast rel L2"] = rel_l2(low["exact"], low["fast"])
         result["agreement"]["decode fast mask IoU"] = mask_iou(low["exact"], low["fast"])
 
-        if "everything" in rows:
+        for row in ("everything", "everything-upscaled"):
+            if row not in rows:
+                continue
             from segany.predict.amg import SamAutomaticMaskGenerator
 
+            settings = UPSCALE_ALL if row == "everything-upscaled" else {}
             generators = {
-                "reference": ref_pkg.SamAutomaticMaskGenerator(ref_model),
-                "exact": SamAutomaticMaskGenerator(exact),
-                "fast": SamAutomaticMaskGenerator(fast),
+                "reference": ref_pkg.SamAutomaticMaskGenerator(ref_model, **settings),
+                "exact": SamAutomaticMaskGenerator(exact, **settings),
+                "fast": SamAutomaticMaskGenerator(fast, **settings),
             }
             counts = {}
             times = {}
@@ -168,10 +178,10 @@ def bench_model(name: str, rows, reps: int, image: np.ndarray, device: torch.dev
                     synchronize(device)
                     times[key] = time.perf_counter() - start
             except Exception as err:  # report the other rows even if the generator fails
-                result["agreement"]["everything"] = f"failed: {type(err).__name__}: {err}"
+                result["agreement"][row] = f"failed: {type(err).__name__}: {err}"
             else:
-                result["times"]["everything"] = times
-                result["agreement"]["everything masks ref/exact/fast"] = "/".join(str(counts[k]) for k in generators)
+                result["times"][row] = times
+                result["agreement"][f"{row} masks ref/exact/fast"] = "/".join(str(counts[k]) for k in generators)
     return result
 
 
@@ -231,7 +241,11 @@ def table(results) -> str:
     ]
     for res in results:
         for row, t in res["times"].items():
-            label = "decode64 (per prompt)" if row == "decode64" else row
+            label = {
+                "decode64": "decode64 (per prompt)",
+                "everything": "everything (released thresholds; random weights: nothing passes, nothing upscaled)",
+                "everything-upscaled": "everything (every output upscaled)",
+            }.get(row, row)
             lines.append(
                 f"| {res['model']} | {label} | {fmt_time(t['reference'])} | {fmt_time(t['exact'])} | "
                 f"{fmt_time(t['fast'])} | {t['reference'] / t['exact']:.2f}x | {t['reference'] / t['fast']:.2f}x |"
@@ -248,7 +262,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="vit_b,vit_t,vit_h", help="comma-separated: vit_b, vit_l, vit_h, vit_t")
     parser.add_argument("--rows", default="encoder,decode1,decode64", help=f"comma-separated of {', '.join(ROWS)}")
-    parser.add_argument("--everything", action="store_true", help="add the everything-mode row (vit_b only)")
+    parser.add_argument("--everything", action="store_true",
+                        help="add the everything-mode rows, released and every-output-upscaled thresholds (vit_b only)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", action="store_true", help="also measure peak RSS of a vit_h embedding")
@@ -266,7 +281,8 @@ def main() -> None:
     image = load_image()
     results = []
     for name in [m for m in args.models.split(",") if m]:
-        model_rows = rows + (["everything"] if args.everything and name == "vit_b" else [])
+        extra = ["everything", "everything-upscaled"] if args.everything and name == "vit_b" else []
+        model_rows = rows + [r for r in extra if r not in rows]
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         results.append(bench_model(name, model_rows, args.reps, image, device))
         print(table(results[-1:]), file=sys.stderr, flush=True)
