@@ -12,6 +12,15 @@ from .segmenter import ImageEmbedding, Prompt, Segmenter
 
 
 class SamPredictor:
+    def __new__(cls, sam_model: torch.nn.Module = None, *args: Any, **kwargs: Any):
+        from ..modeling.semantic_sam import SemanticSam
+
+        if cls is SamPredictor and isinstance(sam_model, SemanticSam):  # six granularities per click
+            from .semantic_sam_predictor import SemanticSamPredictor
+
+            return SemanticSamPredictor(sam_model)
+        return super().__new__(cls)
+
     def __init__(self, sam_model: torch.nn.Module) -> None:
         self.model = sam_model
         self.segmenter = Segmenter(sam_model)
