@@ -164,3 +164,43 @@ def test_bad_input_one_clear_message(model):
     with pytest.raises(ValueError, match="one click"):
         p.predict(point_coords=[[1, 2], [3, 4]])
     assert isinstance(segany.SamPredictor(model), type(p))
+
+
+def amg_cases(default=("ssam_mini__synthetic_shapes_512x384__amg_level3_nonms.json",)):
+    if not (FIXTURES / "manifest.json").is_file():
+        return []
+    out = []
+    for c in manifest()["cases"]:
+        if c.get("kind") == "click":
+            continue
+        marks = [] if c["file"] in default else [pytest.mark.heavy]
+        out.append(pytest.param(c, marks=marks, id=Path(c["file"]).stem))
+    return out
+
+
+@needs_fixtures
+@pytest.mark.parametrize("case", amg_cases())
+def test_automatic_generation_gives_the_reference_records(model, case):
+    from segany.io import rle as rle_io
+    from segany.predict.semantic_sam_amg import SemanticSamAutomaticMaskGenerator
+
+    ref = json.loads((FIXTURES / case["file"]).read_text())
+    params = dict(ref["params"])
+    levels = params.pop("level")
+    image = np.load(FIXTURES / f"ssam_mini__{case['image']}__input.npz")["image_resized"]
+    gen = SemanticSamAutomaticMaskGenerator(model, level=levels, **params)
+    got = gen.generate(image)
+    want = ref["annotations"]
+    assert len(got) == len(want)
+    h, w = image.shape[:2]
+    for ours, theirs in zip(got, want):
+        assert ours["segmentation"]["size"] == theirs["segmentation"]["size"] == [h, w]
+        np.testing.assert_allclose(np.array(ours["point_coords"][0]) / [w, h], theirs["point_coords"][0][:2], atol=1e-6)
+        np.testing.assert_allclose(ours["bbox"], theirs["bbox"], atol=1)
+        a = rle_io.decode(ours["segmentation"])
+        b = rle_io.decode(theirs["segmentation"])
+        assert (a & b).sum() / max((a | b).sum(), 1) >= 0.999
+        assert abs(ours["area"] - theirs["area"]) <= 1e-3 * theirs["area"] + 1
+        assert ours["predicted_iou"] == pytest.approx(theirs["predicted_iou"], abs=1e-4)
+        assert ours["stability_score"] == pytest.approx(theirs["stability_score"], abs=1e-3)
+        assert ours["crop_box"] == theirs["crop_box"]
