@@ -99,8 +99,11 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=float)
 @click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=int)
 @click.option("--min-mask-region-area", default=0, show_default=True, type=int)
+@click.option("--level", "levels", metavar="L[,L...]",
+              help="Semantic-SAM only: granularity level(s) 1 (coarsest) .. 6 (finest), e.g. 3 or 1,3,6 (default: all six).")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
-               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, **generator_options) -> None:
+               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float,
+               levels: Optional[str] = None, **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
     \b
@@ -108,11 +111,15 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
       segany everything photo.jpg --checkpoint vit_b --out masks/
       segany everything photos/ --checkpoint sam_vit_b.pth --out masks/ --format coco --viz
       segany everything list.txt -c vit_b -o masks/ --crop-n-layers 1 --min-mask-region-area 100
+      segany everything photo.jpg -c semantic-sam-t --level 3 -o masks/
     """
     from tqdm import tqdm
 
     from ..predict.amg import AmgSettings
 
+    from ..predict.semantic_sam_amg import check_levels, semantic_sam_defaults_for
+
+    level_list = check_levels([t for t in levels.split(",")]) if levels is not None else None
     settings = AmgSettings(**generator_options, output_mode="uncompressed_rle").validate()
     images = collect_images(paths, recursive)
     names = output_names(images)
@@ -128,7 +135,8 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
         from ..predict.amg import MaskGenerator
 
         model = segany.load_model(checkpoint, mode="fast" if fast else "exact", device=device)
-        generator = MaskGenerator(model, settings)
+        source = semantic_sam_defaults_for(model, level_list, settings, click.get_current_context())
+        generator = MaskGenerator(source or model, settings)
         with tqdm(todo, unit="img", desc="everything", dynamic_ncols=True) as bar:
             for image_path, name in bar:
                 try:

@@ -106,3 +106,21 @@ class SemanticSamAutomaticMaskGenerator:
 
     def generate(self, image: Any) -> List[Dict[str, Any]]:
         return self.generator.generate(image)
+
+
+# Settings in which the released Semantic-SAM generator's defaults differ from SAM's.
+SEMANTIC_SAM_DEFAULTS = {"points_per_batch": 200, "stability_score_thresh": 0.92, "min_mask_region_area": 10}
+
+
+def semantic_sam_defaults_for(model: Any, levels: Optional[Sequence[int]], settings: AmgSettings, ctx: Any = None):
+    """For the CLI: a SemanticSamMaskSource when `model` is Semantic-SAM (settings the user left at
+    SAM's defaults take the Semantic-SAM release's), else None; levels without Semantic-SAM are an error."""
+    if not isinstance(model, SemanticSam):
+        if levels is not None:
+            raise ValueError("--level needs a Semantic-SAM checkpoint (e.g. -c semantic-sam-t)")
+        return None
+    for name, value in SEMANTIC_SAM_DEFAULTS.items():
+        source = ctx.get_parameter_source(name) if ctx is not None else None
+        if source is None or source.name == "DEFAULT":
+            setattr(settings, name, value)
+    return SemanticSamMaskSource(model, levels if levels is not None else (1, 2, 3, 4, 5, 6))

@@ -26,7 +26,9 @@ from .inputs import load_image
 
 
 def check_level(level: Any) -> int:
-    """A granularity level 1..6, or a ValueError saying so."""
+    """A granularity level 1..6 (an int, or its digits as text), or a ValueError saying so."""
+    if isinstance(level, str) and level.strip().isdigit():
+        level = int(level.strip())
     try:
         value = int(level)
         ok = value == level and not isinstance(level, bool)
@@ -68,7 +70,7 @@ class SemanticSamImage:
 def embed_image(model: SemanticSam, image: Any) -> SemanticSamImage:
     array = load_image(image)
     resized = resize_short_edge(array, model.cfg.short_edge)
-    tensor = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
     with torch.no_grad():
         features = model.image_features(tensor.to(model.pixel_mean.device))
     return SemanticSamImage(features, (array.shape[0], array.shape[1]), (resized.shape[0], resized.shape[1]))
@@ -157,6 +159,7 @@ class SemanticSamPredictor:
 
     def reset_image(self) -> None:
         self._image: Optional[SemanticSamImage] = None
+        self.last_levels: List[int] = []
 
     @property
     def is_image_set(self) -> bool:
@@ -223,6 +226,7 @@ class SemanticSamPredictor:
         if granularity is None:
             picked = list(range(len(LEVELS))) if multimask_output else [int(torch.argmax(scores))]
         lowres, scores = lowres[picked], scores[picked]
+        self.last_levels = [LEVELS[i] for i in picked]  # the level of each returned mask
         full = upscale_logits(self.model, lowres, self.image)
         masks = full if return_logits else full > self.mask_threshold
         return masks.cpu().numpy(), scores.cpu().numpy(), lowres.cpu().numpy()
