@@ -223,3 +223,17 @@ def test_cli_segment_and_everything_at_a_level(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr
     doc = json.loads((tmp_path / "e" / "im.json").read_text())
     assert doc["annotations"] and all(a["segmentation"]["size"] == [48, 64] for a in doc["annotations"])
+
+
+def test_engine_decode_equals_the_model(tiny_checkpoint):
+    from segany.engine import semantic_sam as engine
+
+    _, model = tiny_checkpoint
+    image = torch.randint(0, 256, (3, 200, 330), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    points = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.99, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        features = model.image_features(image)
+        plain = model.decode(features, points)
+        fast = engine.decode(model, engine.image_values(model, features), points)
+    for a, b in zip(plain, fast):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -53,7 +53,7 @@ class SemanticSamMaskSource:
         """(N, 2) pixels of the crop -> low-res logits (N, L, Hp/4, Wp/4), raw scores (N, L)."""
         h, w = self._image.original_size
         rel = torch.as_tensor(np.asarray(points, dtype=np.float64) / np.array([w, h], dtype=np.float64))
-        out = self.model.decode(self._image.features, rel)
+        out = self._image.decode(self.model, rel)
         n, t = out.ious.shape[1:]
         masks = out.masks[0].view(n, t, *out.masks.shape[-2:])
         return masks[:, self.tokens], out.ious[0][:, self.tokens]

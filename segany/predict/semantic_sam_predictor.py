@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine import semantic_sam as engine
 from ..modeling.semantic_sam import LEVEL_TO_TOKEN, LEVELS, ImageFeatures, SemanticSam
+from ..modeling.semantic_sam.decoder import DecoderOutput
 from . import mask_ops
 from .inputs import load_image
 
@@ -65,6 +67,11 @@ class SemanticSamImage:
     features: ImageFeatures
     original_size: Tuple[int, int]  # (H, W) of the image given
     input_size: Tuple[int, int]  # (H', W') of the model frame (short edge 640)
+    values: engine.ImageValues  # the decoder's click-independent share (segany.engine.semantic_sam)
+
+    def decode(self, model: SemanticSam, points: torch.Tensor) -> DecoderOutput:
+        """model.decode(features, points), computed with the cached values."""
+        return engine.decode(model, self.values, points)
 
 
 def embed_image(model: SemanticSam, image: Any) -> SemanticSamImage:
@@ -73,7 +80,8 @@ def embed_image(model: SemanticSam, image: Any) -> SemanticSamImage:
     tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
     with torch.no_grad():
         features = model.image_features(tensor.to(model.pixel_mean.device))
-    return SemanticSamImage(features, (array.shape[0], array.shape[1]), (resized.shape[0], resized.shape[1]))
+    return SemanticSamImage(features, (array.shape[0], array.shape[1]), (resized.shape[0], resized.shape[1]),
+                            engine.image_values(model, features))
 
 
 def upscale_logits(model: SemanticSam, lowres: torch.Tensor, embedded: SemanticSamImage) -> torch.Tensor:
@@ -199,7 +207,7 @@ class SemanticSamPredictor:
     @torch.no_grad()
     def predict_logits(self, point_coords: Any, point_labels: Any = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Low-res logits (6, Hp/4, Wp/4) and raw scores (6,), in level order 1..6."""
-        out = self.model.decode(self.image.features, self._click(point_coords, point_labels))
+        out = self.image.decode(self.model, self._click(point_coords, point_labels))
         tokens = torch.tensor([LEVEL_TO_TOKEN[level] for level in LEVELS])
         return out.masks[0][tokens], out.ious[0, 0][tokens]
 

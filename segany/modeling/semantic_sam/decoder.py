@@ -136,13 +136,23 @@ class InteractiveDecoder(nn.Module):
     def forward(
         self, multi_scale: Sequence[torch.Tensor], mask_features: torch.Tensor, boxes: torch.Tensor, is_box: torch.Tensor
     ) -> DecoderOutput:
-        """multi_scale: pixel-decoder levels at strides 8, 16, 32, 64; the decoder reads them coarsest first."""
-        levels = list(multi_scale)[::-1]
-        shapes = [tuple(x.shape[-2:]) for x in levels]
-        memory = torch.cat([x.flatten(2).transpose(1, 2) for x in levels], 1)  # B, S, C
+        """multi_scale: pixel-decoder levels at strides 8, 16, 32, 64."""
+        memory, shapes = self.flatten_levels(multi_scale)
         tgt, boxes_unsig = self.queries(boxes, is_box)
         outputs, layer_boxes = self.decoder(tgt, boxes_unsig, memory, shapes)
-        b, n, t = boxes.shape[0], boxes.shape[1], self.cfg.num_mask_tokens
+        return self.heads(outputs, layer_boxes, mask_features, boxes.shape[1])
+
+    @staticmethod
+    def flatten_levels(multi_scale: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+        """The decoder reads the levels coarsest first: -> memory (B, S, C), [(H, W), ...]."""
+        levels = list(multi_scale)[::-1]
+        shapes = [tuple(x.shape[-2:]) for x in levels]
+        return torch.cat([x.flatten(2).transpose(1, 2) for x in levels], 1), shapes
+
+    def heads(self, outputs: Sequence[torch.Tensor], layer_boxes: Sequence[torch.Tensor], mask_features: torch.Tensor,
+              n: int) -> DecoderOutput:
+        """Masks, IoU scores and refined boxes from every layer's output, for n prompts."""
+        b, t = outputs[-1].shape[0], self.cfg.num_mask_tokens
         ious, refined = [], []
         for out, box_in in zip(outputs, layer_boxes):
             q = self.decoder_norm(out)  # normalised a second time, as released

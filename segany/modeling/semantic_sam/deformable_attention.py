@@ -51,9 +51,15 @@ class MSDeformAttn(nn.Module):
     ) -> torch.Tensor:
         """query: (B, Q, C); reference: (B, Q, L, 2) points or (B, Q, L, 4) boxes (cx, cy, w, h), in [0, 1];
         source: (B, S, C) the flattened levels of `shapes` [(H, W), ...] -> (B, Q, C)."""
+        value = self.value_proj(source).view(source.shape[0], source.shape[1], self.n_heads, -1)
+        return self.attend(query, reference, value, shapes)
+
+    def attend(
+        self, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor, shapes: Sequence[Tuple[int, int]]
+    ) -> torch.Tensor:
+        """The attention given the projected per-head values (B, S, M, D) of the source."""
         b, q, _ = query.shape
         m, lv, p = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(source).view(b, source.shape[1], m, -1)
         offsets = self.sampling_offsets(query).view(b, q, m, lv, p, 2)
         weights = self.attention_weights(query).view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
         if reference.shape[-1] == 2:

@@ -1,0 +1,1 @@
+"""The inference engine: speed paths for the model definitions in segany.modeling."""
