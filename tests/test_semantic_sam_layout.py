@@ -3,8 +3,6 @@ refused with one clear message; the deformable attention against a direct per-po
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ from segany.modeling.semantic_sam import (
 from segany.modeling.semantic_sam.deformable_attention import MSDeformAttn
 from segany.modeling.semantic_sam.swin import relative_position_index
 
-from .conftest import ROOT, SHARED
+from .conftest import SHARED
 
 FIXTURES = SHARED / "fixtures" / "semantic_sam"
 
@@ -186,12 +184,20 @@ def test_inferred_config_and_predictor_on_another_model(tiny_checkpoint):
     assert 1 <= len(filtered.levels) <= 6 and filtered.masks.shape[1:] == (300, 420)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "segany.cli.main", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+def run_cli(capsys, *args):
+    """The CLI in this process: (exit code, stderr)."""
+    from segany.cli.main import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    return code, capsys.readouterr().err
 
 
-def test_cli_bad_levels_and_clicks_are_one_line_exit_2(tiny_checkpoint, tmp_path):
+def test_cli_bad_levels_and_clicks_are_one_line_exit_2(tiny_checkpoint, tmp_path, capsys):
     from PIL import Image
 
     path, _ = tiny_checkpoint
@@ -202,25 +208,25 @@ def test_cli_bad_levels_and_clicks_are_one_line_exit_2(tiny_checkpoint, tmp_path
         (("segment", image, "-c", path, "--point", "100,10", "-g", "2", "-o", tmp_path / "o"), "outside"),
         (("everything", image, "-c", path, "--level", "0", "-o", tmp_path / "e"), "from 1 to 6"),
     ]:
-        proc = run_cli(*args)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+        code, err = run_cli(capsys, *args)
+        assert code == 2, err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], err
 
 
-def test_cli_segment_and_everything_at_a_level(tiny_checkpoint, tmp_path):
+def test_cli_segment_and_everything_at_a_level(tiny_checkpoint, tmp_path, capsys):
     from PIL import Image
 
     path, _ = tiny_checkpoint
     image = tmp_path / "im.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(image)
-    proc = run_cli("segment", image, "-c", path, "--point", "20,20", "--granularity", "3", "-o", tmp_path / "s")
-    assert proc.returncode == 0, proc.stderr
+    code, err = run_cli(capsys, "segment", image, "-c", path, "--point", "20,20", "--granularity", "3", "-o", tmp_path / "s")
+    assert code == 0, err
     result = json.loads((tmp_path / "s" / "result.json").read_text())
     assert [m["level"] for m in result["masks"]] == [3]
-    proc = run_cli("everything", image, "-c", path, "--level", "3", "--points-per-side", "4",
-                   "--pred-iou-thresh", "-100", "--stability-score-thresh", "0", "-o", tmp_path / "e")
-    assert proc.returncode == 0, proc.stderr
+    code, err = run_cli(capsys, "everything", image, "-c", path, "--level", "3", "--points-per-side", "4",
+                        "--pred-iou-thresh", "-100", "--stability-score-thresh", "0", "-o", tmp_path / "e")
+    assert code == 0, err
     doc = json.loads((tmp_path / "e" / "im.json").read_text())
     assert doc["annotations"] and all(a["segmentation"]["size"] == [48, 64] for a in doc["annotations"])
 
@@ -237,3 +243,22 @@ def test_engine_decode_equals_the_model(tiny_checkpoint):
         fast = engine.decode(model, engine.image_values(model, features), points)
     for a, b in zip(plain, fast):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_size_in_a_name():
+    from segany.io.semantic_sam import expected_size
+
+    assert expected_size("semantic-sam-t") == "t" and expected_size("semantic_sam_l") == "l"
+    assert expected_size("/x/swinl_only_sam_many2many.pth") == "l" and expected_size("semantic-sam-t.pth") == "t"
+    assert expected_size("semantic_sam_mini_seed0.pth") is None and expected_size("semantic_sam_tiny.pth") is None
+
+
+def test_sam_style_generators_take_semantic_sam(tiny_checkpoint):
+    import segany
+    from segany.predict.semantic_sam_amg import SemanticSamMaskSource
+
+    _, model = tiny_checkpoint
+    gen = segany.SamAutomaticMaskGenerator(model, points_per_side=2, pred_iou_thresh=-100, stability_score_thresh=0)
+    assert isinstance(gen.generator.source, SemanticSamMaskSource) and gen.generator.source.levels == [1, 2, 3, 4, 5, 6]
+    records = gen.generate(np.zeros((30, 40, 3), np.uint8) + 100)
+    assert all(r["segmentation"].shape == (30, 40) for r in records)

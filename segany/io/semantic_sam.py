@@ -25,7 +25,7 @@ PathLike = Union[str, os.PathLike]
 PREFIX = "model."
 SIZE_NAMES = {"t": "Swin-T", "l": "Swin-L"}
 # A zoo name or released file name says which size it must be.
-_SIZE_IN_NAME = re.compile(r"(?:semantic[-_]sam[-_]|^swin)([tl])(?:$|_)", re.IGNORECASE)
+_SIZE_IN_NAME = re.compile(r"(?:semantic[-_]sam[-_]|^swin)([tl])(?:$|[_.])", re.IGNORECASE)
 
 
 def strip_prefix(sd: StateDict) -> StateDict:
@@ -80,11 +80,19 @@ def semantic_sam_from_state_dict(
     if size is not None and cfg.size_name != size:
         found = SIZE_NAMES.get(cfg.size_name, f"a Swin of embed {cfg.swin.embed_dim}, depths {list(cfg.swin.depths)}")
         raise CheckpointError(f"{source} holds Semantic-SAM {found}, not {SIZE_NAMES[size]} as its name says")
-    model = SemanticSam(cfg)
+    # Built without initialising its weights (every one is replaced), then given the checkpoint's tensors.
+    with torch.device("meta"):
+        model = SemanticSam(cfg)
     check_state_dict(model, sd, source)
     _check_aliases(model, sd, source)
     _check_index_buffers(sd, source)
-    model.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}, strict=True)
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(-1, 1, 1), persistent=False)
+    model.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(-1, 1, 1), persistent=False)
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"{source}: {left[0]!r} was not loaded")
     return model.eval()
 
 

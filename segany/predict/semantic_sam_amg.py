@@ -124,3 +124,8 @@ def semantic_sam_defaults_for(model: Any, levels: Optional[Sequence[int]], setti
         if source is None or source.name == "DEFAULT":
             setattr(settings, name, value)
     return SemanticSamMaskSource(model, levels if levels is not None else (1, 2, 3, 4, 5, 6))
+
+
+def as_mask_source(model: Any) -> Optional[SemanticSamMaskSource]:
+    """A SemanticSamMaskSource at all six levels for a Semantic-SAM model, else None."""
+    return SemanticSamMaskSource(model) if isinstance(model, SemanticSam) else None
