@@ -151,7 +151,7 @@ class SwinStage(nn.Module):
     def forward(self, x: torch.Tensor, h: int, wd: int) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
         """-> (stage output, input of the next stage, its height, its width)."""
         w = self.window_size
-        mask = shift_mask(-(-h // w) * w, -(-wd // w) * w, w, self.shift).to(x.dtype)
+        mask = shift_mask(-(-h // w) * w, -(-wd // w) * w, w, self.shift).to(device=x.device, dtype=x.dtype)
         for block in self.blocks:
             x = block(x, h, wd, mask)
         if self.downsample is None:
