@@ -30,16 +30,11 @@ def released_state_dict(name: str) -> dict:
     sd = {}
     for key, shape, dtype in json.loads(path.read_text()):
         if key.endswith("relative_position_index"):
-            sd[key] = relative_position_index((_window(shape[0]) + 1) // 2)
+            sd[key] = relative_position_index(int(round(shape[0] ** 0.5)))  # (w*w, w*w)
         else:
             sd[key] = torch.randn(shape, generator=g, dtype=getattr(torch, dtype)) * 0.02
     _tie_aliases(sd)
     return {"model": sd, "iteration": 1}
-
-
-def _window(n_tokens: int) -> int:
-    """2w - 1 for a w x w window of w*w tokens: sqrt(tokens) = w, so 2w - 1."""
-    return 2 * int(round(n_tokens ** 0.5)) - 1
 
 
 def _tie_aliases(sd: dict) -> None:

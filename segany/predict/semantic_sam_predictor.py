@@ -153,6 +153,8 @@ class SemanticSamPredictor:
     mask_threshold = 0.0
 
     def __init__(self, model: SemanticSam) -> None:
+        if model.num_levels != len(LEVELS):
+            raise ValueError(f"this model has {model.num_levels} granularity tokens; the levels 1..6 need 6")
         self.model = model
         self.reset_image()
 
