@@ -157,11 +157,14 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--conf", type=float, default=None, help="FastSAM: confidence threshold (default 0.4).")
 @click.option("--iou", type=float, default=None, help="FastSAM: NMS IoU threshold (default 0.9).")
 @click.option("--imgsz", type=int, default=None, help="FastSAM: inference size, longer side (default 1024).")
+@click.option("--level", "levels", metavar="L[,L...]",
+              help="Semantic-SAM only: granularity level(s) 1 (coarsest) .. 6 (finest), e.g. 3 or 1,3,6 (default: all six).")
 @click.option("--overwrite", is_flag=True,
               help="Start over in --out even if it holds results of another checkpoint or other settings.")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
                fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, overwrite: bool,
-               conf: Optional[float], iou: Optional[float], imgsz: Optional[int], **generator_options) -> None:
+               conf: Optional[float], iou: Optional[float], imgsz: Optional[int], levels: Optional[str] = None,
+               **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
     \b
@@ -170,6 +173,7 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
       segany everything photos/ --checkpoint sam_vit_b.pth --out masks/ --format coco --viz
       segany everything list.txt -c vit_b -o masks/ --crop-n-layers 1 --min-mask-region-area 100
       segany everything photos/ -c fastsam-s -o masks/ --conf 0.4 --iou 0.9 --imgsz 1024
+      segany everything photo.jpg -c semantic-sam-t --level 3 -o masks/
     """
     from tqdm import tqdm
 
@@ -178,6 +182,9 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
     from ..io.zoo import sha256_of
     from ..predict.amg import AmgSettings
 
+    from ..predict.semantic_sam_amg import check_levels, semantic_sam_defaults_for
+
+    level_list = check_levels([t for t in levels.split(",")]) if levels is not None else None
     settings = AmgSettings(**generator_options, output_mode="uncompressed_rle").validate()
     check_device(device)
     fastsam_options = {k: v for k, v in (("conf", conf), ("iou", iou), ("imgsz", imgsz)) if v is not None}
@@ -198,6 +205,8 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
         run_key.update(polygons=polygons, tolerance=tolerance)
     if fastsam_options:
         run_key.update(fastsam=fastsam_options)
+    if level_list is not None:
+        run_key.update(levels=list(level_list))
     check_run_log(out, run_key, names, fmt, overwrite)
     todo = [(img, name, file_name, image_id) for img, name, file_name, image_id in zip(images, names, file_names, ids)
             if overwrite or not _is_done(_output_path(out, name, fmt), fmt)]
@@ -215,11 +224,14 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
         if isinstance(model, YoloV8Seg):  # FastSAM: one network pass gives every mask
             from ..predict.fastsam import FastSam, FastSamSettings
 
+            if level_list is not None:
+                raise ValueError("--level needs a Semantic-SAM checkpoint (e.g. -c semantic-sam-t)")
             generator = FastSam(model, FastSamSettings(**fastsam_options))
         elif fastsam_options:
             raise ValueError("--conf, --iou and --imgsz apply to FastSAM models only")
         else:
-            generator = MaskGenerator(model, settings)
+            source = semantic_sam_defaults_for(model, level_list, settings, click.get_current_context())
+            generator = MaskGenerator(source or model, settings)
         with tqdm(todo, unit="img", desc="everything", dynamic_ncols=True) as bar:
             for image_path, name, file_name, image_id in bar:
                 try:

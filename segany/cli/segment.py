@@ -103,6 +103,10 @@ Examples:
 )
 @click.option("--fast", is_flag=True, help="Use the fast CPU mode of the model (slightly different numbers, much quicker).")
 @click.option("--cutout", is_flag=True, help="Also write cutout_*.png: the object on a transparent background.")
+@click.option(
+    "-g", "--granularity", metavar="1..6",
+    help="Semantic-SAM only: one granularity level, 1 (coarsest) to 6 (finest). Without it, --multimask gives all six.",
+)
 @click.option("--device", default="cpu", show_default=True, help="Torch device to run on, e.g. cpu or cuda.")
 def segment(
     image: Path,
@@ -115,6 +119,7 @@ def segment(
     fast: bool,
     cutout: bool,
     device: str,
+    granularity: Optional[str] = None,
 ) -> None:
     """Segment the object at the given clicks and/or box in IMAGE.
 
@@ -127,11 +132,13 @@ def segment(
     from ..io.viz import cutout_rgba, draw_prompts, overlay_masks, save_png
     from ..predict import SamPredictor
     from ..predict.inputs import check_boxes, check_points, load_image
+    from ..predict.semantic_sam_predictor import SemanticSamPredictor, check_level
 
     # Everything about the input is checked before the (slow) model load.
     parsed_points = [parse_point(p) for p in points]
     parsed_box = parse_box(box) if box else None
     low_res_in = read_mask_input(mask_input) if mask_input is not None else None
+    level = check_level(granularity) if granularity is not None else None
     if not parsed_points and parsed_box is None and low_res_in is None:
         raise ValueError("give at least one prompt: --point X,Y, --box X0,Y0,X1,Y1 or --mask-input FILE.npy")
     rgb = load_image(image)
@@ -143,6 +150,9 @@ def segment(
 
     model = load_model(checkpoint, mode="fast" if fast else "exact", device=device)
     predictor = SamPredictor(model)
+    semantic = isinstance(predictor, SemanticSamPredictor)
+    if level is not None and not semantic:
+        raise ValueError("--granularity needs a Semantic-SAM checkpoint (e.g. -c semantic-sam-t)")
     predictor.set_image(rgb)
     masks, scores, low_res = predictor.predict(
         point_coords=coords,
@@ -150,7 +160,9 @@ def segment(
         box=None if parsed_box is None else np.array(parsed_box),
         mask_input=low_res_in,
         multimask_output=multimask,
+        **({"granularity": level} if level is not None else {}),
     )
+    levels = predictor.last_levels if semantic else None
     order = np.argsort(-scores, kind="stable")  # best first
     masks, scores = masks[order], scores[order]
     has_logits = low_res is not None  # FastSAM selects among its proposals: no low-res logits
@@ -163,6 +175,8 @@ def segment(
         name = f"mask_{i}.png"
         save_png(out_dir / name, mask)
         entry: Dict[str, Any] = {"file": name, "score": float(scores[i]), "area": int(mask.sum())}
+        if levels is not None:
+            entry["level"] = int(levels[order[i]])
         if cutout:
             entry["cutout"] = f"cutout_{i}.png"
             save_png(out_dir / entry["cutout"], cutout_rgba(rgb, mask))

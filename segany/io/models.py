@@ -13,6 +13,7 @@ from ..modeling import SAM_CONFIGS, SamConfig
 from ..modeling.tiny_vit import mobile_sam_config
 from .checkpoint import build_model, load_checkpoint, model_from_state_dict, read_state_dict
 from .device import check_device
+from .semantic_sam import is_semantic_sam, load_semantic_sam
 
 PathLike = Union[str, os.PathLike]
 
@@ -62,7 +63,11 @@ def load_model(
         model = load_fastsam(path, expect=str(checkpoint).lower()).to(device).eval()
         model.mode = mode
         return model
-    model = load_checkpoint(path, config)
+    sd = read_state_dict(path)
+    if is_semantic_sam(sd):  # its own model class (segany.io.semantic_sam)
+        return load_semantic_sam(sd, path, name=checkpoint, mode=mode, device=device)
+    model = model_from_state_dict(sd, config, source=f"checkpoint {path}")
+    model.checkpoint_path = str(path)
     model = model.to(device).eval()
     model.mode = mode
     return model

@@ -57,6 +57,7 @@ class ModelEntry:
 _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 _ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
+_SSAM = "https://github.com/UX-Decoder/Semantic-SAM/releases/download/checkpoint/"
 
 # Sources: the READMEs of facebookresearch/segment-anything (SAM links, Apache-2.0),
 # ChaoningZhang/MobileSAM (weights/mobile_sam.pt in the repository) and SysCV/sam-hq (the
@@ -98,6 +99,14 @@ KNOWN_MODELS = (
                aliases=("fastsam_x", "fastsam"), description="FastSAM-x: YOLOv8x-seg proposals"),
     ModelEntry("hq_vit_tiny", "sam_hq_vit_tiny.pth", _HQ + "sam_hq_vit_tiny.pth", "HQ-SAM", "Apache-2.0",
                aliases=("light_hq_sam",), description="Light HQ-SAM on MobileSAM's TinyViT"),
+    # Semantic-SAM: the links of the README of UX-Decoder/Semantic-SAM (commit e11f8b5); no size or
+    # SHA-256 is published, so these downloads are unverified. Licence: Apache-2.0 per its pyproject.toml.
+    ModelEntry("semantic-sam-t", "swint_only_sam_many2many.pth", _SSAM + "swint_only_sam_many2many.pth",
+               "Semantic-SAM", "Apache-2.0", aliases=("semantic_sam_t",),
+               description="Semantic-SAM Swin-T (SA-1B, many-to-many): six granularities per click"),
+    ModelEntry("semantic-sam-l", "swinl_only_sam_many2many.pth", _SSAM + "swinl_only_sam_many2many.pth",
+               "Semantic-SAM", "Apache-2.0", aliases=("semantic_sam_l",),
+               description="Semantic-SAM Swin-L (SA-1B, many-to-many): six granularities per click"),
 )
 
 REGISTRY: Dict[str, ModelEntry] = {entry.name: entry for entry in KNOWN_MODELS}

@@ -331,7 +331,9 @@ class MaskGenerator:
         upscale_chunk: int = 16,
     ) -> None:
         if isinstance(source, torch.nn.Module):
-            source = SamMaskSource(source)
+            from .semantic_sam_amg import as_mask_source  # Semantic-SAM: its own source, all six levels
+
+            source = as_mask_source(source) or SamMaskSource(source)
         for name in ("set_crop", "predict", "upscale"):
             if not callable(getattr(source, name, None)):
                 raise ValueError(f"mask source {type(source).__name__} has no {name}() method")

@@ -13,13 +13,18 @@ from .segmenter import ImageEmbedding, Prompt, Segmenter
 
 class SamPredictor:
     def __new__(cls, sam_model: Any = None, *args: Any, **kwargs: Any) -> Any:
-        # A FastSAM model gets its own predictor (same set_image / predict API).
+        # FastSAM and Semantic-SAM models get their own predictors (same set_image / predict API).
+        from ..modeling.semantic_sam import SemanticSam
         from ..modeling.yolov8_seg import YoloV8Seg
 
         if cls is SamPredictor and isinstance(sam_model, YoloV8Seg):
             from .fastsam_predictor import FastSamPredictor
 
             return FastSamPredictor(sam_model, *args, **kwargs)
+        if cls is SamPredictor and isinstance(sam_model, SemanticSam):  # six granularities per click
+            from .semantic_sam_predictor import SemanticSamPredictor
+
+            return SemanticSamPredictor(sam_model)
         return super().__new__(cls)
 
     def __init__(self, sam_model: torch.nn.Module) -> None:
