@@ -220,7 +220,7 @@ def test_cli_segment_and_everything_at_a_level(tiny_checkpoint, tmp_path, capsys
     result = json.loads((tmp_path / "s" / "result.json").read_text())
     assert [m["level"] for m in result["masks"]] == [3]
     code, err = run_cli(capsys, "everything", image, "-c", path, "--level", "3", "--points-per-side", "4",
-                        "--pred-iou-thresh", "-100", "--stability-score-thresh", "0", "-o", tmp_path / "e")
+                        "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "-o", tmp_path / "e")
     assert code == 0, err
     doc = json.loads((tmp_path / "e" / "im.json").read_text())
     assert doc["annotations"] and all(a["segmentation"]["size"] == [48, 64] for a in doc["annotations"])
