@@ -28,10 +28,14 @@ def reference_clip():
 
 
 @pytest.fixture(scope="module")
-def ours(reference_clip):
-    sd = reference_clip.state_dict()
-    model = CLIP(config_from_state_dict(sd)).eval()
-    model.load_state_dict(sd, strict=True)
+def ours(reference_clip, tmp_path_factory):
+    """segany.load_model on the reference's weights saved as a plain state dict in OpenAI's key layout."""
+    import segany
+
+    path = tmp_path_factory.mktemp("clip") / "ViT-B-32-random.pt"
+    torch.save(reference_clip.state_dict(), path)
+    model = segany.load_model(path)
+    assert isinstance(model, CLIP)
     return model
 
 

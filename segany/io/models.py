@@ -47,7 +47,7 @@ def load_model(
 ) -> nn.Module:
     """Load a SAM-family model from a checkpoint file or a known model name.
 
-    The architecture (SAM ViT size, MobileSAM, HQ-SAM) is read from the state dict itself.
+    The architecture (SAM ViT size, MobileSAM, HQ-SAM; or a CLIP model) is read from the state dict itself.
     mode="exact" runs in float32 and reproduces the released implementation; mode="fast" runs the image
     encoder and the mask decoder's bulk (upscaling, MLPs) in bfloat16, its few tokens in float32
     (inference only; see segany.modeling.fast).
@@ -55,6 +55,10 @@ def load_model(
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     path = resolve_checkpoint(checkpoint)
+    from .clip import load_clip, looks_like_clip  # CLIP (text prompts): OpenAI's archives, open_clip's files
+
+    if config is None and looks_like_clip(path):
+        return load_clip(path, mode, device)
     model = load_checkpoint(path, config)
     model = model.to(device).eval()
     if mode == "fast":
