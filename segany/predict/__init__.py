@@ -2,6 +2,7 @@
 from .amg import AmgSettings, MaskGenerator, MaskSource, SamAutomaticMaskGenerator, SamMaskSource
 from .predictor import SamPredictor
 from .segmenter import ImageEmbedding, Prediction, Prompt, Segmenter
+from .text_select import ClipScorer, TextMatch, select_by_text
 from .transforms import ResizeLongestSide
 
 __all__ = [
@@ -10,4 +11,5 @@ __all__ = [
     "MaskSource",
     "SamAutomaticMaskGenerator",
     "SamMaskSource",
+    "ClipScorer", "TextMatch", "select_by_text",
     "ImageEmbedding", "Prediction", "Prompt", "ResizeLongestSide", "SamPredictor", "Segmenter"]
