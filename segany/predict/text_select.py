@@ -210,3 +210,56 @@ def select_by_text(
             if np.isfinite(scores[p, index]):
                 matches.append(TextMatch(phrase, int(index), float(scores[p, index]), float(sims[p, index])))
     return matches
+
+
+# ---------------------------------------------------------------- text prompts in Segmenter.segment
+
+
+def segment_text_prompts(segmenter, embedding, prompts, single, image, candidates, segment_others):
+    """Segmenter.segment for a list holding text prompts: each text prompt's Prediction holds its top_k
+    candidate masks (best first), `scores` their text scores; extras: "indices" (among the candidates),
+    "similarities", "phrase". Text prompts carry no low-res logits (an empty (0, 256, 256) array):
+    their masks come from the candidates, not from one decoder pass."""
+    from .segmenter import Prediction
+
+    if image is None:
+        raise ValueError("text prompts need the image's pixels: segment(embedding, prompts, image=image)")
+    array = load_image(image)
+    if tuple(array.shape[:2]) != tuple(embedding.original_size):
+        raise ValueError(f"the image is {array.shape[:2]} but the embedding was made for {embedding.original_size}")
+    scorer = as_scorer(getattr(segmenter, "clip", None))
+    for p in prompts:
+        if p.text is not None and (p.points is not None or p.box is not None or p.mask is not None):
+            raise ValueError("a text prompt cannot be combined with points, a box or a mask in one Prompt")
+    if candidates is None:
+        candidates = everything_masks(segmenter, embedding, array)
+    stack = as_mask_stack(candidates, array.shape[:2])
+    others = [i for i, p in enumerate(prompts) if p.text is None]
+    results = [None] * len(prompts)
+    if others:
+        for i, pred in zip(others, segment_others([prompts[i] for i in others])):
+            results[i] = pred
+    low = segmenter.low_res_size
+    for i, p in enumerate(prompts):
+        if p.text is None:
+            continue
+        matches = select_by_text(array, stack, p.text, scorer, top_k=p.top_k, negative=p.negative)
+        index = np.array([m.index for m in matches], dtype=np.int64)
+        results[i] = Prediction(
+            stack[index] if len(index) else np.zeros((0, *array.shape[:2]), bool),
+            np.array([m.score for m in matches], dtype=np.float32),
+            np.zeros((0, *low), dtype=np.float32),
+            {"indices": index, "similarities": np.array([m.similarity for m in matches], np.float32), "phrase": p.text},
+        )
+    return results[0] if single else results
+
+
+def everything_masks(segmenter, embedding, image: np.ndarray) -> np.ndarray:
+    """The candidates for text prompts: everything mode's masks on the image, computed once per embedding."""
+    cache = embedding.decoder_cache
+    if "everything_masks" not in cache:
+        from .amg import MaskGenerator
+
+        records = MaskGenerator(segmenter.model, getattr(segmenter, "text_candidate_settings", None)).generate_records(image)
+        cache["everything_masks"] = records.masks() if len(records) else np.zeros((0, *image.shape[:2]), bool)
+    return cache["everything_masks"]
