@@ -74,6 +74,8 @@ Examples:
   # refine with the logits of the previous run
   segany segment photo.jpg -c vit_b --point 320,200 --point 90,40,0 \\
       --mask-input out/best_low_res.npy --out out2/
+  # the object a phrase describes (CLIP over everything mode's masks), 3 best
+  segany segment photo.jpg -c vit_b --text "a dog" --top 3 --out out3/
 """,
 )
 @click.argument("image", type=click.Path(path_type=Path))
@@ -102,6 +104,11 @@ Examples:
 @click.option("--fast", is_flag=True, help="Use the fast CPU mode of the model (slightly different numbers, much quicker).")
 @click.option("--cutout", is_flag=True, help="Also write cutout_*.png: the object on a transparent background.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device to run on, e.g. cpu or cuda.")
+@click.option("-t", "--text", "texts", multiple=True, metavar="PHRASE",
+              help="Find the object a phrase describes among everything mode's masks, with CLIP (repeatable).")
+@click.option("--negative", "negatives", multiple=True, metavar="PHRASE", help="With --text: a phrase the object is not.")
+@click.option("--clip", metavar="NAME_OR_PATH", help="With --text: the CLIP model, a file or a name [default: clip_vit_b32].")
+@click.option("--top", type=int, default=1, show_default=True, help="With --text: masks per phrase, best first.")
 def segment(
     image: Path,
     checkpoint: str,
@@ -113,6 +120,10 @@ def segment(
     fast: bool,
     cutout: bool,
     device: str,
+    texts: Tuple[str, ...] = (),
+    negatives: Tuple[str, ...] = (),
+    clip: Optional[str] = None,
+    top: int = 1,
 ) -> None:
     """Segment the object at the given clicks and/or box in IMAGE.
 
@@ -126,6 +137,14 @@ def segment(
     from ..predict import SamPredictor
     from ..predict.inputs import check_boxes, check_points, load_image
 
+    if texts or negatives or clip or top != 1:
+        if not texts:
+            raise ValueError("--negative, --clip and --top go with --text PHRASE")
+        if points or box or mask_input is not None or multimask:
+            raise ValueError("--text cannot be combined with --point, --box, --mask-input or --multimask")
+        from .text_segment import segment_text
+
+        return segment_text(image, checkpoint, texts, negatives, clip, top, out_dir, fast, cutout, device)
     # Everything about the input is checked before the (slow) model load.
     parsed_points = [parse_point(p) for p in points]
     parsed_box = parse_box(box) if box else None
