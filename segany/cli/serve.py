@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import click
 
@@ -19,8 +19,10 @@ import click
               "current folder).")
 @click.option("--max-upload-mb", type=click.IntRange(1, 4096), default=50, show_default=True,
               help="Largest image file accepted.")
+@click.option("--clip", metavar="NAME_OR_PATH", help="A CLIP model (file or name, e.g. clip_vit_b32) for text search "
+              "among proposals (POST /api/images/{id}/find).")
 def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, import_roots: Tuple[Path, ...],
-          max_upload_mb: int) -> None:
+          max_upload_mb: int, clip: Optional[str] = None) -> None:
     """Run the annotation server; open http://HOST:PORT/ in a browser."""
     try:
         import uvicorn
@@ -35,7 +37,7 @@ def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, imp
     roots = list(import_roots) or [data_dir, Path.cwd()]
     config = ServerConfig(
         data_dir=data_dir, checkpoint=path, mode=mode, import_roots=roots,
-        max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint),
+        max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint), clip=clip,
     )
     app = create_app(config, model=model)
     click.echo(f"segany annotator on http://{host}:{port}/  (data: {data_dir.resolve()})", err=True)

@@ -18,6 +18,7 @@ def segment_text(
     from ..io.atomic import atomic_write_text
     from ..io.clip import load_clip
     from ..io.models import load_model
+    from ..io.zoo import DownloadError
     from ..io.viz import cutout_rgba, overlay_masks, save_png
     from ..predict.amg import MaskGenerator
     from ..predict.inputs import load_image
@@ -33,7 +34,10 @@ def segment_text(
 
     tokenize(phrases)  # the tokenizer's dependencies and vocabulary, before any download
     mode = "fast" if fast else "exact"
-    clip_model = load_clip(clip or DEFAULT_CLIP, mode=mode, device=device)
+    try:
+        clip_model = load_clip(clip or DEFAULT_CLIP, mode=mode, device=device)
+    except DownloadError as exc:  # its advice names --checkpoint; here the file goes to --clip
+        raise ValueError(str(exc).replace("--checkpoint", "--clip")) from None
     model = load_model(checkpoint, mode=mode, device=device)
     records = MaskGenerator(model).generate_records(rgb)
     candidates = records.masks() if len(records) else np.zeros((0, *rgb.shape[:2]), bool)

@@ -50,6 +50,7 @@ class ServerConfig:
     decode_wait_s: float = 120.0  # how long a decode waits for a missing embedding
     logits_cache: int = 64  # recent decodes whose low-res logits can be fed back as mask input
     model_name: Optional[str] = None  # shown on the page
+    clip: Optional[str] = None  # a CLIP file or zoo name for text search (POST /api/images/{id}/find)
 
 
 # ----------------------------------------------------------------------------- request bodies
@@ -162,8 +163,9 @@ def _mask_from_b64(text: str, size: Tuple[int, int]) -> np.ndarray:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
-    """The server for `config`; `model` (a loaded SAM-family model) avoids loading it again."""
+def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) -> FastAPI:
+    """The server for `config`; `model` (a loaded SAM-family model) avoids loading it again, as
+    `clip_model` (a loaded CLIP model) does config.clip."""
     data_dir = Path(config.data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     images_dir = data_dir / "images"
@@ -443,6 +445,11 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
         records = generate_proposals(segmenter, embedding, image_path(image), body.model_dump())
         records = sorted(records, key=lambda r: -r["predicted_iou"])[: body.max_proposals]
         return {"proposals": records, "seconds": round(time.perf_counter() - t0, 3)}
+
+    from .find import add_find_route, load_find_clip
+
+    clip_model = clip_model if clip_model is not None else load_find_clip(config.clip, config.mode)
+    add_find_route(app, clip_model, storage, embeddings, segmenter, image_path, config.decode_wait_s)
 
     # ------------------------------------------------------------ annotations
 
