@@ -1,4 +1,4 @@
-"""CLIP's fast path: the image tower in bfloat16 (its LayerNorms still compute in float32).
+"""CLIP's fast path: the image tower in bfloat16.
 
 Text selection encodes one crop per candidate mask, so the image tower is where the time goes; the text
 tower runs once per phrase and stays float32. Embeddings come back as float32 either way.
@@ -6,14 +6,45 @@ tower runs once per phrase and stays float32. Embeddings come back as float32 ei
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FAST_DTYPE = torch.bfloat16
 
 
+class _NativeLayerNorm(nn.LayerNorm):
+    """LayerNorm straight on bfloat16 tensors: PyTorch's kernel accumulates in float32 itself, so the
+    released float32 round trip (two full copies per norm) is not needed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+# QuickGELU(h) = h * sigmoid(1.702 h) = silu(1.702 h) / 1.702: the factor goes into c_fc's weights and
+# its inverse into c_proj's, leaving one fused SiLU instead of three elementwise passes.
+_QUICK_GELU = 1.702
+
+
+@torch.no_grad()
+def _fold_quick_gelu(mlp: nn.Module) -> None:
+    mlp.c_fc.weight.mul_(_QUICK_GELU)
+    mlp.c_fc.bias.mul_(_QUICK_GELU)
+    mlp.c_proj.weight.div_(_QUICK_GELU)
+    mlp.gelu = nn.SiLU()
+
+
 def make_fast(model: nn.Module) -> nn.Module:
-    """Cast the image tower to bfloat16 in place (inference only)."""
-    model.visual.to(FAST_DTYPE)
+    """The image tower in bfloat16, its norms without float32 copies, QuickGELU folded into SiLU
+    (in place; inference only). The text tower stays float32."""
+    from ..modeling.clip import LayerNorm, Mlp
+
+    visual = model.visual
+    for module in visual.modules():
+        if isinstance(module, Mlp) and not isinstance(module.gelu, nn.SiLU):
+            _fold_quick_gelu(module)
+        if isinstance(module, LayerNorm):
+            module.__class__ = _NativeLayerNorm
+    visual.to(FAST_DTYPE)
     model.mode = "fast"
     return model
 
