@@ -51,7 +51,7 @@ def test_state_dict_keys_are_openai_layout(reference_clip, ours):
     assert set(ours.state_dict()) == set(reference_clip.state_dict())
 
 
-@pytest.mark.parametrize("seed,batch", [(0, 1), (7, 3)])
+@pytest.mark.parametrize("seed,batch", [(7, 3)])
 def test_image_embeddings_match_open_clip(reference_clip, ours, seed, batch):
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch, 3, 224, 224, generator=g)

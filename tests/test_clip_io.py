@@ -130,3 +130,22 @@ def test_zoo_entry_carries_openai_sha256():
     assert entry is find_entry("ViT-B-32") and entry.family == "CLIP"
     assert entry.url.startswith("https://openaipublic.azureedge.net/clip/models/")
     assert entry.url.split("/")[-2] == entry.sha256 and len(entry.sha256) == 64
+
+
+def test_damaged_torchscript_archive_is_one_error(tmp_path):
+    path = tmp_path / "ok.pt"
+    save_torchscript(tiny_clip(), path)
+    with zipfile.ZipFile(path) as src:
+        items = [(info, src.read(info.filename)) for info in src.infolist()]
+    bad = tmp_path / "cut.pt"
+    with zipfile.ZipFile(bad, "w") as out:
+        for info, data in items:
+            if info.filename.endswith("/data/0"):
+                data = data[: len(data) // 2]
+            out.writestr(info, data)
+    with pytest.raises(CheckpointError, match="damaged|not a readable"):
+        segany.load_model(bad)
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError):
+        load_clip(truncated)

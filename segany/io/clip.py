@@ -100,7 +100,8 @@ def read_torchscript_weights(path: PathLike) -> StateDict:
             pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1)
             prefix = pkl.rsplit("/", 1)[0]
             root = _WeightsUnpickler(archive.read(pkl), archive, prefix).load()
-    except (zipfile.BadZipFile, KeyError, EOFError, StopIteration, pickle.UnpicklingError, ValueError, OSError) as exc:
+    except (zipfile.BadZipFile, KeyError, EOFError, StopIteration, pickle.UnpicklingError, ValueError, OSError,
+            RuntimeError, TypeError, IndexError) as exc:
         raise CheckpointError(f"{path} is not a readable TorchScript weights archive ({type(exc).__name__}: {exc})") from None
     sd: StateDict = {}
     _collect(root, "", sd)
