@@ -3,6 +3,7 @@ from .io.checkpoint import load_checkpoint, save_checkpoint
 from .io.errors import CheckpointError
 from .io.models import load_model, sam_model_registry
 from .modeling import Sam, SamConfig, build_sam
+from .text import tokenize
 from .predict import (
     AmgSettings,
     ImageEmbedding,
@@ -33,4 +34,5 @@ __all__ = [
     "load_model",
     "sam_model_registry",
     "save_checkpoint",
+    "tokenize",
 ]

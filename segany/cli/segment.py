@@ -76,6 +76,8 @@ Examples:
       --mask-input out/best_low_res.npy --out out2/
   # FastSAM: every proposal holding the click (--single: their union)
   segany segment photo.jpg -c fastsam-s --point 320,200 --multimask --out out/
+  # the object a phrase describes (CLIP over everything mode's masks), 3 best
+  segany segment photo.jpg -c vit_b --text "a dog" --top 3 --out out3/
 """,
 )
 @click.argument("image", type=click.Path(path_type=Path))
@@ -108,6 +110,11 @@ Examples:
     help="Semantic-SAM only: one granularity level, 1 (coarsest) to 6 (finest). Without it, --multimask gives all six.",
 )
 @click.option("--device", default="cpu", show_default=True, help="Torch device to run on, e.g. cpu or cuda.")
+@click.option("-t", "--text", "texts", multiple=True, metavar="PHRASE",
+              help="Find the object a phrase describes among everything mode's masks, with CLIP (repeatable).")
+@click.option("--negative", "negatives", multiple=True, metavar="PHRASE", help="With --text: a phrase the object is not.")
+@click.option("--clip", metavar="NAME_OR_PATH", help="With --text: the CLIP model, a file or a name [default: clip_vit_b32].")
+@click.option("--top", type=int, default=1, show_default=True, help="With --text: masks per phrase, best first.")
 def segment(
     image: Path,
     checkpoint: str,
@@ -120,6 +127,10 @@ def segment(
     cutout: bool,
     device: str,
     granularity: Optional[str] = None,
+    texts: Tuple[str, ...] = (),
+    negatives: Tuple[str, ...] = (),
+    clip: Optional[str] = None,
+    top: int = 1,
 ) -> None:
     """Segment the object at the given clicks and/or box in IMAGE.
 
@@ -134,6 +145,14 @@ def segment(
     from ..predict.inputs import check_boxes, check_points, load_image
     from ..predict.semantic_sam_predictor import SemanticSamPredictor, check_level
 
+    if texts or negatives or clip or top != 1:
+        if not texts:
+            raise ValueError("--negative, --clip and --top go with --text PHRASE")
+        if points or box or mask_input is not None or multimask:
+            raise ValueError("--text cannot be combined with --point, --box, --mask-input or --multimask")
+        from .text_segment import segment_text
+
+        return segment_text(image, checkpoint, texts, negatives, clip, top, out_dir, fast, cutout, device)
     # Everything about the input is checked before the (slow) model load.
     parsed_points = [parse_point(p) for p in points]
     parsed_box = parse_box(box) if box else None

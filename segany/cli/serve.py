@@ -21,6 +21,8 @@ import click
               help="Largest image file accepted.")
 @click.option("--proposal-model", default=None, metavar="CKPT",
               help="A FastSAM checkpoint or name (e.g. fastsam-s) for everything-mode proposals instead of SAM's grid.")
+@click.option("--clip", metavar="NAME_OR_PATH", help="A CLIP model (file or name, e.g. clip_vit_b32) for text search "
+              "among proposals (POST /api/images/{id}/find).")
 @click.option("--token", envvar="SEGANY_TOKEN", default=None,
               help="Access token clients send (Authorization: Bearer TOKEN) [env SEGANY_TOKEN; default: a new "
               "random one per start, printed in the URL]. Needed to listen on a non-loopback address.")
@@ -28,7 +30,7 @@ import click
               help="Host name clients may use besides 127.0.0.1, localhost and [::1] (repeatable).")
 def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, import_roots: Tuple[Path, ...],
           max_upload_mb: int, proposal_model: Optional[str], token: Optional[str],
-          allowed_hosts: Tuple[str, ...]) -> None:
+          allowed_hosts: Tuple[str, ...], clip: Optional[str] = None) -> None:
     """Run the annotation server; open the printed http://HOST:PORT/#token=... in a browser."""
     try:
         import uvicorn
@@ -55,7 +57,7 @@ def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, imp
     config = ServerConfig(
         data_dir=data_dir, checkpoint=path, mode=mode, import_roots=roots,
         max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint), allowed_hosts=hosts,
-        proposal_model=proposal_model,
+        proposal_model=proposal_model, clip=clip,
     )
     if token is not None:
         config.token = token.strip()

@@ -47,7 +47,8 @@ def load_model(
 ) -> nn.Module:
     """Load a SAM-family model from a checkpoint file or a known model name.
 
-    The architecture (SAM ViT size, MobileSAM, HQ-SAM, FastSAM's YOLOv8-seg) is read from the state dict itself.
+    The architecture (SAM ViT size, MobileSAM, HQ-SAM, FastSAM's YOLOv8-seg, Semantic-SAM; or a CLIP model) is read
+    from the state dict itself.
     mode="exact" runs in float32 and reproduces the released implementation; mode="fast" runs the image
     encoder and the mask decoder's bulk (upscaling, MLPs) in bfloat16, its few tokens in float32
     (inference only; see segany.engine.precision). The model returned is the plain float32 definition
@@ -57,6 +58,11 @@ def load_model(
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     device = check_device(device)  # before loading: a bad device is one line, not a traceback
     path = resolve_checkpoint(checkpoint)
+    from .clip import load_clip, looks_like_clip  # CLIP (text prompts): OpenAI's archives, open_clip's files
+
+    if config is None and looks_like_clip(path):
+        return load_clip(path, mode, device)
+
     from .fastsam_checkpoint import is_fastsam_file, load_fastsam
 
     if config is None and is_fastsam_file(path):  # FastSAM (YOLOv8-seg): its engine applies the mode

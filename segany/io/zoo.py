@@ -58,6 +58,7 @@ _SAM = "https://dl.fbaipublicfiles.com/segment_anything/"
 _HQ = "https://huggingface.co/lkeab/hq-sam/resolve/main/"
 _ULTRALYTICS = "https://github.com/ultralytics/assets/releases/download/v8.4.0/"
 _SSAM = "https://github.com/UX-Decoder/Semantic-SAM/releases/download/checkpoint/"
+_CLIP = "https://openaipublic.azureedge.net/clip/models/"
 
 # Sources: the READMEs of facebookresearch/segment-anything (SAM links, Apache-2.0),
 # ChaoningZhang/MobileSAM (weights/mobile_sam.pt in the repository) and SysCV/sam-hq (the
@@ -97,6 +98,17 @@ KNOWN_MODELS = (
                aliases=("fastsam_s",), description="FastSAM-s: YOLOv8s-seg proposals, prompt-guided selection"),
     ModelEntry("fastsam-x", "FastSAM-x.pt", _ULTRALYTICS + "FastSAM-x.pt", "FastSAM", "Apache-2.0",
                aliases=("fastsam_x", "fastsam"), description="FastSAM-x: YOLOv8x-seg proposals"),
+    # OpenAI's CLIP (text prompts): the URLs of openai/CLIP's clip.py (also in open_clip's pretrained.py);
+    # the folder in each path is the file's full SHA-256, which OpenAI's own loader checks.
+    ModelEntry("clip_vit_b32", "ViT-B-32.pt", _CLIP + "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+               "CLIP", "MIT", sha256="40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af",
+               aliases=("ViT-B-32", "ViT-B/32"), description="OpenAI CLIP ViT-B/32 (text prompts)"),
+    ModelEntry("clip_vit_b16", "ViT-B-16.pt", _CLIP + "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+               "CLIP", "MIT", sha256="5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f",
+               aliases=("ViT-B-16", "ViT-B/16"), description="OpenAI CLIP ViT-B/16 (text prompts)"),
+    ModelEntry("clip_vit_l14", "ViT-L-14.pt", _CLIP + "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+               "CLIP", "MIT", sha256="b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836",
+               aliases=("ViT-L-14", "ViT-L/14"), description="OpenAI CLIP ViT-L/14 (text prompts)"),
     ModelEntry("hq_vit_tiny", "sam_hq_vit_tiny.pth", _HQ + "sam_hq_vit_tiny.pth", "HQ-SAM", "Apache-2.0",
                aliases=("light_hq_sam",), description="Light HQ-SAM on MobileSAM's TinyViT"),
     # Semantic-SAM: the links of the README of UX-Decoder/Semantic-SAM (commit e11f8b5); no size or

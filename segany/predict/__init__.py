@@ -3,6 +3,7 @@ from .amg import AmgSettings, MaskGenerator, MaskSource, SamAutomaticMaskGenerat
 from .fastsam_predictor import FastSamPredictor
 from .predictor import SamPredictor
 from .segmenter import ImageEmbedding, Prediction, Prompt, Segmenter
+from .text_select import ClipScorer, TextMatch, select_by_text
 from .transforms import ResizeLongestSide
 
 __all__ = [
@@ -12,4 +13,5 @@ __all__ = [
     "MaskSource",
     "SamAutomaticMaskGenerator",
     "SamMaskSource",
+    "ClipScorer", "TextMatch", "select_by_text",
     "ImageEmbedding", "Prediction", "Prompt", "ResizeLongestSide", "SamPredictor", "Segmenter"]

@@ -27,9 +27,9 @@ class SamPredictor:
             return SemanticSamPredictor(sam_model)
         return super().__new__(cls)
 
-    def __init__(self, sam_model: torch.nn.Module) -> None:
+    def __init__(self, sam_model: torch.nn.Module, clip: Optional[torch.nn.Module] = None) -> None:
         self.model = sam_model
-        self.segmenter = Segmenter(sam_model)
+        self.segmenter = Segmenter(sam_model, clip=clip)
         self.transform = self.segmenter.transform
         self.reset_image()
 
@@ -43,6 +43,7 @@ class SamPredictor:
             image = image[..., ::-1]
         self.reset_image()
         self._embedding = self.segmenter.embed(image)
+        self._image = image  # the pixels, for text prompts (predict_text)
 
     @torch.no_grad()
     def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
@@ -63,6 +64,19 @@ class SamPredictor:
 
     def reset_image(self) -> None:
         self._embedding: Optional[ImageEmbedding] = None
+        self._image: Any = None
+
+    def predict_text(
+        self, text: str, top_k: int = 1, negative: Optional[List[str]] = None, candidates: Any = None
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """The top_k masks (K, H, W) for a phrase and their text scores (K,), best first, chosen among
+        everything mode's masks (or `candidates`) with the CLIP model given as SamPredictor(model, clip=...)."""
+        if self._image is None:
+            raise ValueError("text prompts need the image's pixels: call set_image(image) first")
+        pred = self.segmenter.segment(
+            self.embedding, Prompt(text=text, negative=negative, top_k=top_k), image=self._image, candidates=candidates
+        )
+        return pred.masks, pred.scores
 
     @property
     def is_image_set(self) -> bool:

@@ -47,6 +47,11 @@ class Prompt:
     labels: Optional[Any] = None  # (K,) 1 foreground, 0 background
     box: Optional[Any] = None  # (4,) x0, y0, x1, y1
     mask: Optional[Any] = None  # (256, 256) or (1, 256, 256) low-res logits of an earlier prediction
+    # A text prompt ("a dog"): the candidate masks (everything mode, or the ones given) that CLIP matches
+    # best, top_k of them; negative phrases lower masks that look like them (see text_select). Alone only.
+    text: Optional[str] = None
+    negative: Optional[Sequence[str]] = None
+    top_k: int = 1
 
     def signature(self) -> Tuple[int, bool, bool]:
         n_points = 0 if self.points is None else len(self.points)
@@ -64,10 +69,14 @@ class Prediction:
 class Segmenter:
     """Stateless predictor: embeddings are values you keep, re-use and store."""
 
-    def __init__(self, model: torch.nn.Module, prompt_batch_size: int = 64, mode: Optional[str] = None) -> None:
-        """`mode`: "exact" or "fast"; by default the mode the model was loaded for (load_model)."""
+    def __init__(self, model: torch.nn.Module, prompt_batch_size: int = 64, mode: Optional[str] = None,
+                 clip: Optional[torch.nn.Module] = None) -> None:
+        """`mode`: "exact" or "fast"; by default the mode the model was loaded for (load_model).
+        `clip`: a CLIP model for text prompts (segany.load_model("clip_vit_b32"))."""
         self.model = model
         self.engine = SamEngine(model, mode)
+        self.clip = clip
+        self.text_candidate_settings = None  # AmgSettings of the everything mode that text prompts choose from
         self.transform = ResizeLongestSide(model.image_size)
         self.prompt_batch_size = prompt_batch_size
 
@@ -180,13 +189,23 @@ class Segmenter:
         prompts: Union[Prompt, Sequence[Prompt]],
         multimask_output: bool = True,
         return_logits: bool = False,
+        image: Any = None,
+        candidates: Any = None,
         **decode_options: Any,
     ) -> Union[Prediction, List[Prediction]]:
-        """Masks at the original image size for one prompt or a list of prompts."""
+        """Masks at the original image size for one prompt or a list of prompts.
+
+        Text prompts need the image's pixels (`image`) and a CLIP model (Segmenter(..., clip=...)); their
+        candidates are everything-mode masks of the image unless `candidates` gives them."""
         single = isinstance(prompts, Prompt)
         prompt_list = [prompts] if single else list(prompts)
         if not isinstance(embedding, ImageEmbedding):
             raise ValueError("segment() needs an ImageEmbedding from embed(); call embed(image) first")
+        if any(p.text is not None for p in prompt_list):
+            from .text_select import segment_text_prompts
+
+            return segment_text_prompts(self, embedding, prompt_list, single, image, candidates,
+                                        lambda rest: self.segment(embedding, rest, multimask_output, return_logits, **decode_options))
         checked = [self._validate(p, embedding) for p in prompt_list]
         for p in checked:
             if p.signature() == (0, False, False):

@@ -58,6 +58,7 @@ class ServerConfig:
     max_prompt_bytes: int = 1024 * 1024  # a decode or proposals body (a mask input is 350 kB in base64)
     max_jobs: int = 2  # proposals / imports running at once (more get 503)
     job_time_limit_s: float = 300.0  # a proposals or import job is stopped after this long
+    clip: Optional[str] = None  # a CLIP file or zoo name for text search (POST /api/images/{id}/find)
 
 
 # Every error the API answers, as the OpenAPI schema describes it: {"detail": "one line"}.
@@ -76,8 +77,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"detail": message}, status_code=status)
 
 
-def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
-    """The server for `config`; `model` (a loaded SAM-family model) avoids loading it again."""
+def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) -> FastAPI:
+    """The server for `config`; `model` (a loaded SAM-family model) avoids loading it again, as
+    `clip_model` (a loaded CLIP model) does config.clip."""
     if not config.token:  # None or empty: never an open server
         config.token = secrets.token_urlsafe(32)
     data_dir = Path(config.data_dir).expanduser().resolve()
@@ -140,6 +142,11 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
     add_page_decoding(app, model=model, data_dir=data_dir, checkpoint=config.checkpoint, model_key=key,
                       storage=ctx.storage, embeddings=ctx.embeddings, image_path=ctx.image_path,
                       wait_s=config.decode_wait_s)
+    from .find import add_find_route, load_find_clip
+
+    clip_model = clip_model if clip_model is not None else load_find_clip(config.clip, config.mode)
+    app.state.text_model = bool(clip_model is not None)
+    add_find_route(app, clip_model, ctx.storage, ctx.embeddings, ctx.segmenter, ctx.image_path, config.decode_wait_s)
     info.mount_static(app)
 
     def body_limit(method: str, path: str, content_type: str) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -15,7 +15,7 @@ router = APIRouter(tags=["info"])
 
 
 @router.get("/api/info", summary="Model and limits")
-def info(ctx: Ctx) -> Dict[str, Any]:
+def info(ctx: Ctx, request: Request) -> Dict[str, Any]:
     config = ctx.config
     return {
         "model": config.model_name or (Path(config.checkpoint).name if config.checkpoint else type(ctx.model).__name__),
@@ -23,6 +23,7 @@ def info(ctx: Ctx) -> Dict[str, Any]:
         "mode": config.mode,
         "max_upload_bytes": config.max_upload_bytes,
         "max_pixels": config.max_pixels,
+        "text_model": bool(getattr(request.app.state, "text_model", False)),  # POST /api/images/{id}/find works
     }
 
 
