@@ -28,10 +28,12 @@ def tiny_clip():
 def start(tmp_path, model, clip_model):
     from segany.server import ServerConfig, create_app
 
-    app = create_app(ServerConfig(data_dir=tmp_path, checkpoint=CHECKPOINT), model=model, clip_model=clip_model)
-    client = TestClient(app)
+    config = ServerConfig(data_dir=tmp_path, checkpoint=CHECKPOINT)
+    app = create_app(config, model=model, clip_model=clip_model)
+    client = TestClient(app, base_url="http://127.0.0.1:8000")  # its peer is not loopback: send the token
     client.__enter__()
     client.headers["X-User"] = "tester"
+    client.headers["Authorization"] = f"Bearer {config.token}"
     project = client.post("/api/projects", json={"name": "p"}).json()
     up = client.post(f"/api/projects/{project['id']}/images", files=[("files", ("a.png", png_bytes(48, 64, 1), "image/png"))])
     image = up.json()["images"][0]
