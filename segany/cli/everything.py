@@ -13,6 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from .batch import ray_options, run_everything_batch, wants_batch
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
@@ -79,8 +81,9 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint file or model name.")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--format", "fmt", type=click.Choice(["sa1b", "coco"]), default="sa1b", show_default=True,
-              help="sa1b: one JSON per image; coco: one COCO file per image plus instances.json.")
+@click.option("--format", "fmt", type=click.Choice(["sa1b", "coco", "parquet", "sa1b+parquet"]), default="sa1b",
+              show_default=True, help="sa1b: one JSON per image; coco: one COCO file per image plus instances.json; "
+              "parquet: Parquet shards of COCO RLE (see docs/scale.md).")
 @click.option("--viz", is_flag=True, help="Also write <name>.overlay.png: all masks coloured and outlined.")
 @click.option("--cutouts", is_flag=True, help="Also write <name>_cutouts/<i>.png: each mask as a transparent cut-out.")
 @click.option("--fast", is_flag=True, help='Load the model in mode="fast" (faster, not bit-exact).')
@@ -99,8 +102,10 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--crop-overlap-ratio", default=512 / 1500, show_default=True, type=float)
 @click.option("--crop-n-points-downscale-factor", default=1, show_default=True, type=int)
 @click.option("--min-mask-region-area", default=0, show_default=True, type=int)
+@ray_options
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
-               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, **generator_options) -> None:
+               fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, ray_address, actors,
+               batch_size, cpus_per_actor, gpus_per_actor, **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
     \b
@@ -108,7 +113,12 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
       segany everything photo.jpg --checkpoint vit_b --out masks/
       segany everything photos/ --checkpoint sam_vit_b.pth --out masks/ --format coco --viz
       segany everything list.txt -c vit_b -o masks/ --crop-n-layers 1 --min-mask-region-area 100
+      segany everything manifest.csv -c vit_b -o masks/ --format sa1b+parquet --ray
     """
+    if wants_batch(paths, fmt, ray_address):  # Ray, Parquet, manifests, tar shards: segany.batch
+        return run_everything_batch(paths, checkpoint, out_dir, fmt, fast, device, recursive,
+                                    {"viz": viz, "cutouts": cutouts, "polygons": polygons}, generator_options,
+                                    ray_address, actors, batch_size, cpus_per_actor, gpus_per_actor)
     from tqdm import tqdm
 
     from ..predict.amg import AmgSettings

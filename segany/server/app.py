@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from ..predict import Prompt, Segmenter
 from ..predict.inputs import check_boxes, check_points
+from ..io import embedding_cache
 from . import exports, masks
 from .embeddings import PRIORITY_BULK, PRIORITY_OPEN, EmbeddingService, model_key
 from .images import ImageRejected, check_image_bytes, display_name, folder_images, resolve_import_folder, store
@@ -180,7 +181,7 @@ def create_app(config: ServerConfig, model: Any = None) -> FastAPI:
         key = f"unsaved-{type(model).__name__}-{config.mode}"
     storage = Storage(data_dir / "segany.db")
     segmenter = Segmenter(model)
-    embeddings = EmbeddingService(segmenter, data_dir / "embeddings" / key, config.memory_embeddings)
+    embeddings = EmbeddingService(segmenter, embedding_cache.cache_dir(data_dir, key), config.memory_embeddings)
     logits_cache = LogitsCache(config.logits_cache)
     import_roots = [Path(r).expanduser().resolve() for r in (config.import_roots or [data_dir])]
 
