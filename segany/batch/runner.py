@@ -41,6 +41,7 @@ class Summary:
     seconds: float = 0.0
     errors: List[Dict[str, str]] = field(default_factory=list)  # {"id", "reason"}
     where: str = "in-process"
+    what: str = "everything"  # everything | embed
 
     @property
     def images_per_second(self) -> float:
@@ -49,10 +50,12 @@ class Summary:
     def to_dict(self) -> Dict[str, Any]:
         return {"total": self.total, "done": self.done, "skipped": self.skipped, "failed": self.failed,
                 "masks": self.masks, "seconds": round(self.seconds, 3),
-                "images_per_second": round(self.images_per_second, 4), "ran": self.where, "errors": self.errors}
+                "images_per_second": round(self.images_per_second, 4), "ran": self.where, "job": self.what,
+                "errors": self.errors}
 
     def line(self) -> str:
-        return (f"{self.done} done ({self.masks} masks), {self.skipped} skipped (already done), {self.failed} failed, "
+        masks = f" ({self.masks} masks)" if self.what == "everything" else ""
+        return (f"{self.done} done{masks}, {self.skipped} skipped (already done), {self.failed} failed, "
                 f"{self.images_per_second:.2f} images/s over {self.seconds:.1f} s ({self.where})")
 
 
@@ -139,7 +142,8 @@ def _run(worker_cls, job, items: Sequence[Item], skipped: int, ray: Optional[Ray
          progress: bool, desc: str) -> Summary:
     from tqdm import tqdm
 
-    summary = Summary(total=len(items) + skipped, skipped=skipped, where="ray" if ray is not None else "in-process")
+    summary = Summary(total=len(items) + skipped, skipped=skipped, where="ray" if ray is not None else "in-process",
+                      what=desc)
     start = time.perf_counter()
     if items:
         rows = _on_ray(worker_cls, job, items, ray) if ray is not None else _in_process(worker_cls, job, items,
@@ -182,8 +186,8 @@ def run_everything(
     options.pop("output_mode", None)
     options = {k: v for k, v in AmgSettings(**options).validate().to_dict().items() if k != "output_mode"}
     if ray is not None:
-        import_ray()
         check_address(ray.address)
+        import_ray()
     items = list_items(sources, recursive)
     path = resolve_checkpoint(checkpoint)
     model_id = f"{file_sha256(path)[:16]}-{mode}"
@@ -212,8 +216,8 @@ def run_embed(
     if mode not in ("exact", "fast"):
         raise ValueError(f"mode must be exact or fast, got {mode!r}")
     if ray is not None:
-        import_ray()
         check_address(ray.address)
+        import_ray()
     items = list_items(sources, recursive)
     path = resolve_checkpoint(checkpoint)
     directory = cache_dir(data_dir, model_key(path, mode))
