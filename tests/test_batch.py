@@ -159,11 +159,18 @@ def server_embedding(image_path, data_dir):
     return service.path_for(sha)
 
 
-def check_same_embeddings(images, data_dir, server_dir):
+def check_same_embeddings(images, data_dir, server_dir, threads=0):
+    import torch
     from safetensors import safe_open
 
-    for image in images:
-        theirs = server_embedding(image, server_dir)
+    before = torch.get_num_threads()
+    try:
+        if threads:  # as many torch threads as the workers had: the sums' order depends on it
+            torch.set_num_threads(threads)
+        theirs_all = [server_embedding(image, server_dir) for image in images]
+    finally:
+        torch.set_num_threads(before)
+    for image, theirs in zip(images, theirs_all):
         ours = data_dir / theirs.relative_to(server_dir)
         assert ours.is_file(), f"no cache file at the server's key {ours}"
         with safe_open(str(ours), "pt") as a, safe_open(str(theirs), "pt") as b:

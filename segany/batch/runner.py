@@ -170,12 +170,15 @@ def _run(worker_cls, job, items: Sequence[Item], skipped: int, ray: Optional[Ray
 def run_everything(
     sources: Sequence[str], checkpoint: str, out: str, *, fmt: str = "sa1b", settings: Optional[Dict[str, Any]] = None,
     mode: str = "exact", device: str = "cpu", ray: Optional[RayOptions] = None, batch_size: Optional[int] = None,
-    recursive: bool = False, progress: bool = True, before_image: Optional[Callable[[str], None]] = None,
+    recursive: bool = False, progress: bool = True, threads: int = 0,
+    before_image: Optional[Callable[[str], None]] = None,
 ) -> Summary:
     """Everything mode over `sources` into `out` (see segany.batch.sinks for the layout); resumes.
 
-    `settings` are AmgSettings fields (the released generator's argument names). `ray=None` runs here;
-    `RayOptions()` runs on a local Ray or, with an address or RAY_ADDRESS, on a cluster.
+    `settings` are AmgSettings fields (the released generator's argument names). `ray=None` runs here
+    (`threads` > 0 sets torch's threads); `RayOptions()` runs on a local Ray or, with an address or
+    RAY_ADDRESS, on a cluster, each actor with `cpus_per_actor` threads. Results are bit-identical for
+    the same thread count; across thread counts scores may differ in the last float bits.
     """
     from ..io.embedding_cache import file_sha256
     from ..io.models import resolve_checkpoint
@@ -195,7 +198,7 @@ def run_everything(
     sinks.check_run(out, {"model": model_id, "settings": options, "format": fmt})
     done = sinks.done_ids(out, formats)
     todo = [i for i in items if i.id not in done]
-    job = EverythingJob(ModelSpec(str(path), mode, device), out, sorted(formats), options, model_id, before_image)
+    job = EverythingJob(ModelSpec(str(path), mode, device, threads), out, sorted(formats), options, model_id, before_image)
     size = batch_size or (ray.batch_size if ray is not None else 4)
     if ray is not None:
         ray.batch_size = size
@@ -207,7 +210,7 @@ def run_everything(
 def run_embed(
     sources: Sequence[str], checkpoint: str, data_dir: str, *, mode: str = "exact", device: str = "cpu",
     ray: Optional[RayOptions] = None, batch_size: Optional[int] = None, recursive: bool = False,
-    progress: bool = True, before_image: Optional[Callable[[str], None]] = None,
+    progress: bool = True, threads: int = 0, before_image: Optional[Callable[[str], None]] = None,
 ) -> Summary:
     """Precompute the annotation server's embedding cache (<data>/embeddings/<model key>/) for `sources`."""
     from ..io.embedding_cache import cache_dir, model_key
@@ -223,7 +226,7 @@ def run_embed(
     directory = cache_dir(data_dir, model_key(path, mode))
     if not sinks.is_url(str(data_dir)):
         directory.mkdir(parents=True, exist_ok=True)
-    job = EmbedJob(ModelSpec(str(path), mode, device), str(directory), before_image)
+    job = EmbedJob(ModelSpec(str(path), mode, device, threads), str(directory), before_image)
     size = batch_size or (ray.batch_size if ray is not None else 4)
     if ray is not None:
         ray.batch_size = size
