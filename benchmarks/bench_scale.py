@@ -1,0 +1,67 @@
+"""Wall time of `segany everything` in-process against `--ray` (1 and 2 actors) over the same images.
+
+Each run is the whole command in a fresh process, as a user runs it: Python start, model loading, and
+for --ray the start of a local Ray and its actors. Prints a markdown table and the per-image cost
+(seconds of one worker per image, from the run's own summary).
+
+    python3 benchmarks/bench_scale.py -c ../shared/fixtures/reference/sam_vit_small.pth -n 20
+    python3 benchmarks/bench_scale.py -c /tmp/random_vit_b.pth --fast -n 6
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--checkpoint", required=True)
+    parser.add_argument("-n", "--images", type=int, default=20)
+    parser.add_argument("--fast", action="store_true")
+    parser.add_argument("--points-per-side", type=int, default=2)
+    parser.add_argument("--runs", default="in-process,ray-1x2,ray-2x1",
+                        help="in-process, ray-AxC (A actors of C CPUs each)")
+    args = parser.parse_args()
+    images = sorted((DATASETS / "grabcut" / "images").glob("*"))[: args.images]
+    if len(images) < args.images:
+        sys.exit(f"need {args.images} images under {DATASETS / 'grabcut' / 'images'}")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp, "in")
+        folder.mkdir()
+        for path in images:
+            shutil.copy(path, folder / path.name)
+        for run in args.runs.split(","):
+            out = Path(tmp, run)
+            cmd = [sys.executable, "-m", "segany.cli.main", "everything", str(folder), "-c", args.checkpoint,
+                   "--out", str(out), "--points-per-side", str(args.points_per_side)] + (["--fast"] if args.fast else [])
+            if run.startswith("ray"):
+                actors, cpus = run.split("-")[1].split("x")
+                cmd += ["--batch-size", "1", "--actors", actors, "--cpus-per-actor", cpus, "--ray"]
+            start = time.perf_counter()
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wall = time.perf_counter() - start
+            summary = json.loads((out / "_segany" / "summary.json").read_text()) if run.startswith("ray") else None
+            rows.append((run, wall, summary))
+            print(f"{run}: {wall:.1f} s", flush=True)
+    base = rows[0][1]
+    print(f"\n{args.images} images, {Path(args.checkpoint).name}{' --fast' if args.fast else ''}, "
+          f"--points-per-side {args.points_per_side}\n")
+    print("| run | wall (s) | images/s | vs first |\n|---|---|---|---|")
+    for run, wall, _ in rows:
+        print(f"| {run} | {wall:.1f} | {args.images / wall:.3f} | {wall / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
