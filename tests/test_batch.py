@@ -190,3 +190,33 @@ def test_embed_writes_the_servers_cache(tmp_path):
     check_same_embeddings(images, data, tmp_path / "server")
     summary = run_embed([str(p) for p in images], str(CKPT), str(data), progress=False)
     assert (summary.skipped, summary.done) == (2, 0)
+
+
+@needs_shared
+def test_object_store_urls_through_fsspec():
+    """Sources and outputs as fsspec URLs (the in-memory file system stands in for s3:// or gs://)."""
+    fsspec = pytest.importorskip("fsspec")
+    pytest.importorskip("pyarrow")
+    fs = fsspec.filesystem("memory")
+    a, b = real_images(2)
+    fs.pipe("/bucket/images/a.jpg", a.read_bytes())
+    fs.pipe("/bucket/images/b.jpg", b.read_bytes())
+    fs.pipe("/bucket/images/notes.txt", b"not an image")
+    items = list_items(["memory://bucket/images/"])
+    assert [i.id for i in items] == ["a", "b"] and read_bytes(items[1]) == b.read_bytes()
+    fs.pipe("/bucket/list.txt", b"images/a.jpg\n")
+    [item] = list_items(["memory://bucket/list.txt"])
+    assert item.uri == "memory://bucket/images/a.jpg"
+    out = "memory://bucket/out"
+    sinks.make_dirs(out)
+    doc = {"image": {"width": 2, "height": 1, "file_name": "a.jpg"},
+           "annotations": [{"id": 1, "segmentation": {"size": [1, 2], "counts": "01"}, "bbox": [0.0, 0.0, 1.0, 1.0],
+                            "area": 1, "predicted_iou": 0.5, "stability_score": 0.9,
+                            "crop_box": [0.0, 0.0, 2.0, 1.0], "point_coords": [[0.5, 0.5]]}]}
+    sinks.write_shard(out, [sinks.parquet_row("a", doc, "{}", "m")])
+    assert sinks.done_ids(out, {"sa1b", "parquet"}) == {"a"}
+    [row] = sinks.read_shards(out)
+    assert row["annotations"] == doc["annotations"] and row["image_id"] == "a"
+    sinks.check_run(out, {"model": "m"})
+    with pytest.raises(ValueError, match="another run"):
+        sinks.check_run(out, {"model": "other"})

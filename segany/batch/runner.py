@@ -22,6 +22,10 @@ RAY_INSTALL = "--ray needs Ray: pip install 'segany[ray]'"
 _ADDRESS = re.compile(r"^(auto|local|(ray|http|https)://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
 
 
+class RayRunFailed(RuntimeError):
+    """The Ray run stopped (its cause chained); what was written so far stays and a rerun resumes."""
+
+
 @dataclass
 class RayOptions:
     address: Optional[str] = None  # None: RAY_ADDRESS if set, else a new local Ray; or "host:port", "auto"
@@ -131,8 +135,12 @@ def _on_ray(worker_cls, job, items: Sequence[Item], options: RayOptions) -> Iter
             worker_cls, fn_constructor_args=(job,), batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=int(actors)), num_cpus=cpus, num_gpus=gpus if gpus > 0 else None,
         )
-        for row in mapped.iter_rows():
-            yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        try:
+            for row in mapped.iter_rows():
+                yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        except ray.exceptions.RayError as exc:  # e.g. a replica could not load the model on its node
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise RayRunFailed(f"the Ray run stopped: {lines[-1] if lines else type(exc).__name__}") from exc
     finally:
         if started:
             ray.shutdown()

@@ -47,6 +47,15 @@ def _ray(ray_address, actors, batch_size, cpus_per_actor, gpus_per_actor):
                       cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, batch_size=batch_size)
 
 
+def _run(function, *args, **kwargs):
+    from ..batch.runner import RayRunFailed
+
+    try:
+        return function(*args, **kwargs)
+    except RayRunFailed as exc:
+        raise click.ClickException(f"{exc} (outputs written so far are kept; rerun to resume)") from None
+
+
 def _report(summary) -> None:
     click.echo(summary.line())
     for error in summary.errors:
@@ -67,7 +76,7 @@ def run_everything_batch(paths, checkpoint: str, out_dir: str, fmt: str, fast: b
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)} run in-process only (not with --ray, manifests or tar shards)")
     ray = _ray(ray_address, actors, batch_size, cpus_per_actor, gpus_per_actor)
-    summary = run_everything(list(paths), checkpoint, out_dir, fmt=fmt, settings=settings,
+    summary = _run(run_everything, list(paths), checkpoint, out_dir, fmt=fmt, settings=settings,
                              mode="fast" if fast else "exact", device=device, ray=ray, batch_size=batch_size,
                              recursive=recursive)
     click.echo(f"output in {out_dir}; summary in {out_dir.rstrip('/')}/_segany/summary.json")
@@ -94,6 +103,6 @@ def embed(paths, checkpoint: str, data_dir: str, fast: bool, device: str, recurs
     from ..batch import run_embed
 
     ray = _ray(ray_address, actors, batch_size, cpus_per_actor, gpus_per_actor)
-    summary = run_embed(list(paths), checkpoint, data_dir, mode="fast" if fast else "exact", device=device,
+    summary = _run(run_embed, list(paths), checkpoint, data_dir, mode="fast" if fast else "exact", device=device,
                         ray=ray, batch_size=batch_size, recursive=recursive)
     _report(summary)
