@@ -21,7 +21,7 @@ from .conftest import DATASETS, ROOT, needs_shared  # noqa: E402
 from .test_batch import CKPT, SETTINGS, check_same_embeddings, real_images  # noqa: E402
 
 pytestmark = needs_shared
-N_FAST = 4  # images in the default suite; the heavy variant uses 20
+N_FAST = 3  # images in the default suite; the heavy variant uses 20
 
 
 @pytest.fixture(scope="module")
