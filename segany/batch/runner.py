@@ -101,6 +101,23 @@ def _in_process(worker_cls, job, items: Sequence[Item], batch_size: int) -> Iter
             yield {k: v[i] for k, v in out.items()}
 
 
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): (.+)$")
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The user code's own error ("RuntimeError: ...") from the traceback text Ray wraps around it."""
+    chain, current = [], exc
+    while isinstance(current, BaseException) and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    for error in chain:
+        for line in reversed(str(error).splitlines()):
+            match = _ERROR_LINE.match(line)
+            if match and not match.group(1).startswith("ray") and "UserCodeException" not in match.group(1):
+                return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2).strip()}"
+    return type(exc).__name__
+
+
 def _on_ray(worker_cls, job, items: Sequence[Item], options: RayOptions) -> Iterator[Dict[str, Any]]:
     ray = import_ray()
     started = False
@@ -139,8 +156,7 @@ def _on_ray(worker_cls, job, items: Sequence[Item], options: RayOptions) -> Iter
             for row in mapped.iter_rows():
                 yield {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         except ray.exceptions.RayError as exc:  # e.g. a replica could not load the model on its node
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            raise RayRunFailed(f"the Ray run stopped: {lines[-1] if lines else type(exc).__name__}") from exc
+            raise RayRunFailed(f"the Ray run stopped: {_root_cause(exc)}") from exc
     finally:
         if started:
             ray.shutdown()
