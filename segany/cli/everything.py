@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from .batch import ray_options, run_everything_batch, wants_batch
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 RUN_LOG = "segany-run.json"
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -133,8 +135,9 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--checkpoint", "-c", required=True, help="Checkpoint file or model name.")
 @click.option("--out", "-o", "out_dir", required=True, type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--format", "fmt", type=click.Choice(["sa1b", "coco"]), default="sa1b", show_default=True,
-              help="sa1b: one JSON per image; coco: one COCO file per image plus instances.json.")
+@click.option("--format", "fmt", type=click.Choice(["sa1b", "coco", "parquet", "sa1b+parquet"]), default="sa1b",
+              show_default=True, help="sa1b: one JSON per image; coco: one COCO file per image plus instances.json; "
+              "parquet: Parquet shards of COCO RLE (see docs/scale.md).")
 @click.option("--viz", is_flag=True, help="Also write <name>.overlay.png: all masks coloured and outlined.")
 @click.option("--cutouts", is_flag=True, help="Also write <name>_cutouts/<i>.png: each mask as a transparent cut-out.")
 @click.option("--fast", is_flag=True, help='Load the model in mode="fast" (faster, not bit-exact).')
@@ -159,11 +162,13 @@ def _is_done(path: Path, fmt: str) -> bool:
 @click.option("--imgsz", type=int, default=None, help="FastSAM: inference size, longer side (default 1024).")
 @click.option("--level", "levels", metavar="L[,L...]",
               help="Semantic-SAM only: granularity level(s) 1 (coarsest) .. 6 (finest), e.g. 3 or 1,3,6 (default: all six).")
+@ray_options
 @click.option("--overwrite", is_flag=True,
               help="Start over in --out even if it holds results of another checkpoint or other settings.")
 def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, viz: bool, cutouts: bool,
                fast: bool, device: str, recursive: bool, polygons: bool, tolerance: float, overwrite: bool,
                conf: Optional[float], iou: Optional[float], imgsz: Optional[int], levels: Optional[str] = None,
+               ray_address=None, actors=None, batch_size=None, cpus_per_actor=None, gpus_per_actor=None,
                **generator_options) -> None:
     """Segment everything in PATHS (images, folders, or .txt lists of image paths).
 
@@ -174,7 +179,15 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
       segany everything list.txt -c vit_b -o masks/ --crop-n-layers 1 --min-mask-region-area 100
       segany everything photos/ -c fastsam-s -o masks/ --conf 0.4 --iou 0.9 --imgsz 1024
       segany everything photo.jpg -c semantic-sam-t --level 3 -o masks/
+      segany everything manifest.csv -c vit_b -o masks/ --format sa1b+parquet --ray
     """
+    if wants_batch(paths, fmt, ray_address):  # Ray, Parquet, manifests, tar shards: segany.batch
+        if conf is not None or iou is not None or imgsz is not None or levels is not None:
+            raise ValueError("--conf, --iou, --imgsz and --level are not available with --ray, Parquet, manifests or "
+                             "tar shards yet: run those models on images, folders or lists")
+        return run_everything_batch(paths, checkpoint, out_dir, fmt, fast, device, recursive,
+                                    {"viz": viz, "cutouts": cutouts, "polygons": polygons}, generator_options,
+                                    ray_address, actors, batch_size, cpus_per_actor, gpus_per_actor)
     from tqdm import tqdm
 
     from ..io.device import check_device

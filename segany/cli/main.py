@@ -13,6 +13,7 @@ import click
 COMMANDS: Dict[str, tuple] = {
     "segment": ("segany.cli.segment", "segment", "Segment an image from points and/or a box."),
     "everything": ("segany.cli.everything", "everything", "Segment everything in images (automatic masks)."),
+    "embed": ("segany.cli.batch", "embed", "Precompute the annotation server's image embeddings."),
     "models": ("segany.cli.zoo", "models", "List the known checkpoints."),
     "download": ("segany.cli.zoo", "download", "Download a released checkpoint into the cache."),
     "export-onnx": ("segany.cli.export", "export_onnx", "Export the model to ONNX."),

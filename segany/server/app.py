@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ..io import embedding_cache
 from ..predict import Segmenter
 from .decoder_routes import add_page_decoding
 from .deps import ServerContext
@@ -105,7 +106,7 @@ def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) 
         import_roots=[Path(r).expanduser().resolve() for r in (config.import_roots or [data_dir])],
         storage=Storage(data_dir / "segany.db"),
         segmenter=segmenter,
-        embeddings=EmbeddingService(segmenter, data_dir / "embeddings" / key, config.memory_embeddings),
+        embeddings=EmbeddingService(segmenter, embedding_cache.cache_dir(data_dir, key), config.memory_embeddings),
         logits_cache=LogitsCache(config.logits_cache),
         jobs=Jobs(config.max_jobs, config.job_time_limit_s),
         fastsam_proposals=FastSamProposals(config.proposal_model, config.mode) if config.proposal_model else None,

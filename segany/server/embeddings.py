@@ -7,7 +7,6 @@ The queue is a priority queue: the image a user opens (or decodes on) jumps ahea
 """
 from __future__ import annotations
 
-import hashlib
 import heapq
 import itertools
 import logging
@@ -18,24 +17,15 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 
 from ..io.atomic import atomic_write_bytes
+from ..io.embedding_cache import cache_file, encode_embedding, model_key  # noqa: F401 (model_key: the server's API)
 from ..predict import ImageEmbedding, Segmenter
 
 log = logging.getLogger("segany.server")
 
 PRIORITY_OPEN = 0  # the image on screen
 PRIORITY_BULK = 10  # everything else, in import order
-
-
-def model_key(checkpoint: Path, mode: str) -> str:
-    """Cache key of a model: content hash of its checkpoint plus the numeric mode."""
-    digest = hashlib.sha256()
-    with open(checkpoint, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return f"{digest.hexdigest()[:16]}-{mode}"
 
 
 class EmbeddingService:
@@ -74,7 +64,7 @@ class EmbeddingService:
     # ------------------------------------------------------------ status
 
     def path_for(self, sha256: str) -> Path:
-        return self.cache_dir / f"{sha256}.safetensors"
+        return cache_file(self.cache_dir, sha256)
 
     def status(self, sha256: str) -> str:
         """ready | computing | queued | error | missing"""
@@ -170,9 +160,7 @@ class EmbeddingService:
     def _compute(self, sha256: str, image_path: Path) -> None:
         start = time.perf_counter()
         embedding = self.segmenter.embed(image_path)
-        tensors = {name: value.detach().cpu().contiguous() for name, value in embedding.features.items()}
-        h, w = embedding.original_size
-        data = save_safetensors(tensors, metadata={"height": str(h), "width": str(w), "sha256": sha256})
+        data = encode_embedding(embedding.features, embedding.original_size, sha256)
         atomic_write_bytes(self.path_for(sha256), data)
         self._remember(sha256, embedding)
         elapsed = time.perf_counter() - start
