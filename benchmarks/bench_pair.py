@@ -120,7 +120,7 @@ def main() -> int:
                 after = statistics.median(s[row] for s in samples["after"])
                 spread = {side: (min(s[row] for s in samples[side]), max(s[row] for s in samples[side])) for side in trees}
                 print(
-                    f"| {name} | {mode} | {row} | {before:.4g} | {after:.4g} | {after / before:.3f} | "
+                    f"| {name} | {mode} | {row} | {before:.4g} | {after:.4g} | {after / before if before else float('nan'):.3f} | "
                     f"{spread['before'][0]:.4g}-{spread['before'][1]:.4g} / {spread['after'][0]:.4g}-{spread['after'][1]:.4g} |",
                     flush=True,
                 )

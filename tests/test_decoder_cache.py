@@ -141,7 +141,7 @@ def test_projected_image_side_equals_the_plain_path(dtype):
 
 
 def test_batched_hypernetworks_equal_one_mlp_per_token():
-    decoder = small_sam(8).mask_decoder
+    decoder = twin(small_sam(8)).mask_decoder
     tokens = torch.randn(3, decoder.num_mask_tokens, decoder.transformer_dim)
     expected = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], 1)
     with torch.no_grad():
@@ -173,7 +173,7 @@ def test_final_attention_on_selected_tokens_equals_those_rows(project):
 def test_decoder_outputs_equal_those_of_all_tokens(multimask):
     """predict_masks with the tokens a decode returns (its final attention and hypernetworks run only
     for the IoU token and those mask tokens) gives the rows of a decode of every mask token."""
-    decoder = small_sam(10).mask_decoder
+    decoder = twin(small_sam(10)).mask_decoder
     torch.manual_seed(2)
     image, pe = torch.randn(1, 64, 16, 16), torch.randn(1, 64, 16, 16)
     sparse, dense = torch.randn(2, 2, 64), torch.randn(1, 64, 1, 1).expand(2, 64, 16, 16)

@@ -76,6 +76,9 @@ class SamEngine:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the model's input frame -> float32 low-res logits (B, C, 256, 256) and IoU (B, C).
         `cache`: a dict kept with these features, where the decoder's image side is prepared once."""
+        if "hq_token_only" not in options and hasattr(self.model, "hq_token_only"):
+            # HQ-SAM's model-wide default, read from the model as it is now (set after the engine was built).
+            options["hq_token_only"] = self.model.hq_token_only
         out = self.net.decode(features, points, boxes, masks, multimask_output, cache=cache, **options)
         return cast_floats(out, torch.float32) if self.fast else out
 
