@@ -116,9 +116,11 @@ class FastSam:
         boxes = post.boxes_to_image(det.boxes, lb)
         masks, stability = post.assemble_masks(protos, det.coefs, boxes, lb.image_hw, stability_offset)
         keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
-        boxes, masks, scores, anchors = boxes[keep], masks[keep], det.scores[keep], det.anchors[keep]
-        if len(stability):
-            stability = stability[keep]
+        if not bool(keep.all()):  # results with an empty mask are dropped (copying the stack only then)
+            boxes, masks, det.scores, det.anchors = boxes[keep], masks[keep], det.scores[keep], det.anchors[keep]
+            if len(stability):
+                stability = stability[keep]
+        scores, anchors = det.scores, det.anchors
         final = post.whole_image_rule(post.snap_to_border(boxes, lb.image_hw, s.border_snap), lb.image_hw, s.whole_image_iou)
         return FastSamResult(
             image_hw=lb.image_hw,

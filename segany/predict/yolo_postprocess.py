@@ -173,10 +173,13 @@ def assemble_masks(protos: torch.Tensor, coefs: torch.Tensor, boxes: torch.Tenso
             part = F.interpolate(part[..., t:b, l:r], (h, w), mode="bilinear", align_corners=False)
         part = part[0]  # (n, h, w)
         x1, y1, x2, y2 = (boxes[sl, k, None] for k in range(4))
-        inside = ((cols >= x1) & (cols < x2))[:, None, :] & ((rows >= y1) & (rows < y2))[:, :, None]
+        in_cols = ((cols >= x1) & (cols < x2))[:, None, :]  # (n, 1, w)
+        in_rows = ((rows >= y1) & (rows < y2))[:, :, None]  # (n, h, 1)
         torch.gt(part, 0, out=masks[sl])
-        masks[sl] &= inside
+        masks[sl] &= in_cols  # the box is separable: no (n, h, w) box mask is built
+        masks[sl] &= in_rows
         if stability_offset > 0:
+            inside = in_cols & in_rows
             high = ((part > stability_offset) & inside).sum((1, 2))
             low = ((part > -stability_offset) & inside).sum((1, 2))
             stability[sl] = torch.where(low > 0, high.float() / low.clamp(min=1).float(), torch.zeros(()))
