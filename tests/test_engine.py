@@ -42,7 +42,7 @@ FORBIDDEN = [
 
 
 def _modeling_files():
-    return sorted(MODELING.glob("*.py"))
+    return sorted(MODELING.glob("**/*.py"))  # every family, sub-packages too
 
 
 def test_the_definition_tests_no_mode_device_dtype_or_native_library():

@@ -76,7 +76,10 @@ def semantic_sam_from_state_dict(
     sd = strip_prefix(sd)
     if not is_semantic_sam_state_dict(sd):
         raise CheckpointError(f"{source} is not a Semantic-SAM checkpoint")
-    cfg = config if config is not None else infer_config(sd)
+    try:
+        cfg = config if config is not None else infer_config(sd)
+    except ValueError as exc:  # the definition says what does not fit; this layer says it of a checkpoint
+        raise CheckpointError(f"{source}: {exc}") from None
     if size is not None and cfg.size_name != size:
         found = SIZE_NAMES.get(cfg.size_name, f"a Swin of embed {cfg.swin.embed_dim}, depths {list(cfg.swin.depths)}")
         raise CheckpointError(f"{source} holds Semantic-SAM {found}, not {SIZE_NAMES[size]} as its name says")

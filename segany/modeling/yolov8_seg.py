@@ -10,7 +10,7 @@
 
 Module names follow the released state dict (`model.<layer index>....`, as the layer list of
 yolov8-seg numbers them), so a released checkpoint loads strictly. The definition is plain float32 math;
-fused conv-BN, channels-last and bfloat16 live in `segany.engine.fastsam`.
+fused conv-BN, channels-last and reduced precision live in `segany.engine.fastsam`.
 """
 from __future__ import annotations
 

@@ -108,17 +108,15 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> SemanticSamConfig:
     The head counts of the deformable attentions cannot be told apart from their point counts by the
     shapes alone; they are the released 8 heads, and the point count follows from that.
     """
-    from ...io.errors import CheckpointError
-
     def need(key: str) -> torch.Tensor:
         if key not in sd:
-            raise CheckpointError(f"missing key {key!r}: not a Semantic-SAM checkpoint, or a damaged one")
+            raise ValueError(f"missing key {key!r}: not a Semantic-SAM checkpoint, or a damaged one")
         return sd[key]
 
     proj = need(f"{BACKBONE}patch_embed.proj.weight")  # (C, 3, p, p)
     num_stages = _count(sd, f"{BACKBONE}layers.")
     if num_stages == 0:
-        raise CheckpointError("no Swin stages (backbone.layers.*) in the checkpoint")
+        raise ValueError("no Swin stages (backbone.layers.*) in the checkpoint")
     depths = tuple(_count(sd, f"{BACKBONE}layers.{i}.blocks.") for i in range(num_stages))
     heads, windows = [], set()
     for i in range(num_stages):
@@ -126,10 +124,10 @@ def infer_config(sd: Mapping[str, torch.Tensor]) -> SemanticSamConfig:
         heads.append(int(table.shape[1]))
         side = round(table.shape[0] ** 0.5)
         if side * side != table.shape[0] or side % 2 == 0:
-            raise CheckpointError(f"relative position table of stage {i} has {table.shape[0]} rows: not (2w-1)^2")
+            raise ValueError(f"relative position table of stage {i} has {table.shape[0]} rows: not (2w-1)^2")
         windows.add((side + 1) // 2)
     if len(windows) != 1:
-        raise CheckpointError(f"Swin stages use different window sizes {sorted(windows)}")
+        raise ValueError(f"Swin stages use different window sizes {sorted(windows)}")
     embed_dim = int(proj.shape[0])
     fc1 = need(f"{BACKBONE}layers.0.blocks.0.mlp.fc1.weight")
     swin = SwinConfig(
