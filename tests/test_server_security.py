@@ -84,7 +84,7 @@ def test_writes_need_the_token(live):
     # Reads from loopback need no token; the page and its assets never do.
     assert httpx.get(f"{base}/api/projects/{pid}").status_code == 200
     assert httpx.get(f"{base}/").status_code == 200
-    assert httpx.get(f"{base}/static/app.js").status_code == 200
+    assert httpx.get(f"{base}/static/js/main.js").status_code == 200
 
 
 def test_non_loopback_clients_need_the_token_for_reads(fixture_sam, tmp_path):

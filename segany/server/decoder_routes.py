@@ -22,6 +22,32 @@ from .onnx_decoder import DecoderExport, embedding_file
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 
 
+class PageIsolation:
+    """ASGI middleware adding COOP/COEP to the page and its static files. Pure ASGI (not
+    BaseHTTPMiddleware), so that the request body streams through untouched to the guard's size limit."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Dict[str, Any], receive: Callable, send: Callable) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path == "/" or path.startswith("/static/")):
+            await self.app(scope, receive, send)
+            return
+
+        async def send_isolated(message: Dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                for name, value in ISOLATION_HEADERS.items():
+                    if name.lower().encode() not in present:
+                        headers.append((name.lower().encode(), value.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_isolated)
+
+
 def _not_modified(request: Request, etag: str) -> bool:
     wanted = request.headers.get("if-none-match", "")
     return etag in [tag.strip() for tag in wanted.split(",")] or wanted.strip() == "*"
@@ -94,13 +120,5 @@ def add_page_decoding(
     app.state.decoder_export = decoder
     app.include_router(page_decoding_router(decoder, storage, embeddings, image_path, model_key, wait_s))
 
-    @app.middleware("http")
-    async def _isolate_page(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        if path == "/" or path.startswith("/static/"):
-            for name, value in ISOLATION_HEADERS.items():
-                response.headers.setdefault(name, value)
-        return response
-
+    app.add_middleware(PageIsolation)
     return decoder
