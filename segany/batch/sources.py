@@ -14,6 +14,7 @@ same rule as the in-process `segany everything`.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,6 +22,8 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from ..io.sa1b import sa1b_image_ids
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -38,13 +41,15 @@ class Item:
     name: str  # the file name recorded in the outputs
     offset: int = -1  # >= 0: the image is bytes [offset, offset + size) of the file at `uri`
     size: int = -1
+    image_id: int = 0  # the SA-1B image id (segany.io.sa1b.sa1b_image_ids over the whole input)
 
     def to_row(self) -> Dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_row(cls, row: Dict[str, Any]) -> "Item":
-        return cls(str(row["id"]), str(row["uri"]), str(row["name"]), int(row["offset"]), int(row["size"]))
+        return cls(str(row["id"]), str(row["uri"]), str(row["name"]), int(row["offset"]), int(row["size"]),
+                   int(row.get("image_id", 0)))
 
 
 def is_url(text: str) -> bool:
@@ -246,4 +251,5 @@ def list_items(sources: Sequence[str], recursive: bool = False) -> List[Item]:
         seen[item.id] = item
     if not items:
         raise ValueError("no images found in " + ", ".join(map(str, sources)))
-    return items
+    ids = sa1b_image_ids([Path(item.name).stem for item in items])
+    return [dataclasses.replace(item, image_id=image_id) for item, image_id in zip(items, ids)]

@@ -76,7 +76,7 @@ def segment_document(generator, item: Item) -> Dict[str, Any]:
     image = decode_image(read_bytes(item))
     h, w = image.shape[:2]
     annotations = generator.generate_records(image).to_annotations("uncompressed_rle")
-    return sa1b.sa1b_document(annotations, {"width": w, "height": h, "file_name": item.name})
+    return sa1b.sa1b_document(annotations, {"image_id": item.image_id, "width": w, "height": h, "file_name": item.name})
 
 
 class EverythingWorker:

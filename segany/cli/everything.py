@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from ..io.sa1b import sa1b_image_ids
 from .batch import ray_options, run_everything_batch, wants_batch
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -73,18 +74,6 @@ def display_names(images: Sequence[Path]) -> List[str]:
     resolved = [p.resolve() for p in images]
     root = Path(os.path.commonpath([str(r.parent) for r in resolved]))
     return [n if names.count(n) == 1 else r.relative_to(root).as_posix() for n, r in zip(names, resolved)]
-
-
-def sa1b_image_ids(images: Sequence[Path]) -> List[int]:
-    """SA-1B image ids: the number of an SA-1B file name (sa_223750.jpg -> 223750) where every input has
-    one and they are unique, else the image's position in the input (1, 2, ...)."""
-    numbers = []
-    for p in images:
-        m = re.fullmatch(r"sa_(\d+)", p.stem)
-        numbers.append(int(m.group(1)) if m else None)
-    if None not in numbers and len(set(numbers)) == len(numbers):
-        return numbers
-    return list(range(1, len(images) + 1))
 
 
 def check_run_log(out: Path, run: Dict, names: Sequence[str], fmt: str, overwrite: bool) -> None:
@@ -208,7 +197,7 @@ def everything(paths: Tuple[str, ...], checkpoint: str, out_dir: str, fmt: str, 
     images = collect_images(paths, recursive)
     names = output_names(images)
     file_names = display_names(images)
-    ids = sa1b_image_ids(images)
+    ids = sa1b_image_ids([p.stem for p in images])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = resolve_checkpoint(checkpoint)

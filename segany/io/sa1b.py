@@ -10,6 +10,7 @@ stability score or crop box) leave them out; a record's own "id" is kept.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Sequence, Union
 
@@ -105,3 +106,15 @@ def sa1b_masks(doc: Dict[str, Any]) -> np.ndarray:
     if not doc["annotations"]:
         return np.zeros((0, int(image["height"]), int(image["width"])), dtype=bool)
     return np.stack([rle_io.decode(a["segmentation"]) for a in doc["annotations"]])
+
+
+def sa1b_image_ids(stems: Sequence[str]) -> List[int]:
+    """SA-1B image ids: the number of an SA-1B file name (sa_223750.jpg -> 223750) where every input has
+    one and they are unique, else the image's position in the input (1, 2, ...)."""
+    numbers = []
+    for stem in stems:
+        m = re.fullmatch(r"sa_(\d+)", stem)
+        numbers.append(int(m.group(1)) if m else None)
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return numbers
+    return list(range(1, len(stems) + 1))

@@ -30,7 +30,7 @@ from .jobs import Cancelled, Jobs
 from .logits import LogitsCache
 from .proposals import FastSamProposals
 from .routes import annotations, decode, images, info, projects, transfer
-from .schemas import Error
+from .schemas import ERROR_RESPONSES
 from .security import Guard
 from .storage import Conflict, NotFound, Storage
 
@@ -60,18 +60,6 @@ class ServerConfig:
     max_jobs: int = 2  # proposals / imports running at once (more get 503)
     job_time_limit_s: float = 300.0  # a proposals or import job is stopped after this long
     clip: Optional[str] = None  # a CLIP file or zoo name for text search (POST /api/images/{id}/find)
-
-
-# Every error the API answers, as the OpenAPI schema describes it: {"detail": "one line"}.
-ERROR_RESPONSES = {
-    status: {"model": Error, "description": text}
-    for status, text in {
-        400: "Malformed request", 401: "Missing or wrong access token", 403: "Cross-origin or outside the allowed folders",
-        404: "No such project, image, label or annotation", 409: "Conflict with the stored state",
-        413: "Body, file or image too large", 415: "Not a supported image", 421: "Unknown Host",
-        422: "Invalid request (the reason in detail)", 503: "Busy: try again (Retry-After)",
-    }.items()
-}
 
 
 def _error(status: int, message: str) -> JSONResponse:

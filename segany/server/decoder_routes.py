@@ -18,6 +18,13 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from .onnx_decoder import DecoderExport, embedding_file
+from .schemas import ERROR_RESPONSES
+
+# The two files are bytes, not JSON; 304 answers a matching If-None-Match.
+BINARY_RESPONSES: Dict[Any, Dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+    304: {"description": "Not modified (If-None-Match matched the ETag)"},
+}
 
 ISOLATION_HEADERS = {"Cross-Origin-Opener-Policy": "same-origin", "Cross-Origin-Embedder-Policy": "require-corp"}
 
@@ -67,7 +74,8 @@ def page_decoding_router(
     def decoder_info() -> Dict[str, Any]:
         return decoder.describe()
 
-    @router.get("/api/decoder/{key}.onnx", summary="The model's prompt decoder as ONNX (exported once, cached)")
+    @router.get("/api/decoder/{key}.onnx", summary="The model's prompt decoder as ONNX (exported once, cached)",
+                response_class=Response, responses=BINARY_RESPONSES)
     def decoder_file(key: str, request: Request):
         if not decoder.available:
             return JSONResponse({"detail": decoder.describe()["reason"]}, status_code=404)
@@ -86,6 +94,7 @@ def page_decoding_router(
     @router.get(
         "/api/images/{image_id}/embedding.safetensors",
         summary="The image embedding for in-page decoding (safetensors; sizes in its metadata)",
+        response_class=Response, responses=BINARY_RESPONSES,
     )
     def embedding_download(
         image_id: int, request: Request, dtype: str = Query(default="float16", pattern="^(float16|float32)$")
@@ -118,7 +127,8 @@ def add_page_decoding(
     checkpoint_hash = model_key.split("-")[0] if file_backed else None
     decoder = DecoderExport(model, Path(data_dir) / "decoders", checkpoint if file_backed else None, checkpoint_hash)
     app.state.decoder_export = decoder
-    app.include_router(page_decoding_router(decoder, storage, embeddings, image_path, model_key, wait_s))
+    app.include_router(page_decoding_router(decoder, storage, embeddings, image_path, model_key, wait_s),
+                       responses=ERROR_RESPONSES)
 
     app.add_middleware(PageIsolation)
     return decoder

@@ -20,6 +20,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from ..io import rle as rle_io
+from .schemas import ERROR_RESPONSES
 from ..predict.text_select import ClipScorer, MAX_PHRASE_CHARS, check_phrases, score_masks
 
 NO_CLIP = "no CLIP model is configured: start the server with segany serve --clip PATH_OR_NAME (e.g. clip_vit_b32)"
@@ -67,7 +68,8 @@ def add_find_route(app: FastAPI, clip: Any, storage: Any, embeddings: Any, segme
     )
     scorer_lock = threading.Lock()
 
-    @app.post("/api/images/{image_id}/find", summary="The image's proposals that best match a text")
+    @app.post("/api/images/{image_id}/find", summary="The image's proposals that best match a text",
+              responses=ERROR_RESPONSES)
     def find(image_id: int, body: FindIn) -> Dict[str, Any]:
         if scorer is None:
             raise HTTPException(status_code=409, detail=NO_CLIP)

@@ -66,3 +66,15 @@ class ProposalsIn(BaseModel):
     box_nms_thresh: float = Field(default=0.7, gt=0, le=1)
     min_mask_region_area: int = Field(default=0, ge=0)
     max_proposals: int = Field(default=200, ge=1, le=2000)
+
+
+# Every error the API answers, as the OpenAPI schema describes it: {"detail": "one line"}.
+ERROR_RESPONSES = {
+    status: {"model": Error, "description": text}
+    for status, text in {
+        400: "Malformed request", 401: "Missing or wrong access token", 403: "Cross-origin or outside the allowed folders",
+        404: "No such project, image, label or annotation", 409: "Conflict with the stored state",
+        413: "Body, file or image too large", 415: "Not a supported image", 421: "Unknown Host",
+        422: "Invalid request (the reason in detail)", 503: "Busy: try again (Retry-After)",
+    }.items()
+}
