@@ -259,15 +259,18 @@ def test_hq_sam_falls_back_to_server_decoding(browser, tmp_path):
         stop()
 
 
-def test_find_box_disables_itself_without_a_text_endpoint(live, browser):
+def test_find_box_disables_itself_without_a_text_model(live, browser):
+    # This server has no CLIP model: /api/info says so and the page disables the box with the reason.
     image = live["image"]
+    assert live["client"].get("/api/info").json()["text_model"] is False
     context = browser.new_context(viewport={"width": 1300, "height": 800})
     page = context.new_page()
     page.goto(f"{live['base']}/?project={live['project']['id']}&image={image['id']}#token={TOKEN}")
     page.wait_for_function(f"segany.shownImage === {image['id']}")
-    assert page.is_enabled("#find-text")
-    page.fill("#find-text", "a dog")
-    page.click("#find-run")
     page.wait_for_function("document.getElementById('find-run').disabled")
-    assert "unavailable" in page.inner_text("#find-note") and page.evaluate("segany.proposals.length") == 0
+    assert not page.is_enabled("#find-text")
+    assert "no text model" in page.inner_text("#find-note") and page.evaluate("segany.proposals.length") == 0
+    # The endpoint itself answers why (409), which is what the page shows if it tries.
+    r = live["client"].post(f"/api/images/{image['id']}/find", json={"text": "a dog"})
+    assert r.status_code == 409 and "CLIP" in r.json()["detail"]
     context.close()
