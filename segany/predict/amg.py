@@ -145,50 +145,6 @@ class SamMaskSource:
     def _can_split(self) -> bool:
         return self.segmenter.engine.can_decode_above and not self.decode_options
 
-    def set_crop(self, image: np.ndarray) -> None: ...
-
-    def predict(self, points: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]: ...
-
-    def upscale(self, logits: torch.Tensor) -> torch.Tensor: ...
-
-
-class SamMaskSource:
-    """The network as a mask source: a segany Segmenter over a SAM-family model.
-
-    predict() returns the decoder's low-resolution (256 x 256) logits; upscale() maps them to the crop
-    exactly as the released post-processing does (Sam.postprocess_masks).
-
-    Where the engine can (the plain SAM mask decoder, exact or fast mode) it also offers
-    predict_above(), the path the generator prefers: the output upscaling and hypernetwork products
-    run only for the (point, mask) pairs that pass the predicted-IoU threshold
-    (SamEngine.decode_above); the values are those of a full decode.
-    """
-
-    def __init__(self, model: torch.nn.Module, decode_options: Optional[Dict[str, Any]] = None) -> None:
-        from .segmenter import Segmenter
-
-        self.segmenter = Segmenter(model)
-        self.mask_threshold = float(getattr(model, "mask_threshold", 0.0))
-        self.decode_options = dict(decode_options or {})
-        self.embedding = None
-        if not self._can_split():
-            self.predict_above = None  # type: ignore[assignment]  # generator falls back to predict()
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.segmenter.model
-
-    def _can_split(self) -> bool:
-        from ..modeling.mask_decoder import MaskDecoder
-        from ..modeling.sam import Sam
-
-        model = self.model
-        return (
-            type(getattr(model, "mask_decoder", None)) is MaskDecoder
-            and type(model).decode is Sam.decode
-            and not self.decode_options
-        )
-
     def set_crop(self, image: np.ndarray) -> None:
         self.embedding = self.segmenter.embed(np.ascontiguousarray(image))
 
