@@ -23,31 +23,9 @@ class MaskDecoderHQ(MaskDecoder, plain.MaskDecoderHQ):
         """SAM's, and the HQ fusion's convolutions over the image (see MaskDecoder.bulk_modules)."""
         return super().bulk_modules() + [self.compress_vit_feat, self.embedding_encoder, self.embedding_maskfeature]
 
-    def forward(
-        self,
-        image_embeddings: torch.Tensor,
-        image_pe: torch.Tensor,
-        sparse_prompt_embeddings: torch.Tensor,
-        dense_prompt_embeddings: torch.Tensor,
-        multimask_output: bool,
-        interm_embeddings: Optional[torch.Tensor] = None,
-        hq_token_only: bool = False,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Low-res logits (B, 1, 256, 256) and IoU (B, 1): HQ-SAM always returns one mask per prompt."""
-        if interm_embeddings is None:
-            raise ValueError("HQ-SAM's decoder needs the early image-encoder features (interm_embeddings)")
-        fused = self.hq_features(image_embeddings, interm_embeddings)
-        sam_masks, hq_mask, iou = self.predict_masks_hq(
-            image_embeddings, image_pe, sparse_prompt_embeddings, dense_prompt_embeddings, fused
-        )
-        if multimask_output:
-            # SAM's three ambiguity-aware masks collapse to the one with the best predicted IoU.
-            iou, best = iou[:, 1:].max(dim=1, keepdim=True)
-            sam_mask = torch.gather(sam_masks[:, 1:], 1, best[:, :, None, None].expand(-1, -1, *sam_masks.shape[-2:]))
-        else:
-            iou, sam_mask = iou[:, :1], sam_masks[:, :1]
-        masks = hq_mask if hq_token_only else sam_mask + hq_mask
-        return masks, iou
+    # The released forward, resolved to the HQ definition's (the engine's MaskDecoder comes first in the
+    # MRO and would otherwise answer with SAM's): it calls this class's hq_features and predict_masks_hq.
+    forward = plain.MaskDecoderHQ.forward
 
     def predict_masks_hq(
         self,

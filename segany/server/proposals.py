@@ -60,23 +60,7 @@ def generate_proposals(
     )
     generator = MaskGenerator(CachedEmbeddingSource(segmenter, embedding, job), settings)
     records = generator.generate(load_image(image_path))
-    out = []
-    for i, r in enumerate(records):
-        seg = r["segmentation"]
-        counts = seg["counts"].decode("ascii") if isinstance(seg["counts"], bytes) else seg["counts"]
-        out.append(
-            {
-                "index": i,
-                "segmentation": {"size": [int(v) for v in seg["size"]], "counts": counts},
-                "area": int(r["area"]),
-                "bbox": [float(v) for v in r["bbox"]],
-                "predicted_iou": float(r["predicted_iou"]),
-                "stability_score": float(r["stability_score"]),
-                "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
-                "crop_box": [float(v) for v in r["crop_box"]],
-            }
-        )
-    return out
+    return proposal_records(records)
 
 
 class FastSamProposals:
@@ -104,20 +88,25 @@ class FastSamProposals:
 
     def proposals(self, image_path: Path, max_proposals: int) -> List[Dict[str, Any]]:
         records = self.runner().generate_records(load_image(image_path)).to_annotations("coco_rle")
-        out = []
-        for i, r in enumerate(records[:max_proposals]):
-            seg = r["segmentation"]
-            counts = seg["counts"].decode("ascii") if isinstance(seg["counts"], bytes) else seg["counts"]
-            out.append(
-                {
-                    "index": i,
-                    "segmentation": {"size": [int(v) for v in seg["size"]], "counts": counts},
-                    "area": int(r["area"]),
-                    "bbox": [float(v) for v in r["bbox"]],
-                    "predicted_iou": float(r["predicted_iou"]),
-                    "stability_score": float(r["stability_score"]),
-                    "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
-                    "crop_box": [float(v) for v in r["crop_box"]],
-                }
-            )
-        return out
+        return proposal_records(records[:max_proposals])
+
+
+def proposal_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Generator records in COCO RLE (SAM's or FastSAM's) as the proposals endpoint returns them."""
+    out = []
+    for i, r in enumerate(records):
+        seg = r["segmentation"]
+        counts = seg["counts"].decode("ascii") if isinstance(seg["counts"], bytes) else seg["counts"]
+        out.append(
+            {
+                "index": i,
+                "segmentation": {"size": [int(v) for v in seg["size"]], "counts": counts},
+                "area": int(r["area"]),
+                "bbox": [float(v) for v in r["bbox"]],
+                "predicted_iou": float(r["predicted_iou"]),
+                "stability_score": float(r["stability_score"]),
+                "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
+                "crop_box": [float(v) for v in r["crop_box"]],
+            }
+        )
+    return out
