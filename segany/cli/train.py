@@ -58,9 +58,12 @@ def _parse_val(specs: Tuple[str, ...], max_objects: int):
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its train_state.pt, bit-for-bit.")
 @click.option("--stop-after", type=int, default=None, help="Stop (resumably) after this many steps of this call.")
 @click.option("--progress/--no-progress", default=True)
+@click.option("--plain-modules", is_flag=True,
+              help="Run the steps through the plain model definition instead of the engine's training twin (same math, slower).")
 def train(checkpoint, data, val, out, mode, steps, images_per_step, instances, lr, weight_decay, warmup,
           point_rounds, mask_rounds, box_probability, loss_side, flip, scale_range, min_area, lora_rank, lora_alpha, seed,
-          workers, val_every, val_clicks, val_objects, save_every, cache_dir, threads, resume, stop_after, progress):
+          workers, val_every, val_clicks, val_objects, save_every, cache_dir, threads, resume, stop_after, progress,
+          plain_modules):
     """Train or fine-tune a model with SAM's recipe (simulated interactive prompting, focal + dice + IoU losses).
 
     \b
@@ -82,7 +85,7 @@ def train(checkpoint, data, val, out, mode, steps, images_per_step, instances, l
         mode=mode, steps=steps, images_per_step=images_per_step, max_instances=instances, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup, lora_rank=lora_rank, lora_alpha=lora_alpha,
         loss_side=loss_side, seed=seed, workers=workers, val_every=val_every, val_clicks=val_clicks,
-        save_every=save_every, cache_dir=cache_dir,
+        save_every=save_every, cache_dir=cache_dir, training_twin=not plain_modules,
         prompts=PromptConfig(num_point_rounds=point_rounds, num_mask_only_rounds=mask_rounds, box_probability=box_probability),
         augment=AugmentConfig(flip=flip, scale_range=tuple(scale_range), min_instance_area=min_area),
     )

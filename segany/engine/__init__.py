@@ -5,5 +5,6 @@ speed lives here, in `segany/engine/<family>.py`; its definition in segany.model
 """
 from .precision import make_fast
 from .sam_engine import MODES, SamEngine, build_engine
+from .training import training_twin
 
-__all__ = ["MODES", "SamEngine", "build_engine", "make_fast"]
+__all__ = ["MODES", "SamEngine", "build_engine", "make_fast", "training_twin"]

@@ -9,7 +9,7 @@ itself is never changed.
 """
 from __future__ import annotations
 
-from typing import Dict, Type
+from typing import Dict, Mapping, Optional, Type
 
 import torch
 from torch import nn
@@ -26,15 +26,26 @@ def engine_class(plain: Type[nn.Module]) -> Type[nn.Module]:
     return _ENGINE_CLASSES.get(plain, plain)
 
 
-def twin(module: nn.Module) -> nn.Module:
+def twin(
+    module: nn.Module, classes: Optional[Mapping[Type[nn.Module], Type[nn.Module]]] = None, keep_unchanged: bool = False
+) -> nn.Module:
     """A copy of `module`'s tree whose modules have the engine's classes, sharing its parameters and
-    buffers (their dictionaries, not copies)."""
+    buffers (their dictionaries, not copies). `classes`: plain class -> twin class (default: the
+    inference engine's, see register). With `keep_unchanged` a subtree without any class to change is
+    the model's own module (not a copy), so that its train()/eval() state is the model's."""
     made: Dict[int, nn.Module] = {}
+    classes = _ENGINE_CLASSES if classes is None else classes
+
+    def changes(m: nn.Module) -> bool:
+        return any(type(sub) in classes for sub in m.modules())
 
     def convert(m: nn.Module) -> nn.Module:
         if id(m) in made:
             return made[id(m)]
-        new = object.__new__(engine_class(type(m)))
+        if keep_unchanged and not changes(m):
+            made[id(m)] = m
+            return m
+        new = object.__new__(classes.get(type(m), type(m)))
         new.__dict__ = m.__dict__.copy()
         new._parameters = m._parameters
         new._buffers = m._buffers

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import atomic_write_bytes, atomic_write_text
+from ..engine.training import training_twin
 from ..io.checkpoint import save_checkpoint
 from ..predict.transforms import ResizeLongestSide
 from .cache import EmbeddingCache, cached_or_fresh, encode_frame
@@ -71,6 +72,9 @@ class TrainConfig:
     val_clicks: int = 3
     save_every: int = 100
     cache_dir: Optional[str] = None  # decoder mode; default <out>/embedding_cache
+    # Forward and backward through the engine's training twin (segany.engine.training: the same
+    # parameters and math, folded attention); False: through the plain modules.
+    training_twin: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -187,6 +191,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.model = model
         self.params = prepare_model(model, cfg)
+        # What steps run: the model itself, or its training twin (built after LoRA was added).
+        self.net = training_twin(model) if cfg.training_twin else model
         if not self.params:
             raise ValueError("nothing to train: every parameter is frozen")
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -301,7 +307,7 @@ class Trainer:
             features = self.cache.get(frame, size)
             leaves = None
         else:
-            encoded = encode_frame(self.model, frame, size)
+            encoded = encode_frame(self.net, frame, size)
             # Rounds backpropagate one at a time into detached leaves; the encoder once at the end.
             leaves = {k: v.detach().requires_grad_() for k, v in encoded.items()}
             features = leaves
@@ -311,7 +317,7 @@ class Trainer:
         def decode(points, boxes, masks, multimask):
             dev = self.model.device
             points = None if points is None else (points[0].to(dev), points[1].to(dev))
-            return self.model.decode(
+            return self.net.decode(
                 features, points, None if boxes is None else boxes.to(dev), None if masks is None else masks.to(dev), multimask
             )
 
@@ -330,6 +336,7 @@ class Trainer:
     def train_step(self, batch: List[Dict[str, Any]]) -> Dict[str, Any]:
         started = time.perf_counter()
         self.model.train()
+        self.net.train()  # (the twin's own modules; the rest are the model's)
         self.optimizer.zero_grad(set_to_none=True)
         rounds: List[List[RoundResult]] = []
         for slot, sample in enumerate(batch):
