@@ -8,7 +8,8 @@ drift hits both alike. A process loads seeded random weights (the same file for 
 one-point predict (click, mean of 10), 64 one-point prompts through predict_torch (per prompt) and
 everything mode (SamAutomaticMaskGenerator, `--points-per-side`, released thresholds otherwise);
 in exact mode also a fine-tuning step of the mask decoder (Sam.decode with autograd, 8 one-point
-prompts, forward + backward; median of 3 after a warm-up).
+prompts, forward + backward; median of 3 after a warm-up), through the training twin
+(segany.engine.training_twin, what segany.train runs) where the tree has one, else the model.
 Prints per row the median over rounds of each tree and their ratio. The reference implementation is
 not timed here (see bench_speed.py).
 """
@@ -53,6 +54,11 @@ if pps > 0:
     t = time.perf_counter(); masks = generator.generate(image); out["everything_s"] = time.perf_counter() - t
     out["everything_masks"] = len(masks)
 if mode == "exact":  # a fine-tuning step of the mask decoder: 8 one-point prompts, forward + backward
+    try:  # what segany.train runs: the engine's training twin where the tree has one
+        from segany.engine import training_twin
+        net = training_twin(model)
+    except ImportError:
+        net = model
     features = {"image_embeddings": predictor.features.detach()}
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("mask_decoder."))
@@ -60,7 +66,7 @@ if mode == "exact":  # a fine-tuning step of the mask decoder: 8 one-point promp
     times = []
     for _ in range(4):
         t = time.perf_counter()
-        low, iou = model.decode(features, points, None, None, True)
+        low, iou = net.decode(features, points, None, None, True)
         (low.square().mean() + iou.sum()).backward()
         model.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)

@@ -55,6 +55,7 @@ def test_training_twin_matches_the_plain_modules(tiny_sam, case):
     twin_loss, twin_low, twin_grads = _loss_and_grads(twin, model, features, _cases()[case])
     torch.testing.assert_close(twin_low, plain_low, rtol=RTOL, atol=RTOL)
     torch.testing.assert_close(twin_loss, plain_loss, rtol=RTOL, atol=0)
+    # The same parameters get gradients (zeros included: weight decay treats zero and None apart).
     assert set(twin_grads) == set(plain_grads)
     assert any(name.startswith("mask_decoder.transformer.") for name in twin_grads)
     scales: dict = {}
@@ -75,6 +76,7 @@ def test_training_twin_shares_the_model_and_swaps_only_the_decoder_modules(tiny_
     block = twin.mask_decoder.transformer.layers[0]
     assert type(block) is training.TwoWayAttentionBlock
     assert type(block.cross_attn_token_to_image) is training.Attention
+    assert type(twin.mask_decoder) is training.MaskDecoder
     assert type(twin.mask_decoder.output_upscaling) is training.MaskUpscaling
     assert block.cross_attn_token_to_image.q_proj is tiny_sam.mask_decoder.transformer.layers[0].cross_attn_token_to_image.q_proj
     assert dict(twin.named_parameters()).keys() == dict(tiny_sam.named_parameters()).keys()

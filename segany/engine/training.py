@@ -10,7 +10,9 @@ outputs with fewer operations, differentiably:
   so no (positions x C) projection of the image is formed, nor its gradient; other attentions run
   through torch's scaled_dot_product_attention;
 - the output upscaling's 2x2, stride-2 transposed convolutions run channels-last as matrix products
-  (each input pixel owns its output block), its norm as a layer norm over the last axis.
+  (each input pixel owns its output block), its norm as a layer norm over the last axis;
+- the mask decoder meets the hypernetwork weights with each position's block of upscaled features
+  and shuffles only the mask logits into image order, for the mask tokens the call returns.
 
 The products are the plain ones in another order, so losses and gradients equal the plain modules'
 up to float32 rounding (tests/test_training_twin.py). The plain modules (segany.modeling) stay what
@@ -28,7 +30,7 @@ from torch import nn
 
 from ..modeling import mask_decoder as plain_decoder
 from ..modeling import transformer as plain_transformer
-from .mask_decoder import conv_transpose_2x2
+from .mask_decoder import conv_transpose_2x2, conv_transpose_2x2_blocks
 from .twin import twin
 
 # Attention with at most this many keys per query side counts as "few tokens" against the image:
@@ -138,10 +140,49 @@ class MaskUpscaling(plain_decoder.MaskUpscaling):
         return x.permute(0, 3, 1, 2)
 
 
+class MaskDecoder(plain_decoder.MaskDecoder):
+    """The plain decoder's steps, with the output upscaling's features kept in blocks: each image
+    position's 4x4 block of upscaled features (channels-last products, see MaskUpscaling) meets the
+    hypernetwork weights there, and only the mask logits are shuffled into image order; and only for
+    the mask tokens the call returns (the plain decoder drops the others' logits)."""
+
+    def forward(
+        self,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        multimask_output: bool,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        batch = sparse_prompt_embeddings.shape[0]
+        tokens = torch.cat([self.output_tokens(batch), sparse_prompt_embeddings], dim=1)  # B, T + N, C
+        src = image_embeddings.expand(batch, -1, -1, -1) if image_embeddings.shape[0] == 1 else image_embeddings
+        src = src + dense_prompt_embeddings  # B, C, h, w
+        b, c, h, w = src.shape
+        hs, keys = self.transformer(src, image_pe, tokens)  # keys: B, h*w, C
+        selected = slice(1, self.num_mask_tokens) if multimask_output else slice(0, 1)
+        mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens]
+        # Every hypernetwork runs (a few tokens each), so that the unused ones get the zero gradients
+        # the plain decoder gives them (an optimizer's weight decay treats zero and no gradient apart).
+        hyper_in = torch.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
+        )[:, selected]  # B, T', C/8
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        x = conv_transpose_2x2_blocks(keys.view(b, h, w, c), up1)  # B, h, w, (dy1, dx1), C/4
+        x = act1(F.layer_norm(x, (x.shape[-1],), norm.weight, norm.bias, norm.eps))
+        x = act2(conv_transpose_2x2_blocks(x, up2))  # B, h, w, (dy1, dx1), (dy2, dx2), C/8
+        logits = hyper_in @ x.view(b, -1, x.shape[-1]).transpose(1, 2)  # B, T', h*w*16
+        t = hyper_in.shape[1]
+        # output pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2)
+        masks = logits.view(b, t, h, w, 2, 2, 2, 2).permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
+        return masks, self.iou_prediction_head(hs[:, 0, :])[:, selected]
+
+
 TRAINING_CLASSES: Dict[Type[nn.Module], Type[nn.Module]] = {
     plain_transformer.Attention: Attention,
     plain_transformer.TwoWayAttentionBlock: TwoWayAttentionBlock,
     plain_decoder.MaskUpscaling: MaskUpscaling,
+    plain_decoder.MaskDecoder: MaskDecoder,
 }
 
 
