@@ -39,9 +39,9 @@ def test_cached_decode_equals_uncached(fast):
         low, iou = _decode(seg.engine, emb.features, coords, cache=emb.decoder_cache)
         torch.testing.assert_close(low, plain_low, rtol=0, atol=1e-5)
         torch.testing.assert_close(iou, plain_iou, rtol=0, atol=1e-5)
-    side = emb.decoder_cache["mask_decoder_image_side"][-1]
+    side = emb.decoder_cache["mask_decoder_image_side"].side
     _decode(seg.engine, emb.features, coords[:1], cache=emb.decoder_cache)
-    assert emb.decoder_cache["mask_decoder_image_side"][-1] is side  # re-used, not rebuilt
+    assert emb.decoder_cache["mask_decoder_image_side"].side is side  # re-used, not rebuilt
 
 
 def test_results_do_not_alias_each_other():

@@ -4,7 +4,8 @@ segany.modeling.sam.Sam."""
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,39 @@ def low_res_region(
     need_h = min(low_h, -(-int(input_size[0]) // factor_h) + 1)
     need_w = min(low_w, -(-int(input_size[1]) // factor_w) + 1)
     return factor_h, factor_w, need_h, need_w
+
+
+@dataclass(frozen=True)
+class PreparedSideStamp:
+    """What a prepared image side was made from, besides the tensors' identities: the in-place
+    versions of the image embedding and of the "no mask" embedding (tensor_version), and the
+    decoder's (token side, image side) dtypes."""
+
+    versions: Tuple[Optional[int], ...]
+    dtypes: Tuple[torch.dtype, torch.dtype]
+
+
+@dataclass
+class PreparedImageSide:
+    """The mask decoder's image side prepared for one image embedding, kept in the embedding's cache
+    under CACHE_KEY, with what it is valid for: this decoder (a weak reference), this very embedding
+    and PE tensor, and the stamp taken when it was made."""
+
+    CACHE_KEY: ClassVar[str] = "mask_decoder_image_side"
+
+    decoder: "weakref.ReferenceType[nn.Module]"
+    image_embeddings: torch.Tensor
+    image_pe: torch.Tensor
+    stamp: PreparedSideStamp
+    side: Any  # the decoder's shared_image_side(...): an ImageSide (segany.engine.transformer)
+
+    def serves(self, decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor, stamp: PreparedSideStamp) -> bool:
+        return (
+            self.decoder() is decoder
+            and self.image_embeddings is image_embeddings
+            and self.image_pe is image_pe
+            and self.stamp == stamp
+        )
 
 
 class Sam(plain.Sam):
@@ -113,24 +147,21 @@ class Sam(plain.Sam):
         prepare = getattr(self.mask_decoder, "shared_image_side", None)
         if prepare is None or image_embeddings.shape[0] != 1:
             return None
-        # Valid while it is this decoder (in its dtype), this very embedding and PE tensor, and neither they
-        # nor the "no mask" embedding were modified in place.
-        stamp = (
-            tuple(tensor_version(t) for t in (image_embeddings, self.prompt_encoder.no_mask_embed.weight)),
-            (self.mask_decoder.token_dtype, self.mask_decoder.image_dtype),
+        stamp = PreparedSideStamp(
+            versions=tuple(tensor_version(t) for t in (image_embeddings, self.prompt_encoder.no_mask_embed.weight)),
+            dtypes=(self.mask_decoder.token_dtype, self.mask_decoder.image_dtype),
         )
-        entry = cache.get("mask_decoder_image_side")
-        if (
-            entry is None
-            or entry[0]() is not self.mask_decoder
-            or entry[1] is not image_embeddings
-            or entry[2] is not image_pe
-            or entry[3] != stamp
-        ):
-            side = prepare(image_embeddings, image_pe, dense)
-            entry = (weakref.ref(self.mask_decoder), image_embeddings, image_pe, stamp, side)
-            cache["mask_decoder_image_side"] = entry
-        return entry[4]
+        entry = cache.get(PreparedImageSide.CACHE_KEY)
+        if entry is None or not entry.serves(self.mask_decoder, image_embeddings, image_pe, stamp):
+            entry = PreparedImageSide(
+                decoder=weakref.ref(self.mask_decoder),
+                image_embeddings=image_embeddings,
+                image_pe=image_pe,
+                stamp=stamp,
+                side=prepare(image_embeddings, image_pe, dense),
+            )
+            cache[PreparedImageSide.CACHE_KEY] = entry
+        return entry.side
 
 
 register(plain.Sam, Sam)
