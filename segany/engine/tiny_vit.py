@@ -27,8 +27,14 @@ from .image_encoder import window_regions
 from .kernels import is_exporting, linear
 from .twin import register
 
-# Logits of windowed attention computed at once (4 MB in float32: they stay in cache).
-WINDOW_CHUNK_ELEMENTS = 1 << 20
+# Logits of windowed attention computed at once (1 MB in float32: they stay in cache).
+WINDOW_CHUNK_ELEMENTS = 1 << 18
+# An MBConv's hidden map is computed in bands of rows of about this many elements (it is 4x the
+# block's width: 16.8 M elements at vit_t's 256x256 stage 0, fresh pages from the OS on every call
+# if it were allocated whole); the bands stay in cache from one convolution to the next.
+BAND_ELEMENTS = 1 << 21
+# An MLP over more positions than this runs in row chunks, its hidden activations small likewise.
+MLP_CHUNK_ROWS = 1024
 
 
 def _inference(*tensors: torch.Tensor) -> bool:
@@ -82,10 +88,32 @@ def _gelu_in_place(y: torch.Tensor) -> torch.Tensor:
 
 class MBConv(plain.MBConv):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, C, H, W (channels-last)
-        y = self.conv1(x, activation="gelu")
+        b, c, h, w = x.shape
+        hidden = self.conv1.c.out_channels
+        band = max(1, BAND_ELEMENTS // (hidden * w))
+        depthwise = self.conv2.c
+        if band >= h or depthwise.stride != (1, 1) or not _inference(x) or x.dim() != 4:
+            return self.band(x, x, 0, h)
+        # In bands of rows: each band's hidden map from its rows and the depthwise kernel's halo.
+        x = x.contiguous(memory_format=torch.channels_last)  # a band of rows is then one block of memory
+        out = torch.empty_like(x)
+        for r0 in range(0, h, band):
+            r1 = min(h, r0 + band)
+            out[:, :, r0:r1] = self.band(x, x[:, :, r0:r1], r0, r1)
+        return out
+
+    def band(self, x: torch.Tensor, shortcut: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """The block's output rows r0:r1 (shortcut: x's rows r0:r1)."""
+        halo = self.conv2.c.padding[0]
+        a0, a1 = max(0, r0 - halo), min(x.shape[2], r1 + halo)
+        y = self.conv1(x if (a0, a1) == (0, x.shape[2]) else x[:, :, a0:a1], activation="gelu")
+        # The depthwise convolution pads each band as the whole map: rows at a band's inner edge
+        # come from its halo, those at the map's edge from the padding, as in one pass.
         y = self.conv2(y, activation="gelu")
+        if (a0, a1) != (r0, r1):
+            y = y[:, :, r0 - a0 : r0 - a0 + r1 - r0]
         # oneDNN takes no GELU after a fused add: the last GELU is one in-place pass
-        return _gelu_in_place(self.conv3(y, residual=x))
+        return _gelu_in_place(self.conv3(y, residual=shortcut))
 
 
 class PatchMerging(plain.PatchMerging):
@@ -165,8 +193,20 @@ class WindowAttention(plain.WindowAttention):
 class FeedForward(plain.FeedForward):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fc2(GELU(fc1(norm(x)))), plus `residual` when given (added as the product is written)."""
-        hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")  # fc1, then GELU
-        return linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if rows <= 2 * MLP_CHUNK_ROWS or not _inference(x):
+            hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")  # fc1, then GELU
+            return linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
+        # Row chunks: the (rows, 4C) hidden activations stay small (see MLPBlock in engine/common.py).
+        flat = self.norm(x).reshape(rows, x.shape[-1])
+        flat_residual = None if residual is None else residual.reshape(rows, self.fc2.out_features)
+        out = flat.new_empty(rows, self.fc2.out_features)
+        for r0 in range(0, rows, MLP_CHUNK_ROWS):
+            chunk = slice(r0, r0 + MLP_CHUNK_ROWS)
+            hidden = linear(flat[chunk], self.fc1.weight, self.fc1.bias, activation="gelu")
+            shortcut = None if flat_residual is None else flat_residual[chunk]
+            out[chunk] = linear(hidden, self.fc2.weight, self.fc2.bias, residual=shortcut)
+        return out.view(*x.shape[:-1], self.fc2.out_features)
 
 
 class TinyViTBlock(plain.TinyViTBlock):
