@@ -215,16 +215,14 @@ def _interpolate_rows(src: torch.Tensor, src_start: torch.Tensor, out_index: tor
                       taps: torch.Tensor) -> torch.Tensor:
     """One axis of the interpolation, batched: src (n, s, c) holds rows src_start[j] .. + s of each item's
     map; output row i of item j = sum over t of taps[out_index[j, i], t] * src[j, first[out_index[j, i]] + t].
-    Whole rows are copied and scaled (no per-element gather). Returns (n, len(out_index[0]), c)."""
+    Returns (n, len(out_index[0]), c)."""
     n, s, c = src.shape
     flat = src.reshape(n * s, c)
     rows = out_index.shape[1]
-    base = (first[out_index] - src_start[:, None] + torch.arange(n)[:, None] * s).reshape(-1)  # (n * rows,)
-    result = None
-    for t in range(taps.shape[1]):
-        weight = taps[out_index, t].reshape(-1, 1)
-        picked = flat.index_select(0, (base + t).clamp(0, n * s - 1))  # taps beyond the band weigh 0
-        result = picked.mul_(weight) if result is None else result.addcmul_(picked, weight)
+    base = first[out_index] - src_start[:, None] + torch.arange(n)[:, None] * s  # (n, rows)
+    index = (base.reshape(-1, 1) + torch.arange(taps.shape[1])).clamp(0, n * s - 1)  # taps beyond the band weigh 0
+    # one weighted sum of whole rows per output row (embedding_bag: no per-tap intermediates)
+    result = F.embedding_bag(index, flat, per_sample_weights=taps[out_index].reshape(index.shape), mode="sum")
     return result.view(n, rows, c)
 
 
@@ -241,7 +239,8 @@ def assemble_masks_in_boxes(protos: torch.Tensor, coefs: torch.Tensor, boxes: to
     h, w = image_hw
     nm, mh, mw = protos.shape
     n_masks = len(coefs)
-    masks = torch.zeros((n_masks, h, w), dtype=torch.bool)
+    # numpy's zeros come from calloc: pages no box touches are never written
+    masks = torch.from_numpy(np.zeros((n_masks, h, w), dtype=bool))
     stability = torch.zeros(n_masks if stability_offset > 0 else 0, dtype=torch.float32)
     nonempty = torch.zeros(n_masks, dtype=torch.bool)
     if n_masks == 0:
@@ -262,6 +261,8 @@ def assemble_masks_in_boxes(protos: torch.Tensor, coefs: torch.Tensor, boxes: to
     order = torch.argsort(heights * widths, stable=True)
     order = order[(heights * widths)[order] > 0]
     sorted_h, sorted_w = heights[order].tolist(), widths[order].tolist()
+    corners = list(zip(y0.tolist(), x0.tolist()))
+    box_hw = list(zip(heights.tolist(), widths.tolist()))
     spread_r, spread_c = row_taps.shape[1], col_taps.shape[1]
     start = 0
     while start < len(order):
@@ -275,8 +276,9 @@ def assemble_masks_in_boxes(protos: torch.Tensor, coefs: torch.Tensor, boxes: to
             stop, hb, wb, area = stop + 1, nh, nw, grown
         idx = order[start:stop]
         start = stop
-        ys = (y0[idx, None] + torch.arange(hb)).clamp(max=h - 1)  # (n, hb) output rows (padding repeats the last)
-        xs = (x0[idx, None] + torch.arange(wb)).clamp(max=w - 1)
+        # (n, hb) output rows and (n, wb) columns of each box; a smaller box's padding repeats its last one
+        ys = y0[idx, None] + torch.minimum(torch.arange(hb), heights[idx, None] - 1)
+        xs = x0[idx, None] + torch.minimum(torch.arange(wb), widths[idx, None] - 1)
         # the prototype band under each box, shifted to lie inside the map
         src_rows = min(mh, int((row_first[ys[:, -1]] - row_first[ys[:, 0]]).max()) + spread_r)
         src_cols = min(mw, int((col_first[xs[:, -1]] - col_first[xs[:, 0]]).max()) + spread_c)
@@ -292,10 +294,11 @@ def assemble_masks_in_boxes(protos: torch.Tensor, coefs: torch.Tensor, boxes: to
             high = ((crop > stability_offset) & inside).sum((1, 2))
             low = ((crop > -stability_offset) & inside).sum((1, 2))
             stability[idx] = torch.where(low > 0, high.float() / low.clamp(min=1).float(), torch.zeros(()))
+        filled = (crop.flatten(1).amax(1) > 0).tolist()  # (the padding repeats the box's own pixels)
         for j, k in enumerate(idx.tolist()):  # copies only: each box's pixels to their place
-            region = bits[j, : int(heights[k]), : int(widths[k])]
-            masks[k, y0[k] : y1[k], x0[k] : x1[k]] = region
-            nonempty[k] = bool(region.any())
+            top, left = corners[k]
+            masks[k, top : top + box_hw[k][0], left : left + box_hw[k][1]] = bits[j, : box_hw[k][0], : box_hw[k][1]]
+            nonempty[k] = filled[j]
     return masks, stability, nonempty
 
 
