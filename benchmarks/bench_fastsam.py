@@ -1,15 +1,23 @@
 """FastSAM everything mode: segany vs ultralytics 8.4.190 on the same weights and image, and vs SAM vit_b.
 
-    python benchmarks/bench_fastsam.py                         # FastSAM-s and -x, davis345/000, + SAM vit_b
-    python benchmarks/bench_fastsam.py --scales s --rounds 1 --repeats 1 --no-sam   # quick
+    python benchmarks/bench_fastsam.py --no-sam --threads 2 --rounds 3 --repeats 3   # the target's run
+    python benchmarks/bench_fastsam.py --scales s --rounds 1 --repeats 1 --no-sam    # quick
 
 Every measurement runs in its own process (one model in memory, no shared caches), with the same
-thread count. Weights: FastSAM-s = ../shared/fixtures/fastsam/fastsam_s_random.pt (random, conditioned,
-released layout); FastSAM-x = yolov8x-seg (nc=1) built by ultralytics with seeded random weights, its
+thread count on both sides: ultralytics sets its own count (cores - 1, at most 8) when its predictor
+is set up, so each worker pins the count again after its warm-up and checks it after the timed runs.
+Weights: FastSAM-s = ../shared/fixtures/fastsam/fastsam_s_random.pt (random, conditioned, released
+layout); FastSAM-x = yolov8x-seg (nc=1) built by ultralytics with seeded random weights, its
 BatchNorms randomised and its class biases set so that about 2 % of the anchors pass conf 0.4 on this
 image, saved as a state dict that both sides load. Released weights cannot be downloaded here.
-Mask agreement: for each ultralytics mask, the best IoU with a segany mask of the same run.
-Timing: median of --repeats runs after one warm-up, from the RGB array to boxes + full-size masks.
+Detections: with random weights, how many anchors pass conf 0.4 is set by those class biases (the
+fixture's: 251 masks on davis345/000, about what FastSAM gives on a busy photo); the mask stage's
+share of the time grows with that count, so the table reports it per implementation.
+Mask agreement: for each ultralytics mask, the best IoU with a segany mask of the same run; the
+ultralytics row gives the same measure for ultralytics on the image with +-1 grey level of noise,
+the sensitivity of these random weights against which a reduced-precision network is read.
+Timing: median of --repeats runs after one warm-up, from the RGB array to boxes + full-size masks;
+wall and CPU (process) seconds.
 """
 from __future__ import annotations
 
@@ -36,14 +44,21 @@ def load_rgb(path: str) -> np.ndarray:
     return np.array(Image.open(path).convert("RGB"))
 
 
-def timed(fn, repeats: int):
-    fn()  # warm-up
-    times, out = [], None
+def timed(fn, repeats: int, threads: int):
+    """Median wall and CPU (process) seconds of `repeats` calls after one warm-up, at `threads` threads."""
+    import torch
+
+    fn()  # warm-up (ultralytics sets its own thread count while it sets up: pinned again below)
+    torch.set_num_threads(threads)
+    walls, cpus, out = [], [], None
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         out = fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - start_cpu)
+    if torch.get_num_threads() != threads:
+        raise SystemExit(f"the thread count changed to {torch.get_num_threads()} during the timed runs")
+    return float(np.median(walls)), float(np.median(cpus)), out
 
 
 def save_masks(path: str, masks: np.ndarray, scores: np.ndarray) -> None:
@@ -93,11 +108,17 @@ def worker_ultralytics(args) -> dict:
         fs.model.stride = model.stride
         torch.save({k: v.clone() for k, v in fs.model.state_dict().items()}, args.weights)
     torch.set_num_threads(args.threads)
-    run = lambda: fs.predict(bgr, imgsz=args.imgsz, conf=0.4, iou=0.9, retina_masks=True, device="cpu", verbose=False)[0]
-    seconds, out = timed(run, args.repeats)
-    masks = out.masks.data.numpy().astype(bool) if out.masks is not None else np.zeros((0,) + rgb.shape[:2], bool)
+    predict = lambda image: fs.predict(image, imgsz=args.imgsz, conf=args.conf, iou=0.9, retina_masks=True, device="cpu",
+                                       verbose=False)[0]
+    seconds, cpu, out = timed(lambda: predict(bgr), args.repeats, args.threads)
+    as_masks = lambda r: r.masks.data.numpy().astype(bool) if r.masks is not None else np.zeros((0,) + rgb.shape[:2], bool)
+    masks = as_masks(out)
     save_masks(args.out, masks, out.boxes.conf.numpy() if out.boxes is not None else np.zeros(0))
-    return {"seconds": seconds, "masks": int(len(masks))}
+    # How much these weights' masks move when the image changes by +-1 grey level (not timed): the
+    # scale against which a reduced-precision network's agreement is read.
+    noisy = np.clip(bgr.astype(np.int16) + np.random.default_rng(0).integers(-1, 2, bgr.shape), 0, 255).astype(np.uint8)
+    save_masks(args.out.replace(".npz", "_noise.npz"), as_masks(predict(noisy)), np.zeros(0))
+    return {"seconds": seconds, "cpu": cpu, "masks": int(len(masks))}
 
 
 def condition_x(model, bgr, imgsz, ul) -> None:
@@ -139,10 +160,10 @@ def worker_segany(args) -> dict:
     runner = FastSam(model, bfloat16=args.variant == "fast-bf16")
     from segany.predict.fastsam import FastSamSettings
 
-    runner.settings = FastSamSettings(imgsz=args.imgsz).validate()
-    seconds, out = timed(lambda: runner.everything(rgb), args.repeats)
+    runner.settings = FastSamSettings(imgsz=args.imgsz, conf=args.conf).validate()
+    seconds, cpu, out = timed(lambda: runner.everything(rgb), args.repeats, args.threads)
     save_masks(args.out, out.masks, out.scores)
-    return {"seconds": seconds, "masks": int(len(out))}
+    return {"seconds": seconds, "cpu": cpu, "masks": int(len(out))}
 
 
 def worker_sam(args) -> dict:
@@ -164,8 +185,8 @@ def worker_sam(args) -> dict:
     # weights goes through every stage (upscaling, NMS, RLE), the most work everything mode can do
     settings = AmgSettings(pred_iou_thresh=0.0, stability_score_thresh=0.0) if args.sam_permissive else AmgSettings()
     gen = MaskGenerator(model, settings.validate())
-    seconds, records = timed(lambda: gen.generate_records(rgb), max(1, args.repeats // 2))
-    return {"seconds": seconds, "masks": int(len(records))}
+    seconds, cpu, records = timed(lambda: gen.generate_records(rgb), max(1, args.repeats // 2), args.threads)
+    return {"seconds": seconds, "cpu": cpu, "masks": int(len(records))}
 
 
 # ------------------------------------------------------------------------------- driver
@@ -196,8 +217,10 @@ def main() -> None:
     parser.add_argument("--scales", default="s,x")
     parser.add_argument("--scale", default="s")
     parser.add_argument("--variant", default="exact")
+    parser.add_argument("--variants", default="exact,fast-fp32,fast-bf16", help="segany variants to time")
     parser.add_argument("--image", default=str(SHARED / "datasets" / "davis345" / "images" / "000.jpg"))
     parser.add_argument("--imgsz", type=int, default=1024)
+    parser.add_argument("--conf", type=float, default=0.4, help="FastSAM's default 0.4 (the target's setting)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
@@ -214,47 +237,53 @@ def main() -> None:
     if not FIXTURE.is_file():
         raise SystemExit("../shared/fixtures/fastsam is absent: no FastSAM weights to benchmark")
     tmp = tempfile.mkdtemp(prefix="bench_fastsam_")
-    common = dict(image=args.image, imgsz=args.imgsz, repeats=args.repeats, threads=args.threads, tmp=tmp)
+    common = dict(image=args.image, imgsz=args.imgsz, conf=args.conf, repeats=args.repeats, threads=args.threads, tmp=tmp)
     rows = []
-    variants = ("exact", "fast-fp32", "fast-bf16")
+    variants = tuple(v for v in args.variants.split(",") if v)
     for scale in args.scales.split(","):
         weights = str(FIXTURE) if scale == "s" else f"{tmp}/fastsam_x_random.pt"
-        seconds = {name: [] for name in ("ultralytics",) + variants}
+        wall = {name: [] for name in ("ultralytics",) + variants}
+        cpu = {name: [] for name in wall}
         counts = {}
         # Rounds interleave the implementations so that a change in the machine's load hits all of them.
         for _ in range(args.rounds):
             ref = spawn("ultralytics", scale=scale, weights=weights, out=f"{tmp}/ul_{scale}.npz", **common)
-            seconds["ultralytics"].append(ref["seconds"])
+            wall["ultralytics"].append(ref["seconds"])
+            cpu["ultralytics"].append(ref["cpu"])
             counts["ultralytics"] = ref["masks"]
             for variant in variants:
                 out = f"{tmp}/sg_{scale}_{variant}.npz"
                 res = spawn("segany", scale=scale, variant=variant, weights=weights, out=out, **common)
-                seconds[variant].append(res["seconds"])
+                wall[variant].append(res["seconds"])
+                cpu[variant].append(res["cpu"])
                 counts[variant] = res["masks"]
         ref_masks = load_masks(f"{tmp}/ul_{scale}.npz")
-        ref_s = float(np.median(seconds["ultralytics"]))
-        rows.append((f"FastSAM-{scale}", "ultralytics 8.4.190 (fused float32)", seconds["ultralytics"], 1.0,
-                     counts["ultralytics"], "reference"))
+        ref_wall, ref_cpu = float(np.median(wall["ultralytics"])), float(np.median(cpu["ultralytics"]))
+        noise = agreement(ref_masks, load_masks(f"{tmp}/ul_{scale}_noise.npz"))
+        rows.append((f"FastSAM-{scale}", "ultralytics 8.4.190 (fused float32)", wall["ultralytics"], cpu["ultralytics"],
+                     1.0, 1.0, counts["ultralytics"], f"reference; itself on the image +-1 grey level: {noise}"))
         for variant in variants:
-            med = float(np.median(seconds[variant]))
-            rows.append((f"FastSAM-{scale}", f"segany {variant}", seconds[variant], ref_s / med, counts[variant],
-                         agreement(ref_masks, load_masks(f"{tmp}/sg_{scale}_{variant}.npz"))))
-        print(f"FastSAM-{scale} seconds per round: {json.dumps(seconds)}", flush=True)
+            rows.append((f"FastSAM-{scale}", f"segany {variant}", wall[variant], cpu[variant],
+                         ref_wall / float(np.median(wall[variant])), ref_cpu / float(np.median(cpu[variant])),
+                         counts[variant], agreement(ref_masks, load_masks(f"{tmp}/sg_{scale}_{variant}.npz"))))
+        print(f"FastSAM-{scale} wall seconds per round: {json.dumps(wall)}; CPU: {json.dumps(cpu)}", flush=True)
     if not args.no_sam:
         res = spawn("sam", variant="fast", sam_permissive=int(args.sam_permissive), **common)
         label = "thresholds 0" if args.sam_permissive else "default thresholds"
-        rows.append(("SAM vit_b", f"segany fast, 32x32 grid, {label}", [res["seconds"]], None, res["masks"], "n/a"))
+        rows.append(("SAM vit_b", f"segany fast, 32x32 grid, {label}", [res["seconds"]], [res["cpu"]], None, None,
+                     res["masks"], "n/a"))
     import torch
 
-    print(f"\nimage {Path(args.image).name}, imgsz {args.imgsz}, {args.threads} threads, torch {torch.__version__}; "
-          f"{args.rounds} round(s), each process: a warm-up then the median of {args.repeats} (SAM: "
-          f"{max(1, args.repeats // 2)}); seconds = median over rounds [each round's]\n")
-    print("| model | implementation | seconds | speed-up vs ultralytics | masks | mask agreement (best IoU per reference mask) |")
-    print("|---|---|---|---|---|---|")
-    for model, impl, secs, ratio, n, agree in rows:
-        each = ", ".join(f"{v:.2f}" for v in secs)
-        speed = "" if ratio is None else f"{ratio:.2f}x"
-        print(f"| {model} | {impl} | {np.median(secs):.2f} [{each}] | {speed} | {n} | {agree} |")
+    print(f"\nimage {Path(args.image).name}, imgsz {args.imgsz}, conf {args.conf}, iou 0.9, retina masks, "
+          f"{args.threads} thread(s) on both sides, torch {torch.__version__}; {args.rounds} round(s), each process: a "
+          f"warm-up then the median of {args.repeats} (SAM: {max(1, args.repeats // 2)}); seconds = median over rounds "
+          f"[each round's]; CPU = process time (all threads)\n")
+    print("| model | implementation | wall s | CPU s | speed-up (wall / CPU) | detections | mask agreement with ultralytics (best IoU per reference mask) |")
+    print("|---|---|---|---|---|---|---|")
+    for model, impl, walls, cpus, ratio, cpu_ratio, n, agree in rows:
+        each = ", ".join(f"{v:.2f}" for v in walls)
+        speed = "" if ratio is None else f"{ratio:.2f}x / {cpu_ratio:.2f}x"
+        print(f"| {model} | {impl} | {np.median(walls):.2f} [{each}] | {np.median(cpus):.2f} | {speed} | {n} | {agree} |")
 
 
 if __name__ == "__main__":

@@ -114,8 +114,11 @@ class FastSam:
         nc = self.model.config.num_classes
         det = post.detect(prediction.float(), s.conf, s.iou, s.max_det, nc)
         boxes = post.boxes_to_image(det.boxes, lb)
-        masks, stability = post.assemble_masks(protos, det.coefs, boxes, lb.image_hw, stability_offset)
-        keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
+        if self.mode == "fast":  # only the pixels inside each box are computed (same masks up to rounding)
+            masks, stability, keep = post.assemble_masks_in_boxes(protos, det.coefs, boxes, lb.image_hw, stability_offset)
+        else:
+            masks, stability = post.assemble_masks(protos, det.coefs, boxes, lb.image_hw, stability_offset)
+            keep = masks.flatten(1).any(1) if len(masks) else torch.zeros(0, dtype=torch.bool)
         if not bool(keep.all()):  # results with an empty mask are dropped (copying the stack only then)
             boxes, masks, det.scores, det.anchors = boxes[keep], masks[keep], det.scores[keep], det.anchors[keep]
             if len(stability):
