@@ -111,3 +111,33 @@ def test_fast_mode_agrees_with_float32_on_vit_b32():
     crops = crop_masks(image, masks, 224)
     a, b = encode_crops(exact, crops), encode_crops(fast, crops)
     assert (a * b).sum(-1).min() >= 0.999
+
+
+@pytest.mark.parametrize("activation", ["none", "swish"])
+@pytest.mark.parametrize("rows", [1, 37, 1600])
+def test_packed_linear_is_the_product(activation, rows):
+    """The fast tower's linear layers (oneDNN-packed bfloat16 weights, SiLU fused where asked) against
+    float32 F.linear on the same bfloat16 numbers, for any row count (the packing is for 1600 rows)."""
+    from segany.engine.clip import _Linear
+
+    torch.manual_seed(rows)
+    weight, bias = (torch.randn(96, 64) * 0.1).bfloat16(), torch.randn(96).bfloat16()
+    x = torch.randn(2, rows, 64).bfloat16()
+    got = _Linear(weight, bias, activation)(x)
+    want = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+    if activation == "swish":
+        want = torch.nn.functional.silu(want)
+    assert got.shape == (2, rows, 96) and got.dtype == torch.bfloat16
+    assert ((got.float() - want).norm() / want.norm()).item() < 1e-2
+
+
+def test_fast_model_can_be_copied_and_pickled(tmp_path):
+    model = make_fast(random_clip(4, ClipVisionConfig(32, 16, 64, 1, 1)))
+    pixels = torch.randn(2, 3, 32, 32)
+    want = encode_images(model, pixels)
+    clone = copy.deepcopy(model)
+    assert clone.fast_tower.visual is clone.visual
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    for other in (clone, loaded):
+        torch.testing.assert_close(encode_images(other, pixels), want)

@@ -10,7 +10,10 @@ What fast mode changes, beside the dtype (docs/text.md states the agreement with
 - the last block runs attention's query, output projection and MLP for the class token only: the
   tower's output is the class token, and no other token's last-block output reaches it;
 - LayerNorm straight on bfloat16 (PyTorch's kernel accumulates in float32 itself), QuickGELU folded
-  into the MLP's weights as a SiLU.
+  into the MLP's weights as a SiLU;
+- on CPU, the linear layers' weights are reordered once into oneDNN's blocked layout and the SiLU runs
+  inside the first MLP product (the ops PyTorch's own compiler uses for bfloat16 linear layers);
+  elsewhere, or without oneDNN, plain F.linear and a separate SiLU.
 """
 from __future__ import annotations
 
@@ -46,6 +49,42 @@ def _fold_quick_gelu(mlp: nn.Module) -> None:
     mlp.gelu = nn.SiLU()
 
 
+# Rows per product in text selection's batches (32 crops x 50 tokens for ViT-B/32): oneDNN's hint for
+# the weight layout; any row count works.
+_ROWS_HINT = 32 * 50
+
+
+def _can_pack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class _Linear:
+    """x @ W.T + b, then the activation ("none" or "swish" = SiLU): with the weight pre-packed for
+    oneDNN and the activation fused where _can_pack, else F.linear (and F.silu)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str = "none") -> None:
+        self.weight, self.bias, self.activation = weight.detach(), None if bias is None else bias.detach(), activation
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, _ROWS_HINT) if _can_pack(self.weight) else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], "")
+        y = F.linear(x, self.weight, self.bias)
+        return F.silu(y) if self.activation == "swish" else y
+
+
+class _BlockLinears:
+    def __init__(self, block: nn.Module) -> None:
+        attn, mlp = block.attn, block.mlp
+        self.qkv = _Linear(attn.in_proj_weight, attn.in_proj_bias)
+        self.out = _Linear(attn.out_proj.weight, attn.out_proj.bias)
+        folded = isinstance(mlp.gelu, nn.SiLU)  # make_fast folded QuickGELU into a SiLU
+        self.fc = _Linear(mlp.c_fc.weight, mlp.c_fc.bias, "swish" if folded else "none")
+        self.gelu = None if folded else mlp.gelu
+        self.proj = _Linear(mlp.c_proj.weight, mlp.c_proj.bias)
+
+
 class FastImageTower:
     """The fast image tower over a VisionTransformer's own parameters (no copies but the patch weights,
     reordered for uint8 crops with the normalisation folded in), in the tower's dtype: bfloat16 after
@@ -63,6 +102,11 @@ class FastImageTower:
         self.uint8_weight = (weight / (255 * std)).permute(0, 2, 3, 1).reshape(weight.shape[0], -1).to(dtype)
         self.uint8_bias = -(weight * mean / std).sum((1, 2, 3)).to(dtype)  # (C,)
         self.weight = weight.reshape(weight.shape[0], -1).to(dtype)  # (C, 3 P P) for normalised pixels
+        self.blocks = [(block, _BlockLinears(block)) for block in visual.transformer.resblocks]
+
+    def __reduce__(self):
+        # oneDNN's packed weights cannot be copied or pickled: a copy of the model rebuilds its tower.
+        return FastImageTower, (self.visual,)
 
     def embed_uint8(self, crops: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 crops -> patch tokens (B, g*g, C)."""
@@ -82,23 +126,23 @@ class FastImageTower:
         b, _, c = tokens.shape
         cls = v.class_embedding.expand(b, 1, c)
         x = v.ln_pre(torch.cat([cls, tokens], dim=1) + v.positional_embedding)  # (B, N, C)
-        blocks = list(v.transformer.resblocks)
-        for i, block in enumerate(blocks):
-            x = _block(block, x, class_token_only=i == len(blocks) - 1)
+        for i, (block, linears) in enumerate(self.blocks):
+            x = _block(block, linears, x, class_token_only=i == len(self.blocks) - 1)
         return v.ln_post(x[:, 0]) @ v.proj  # (B, embed_dim)
 
 
-def _block(block: nn.Module, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
+def _block(block: nn.Module, linears: _BlockLinears, x: torch.Tensor, class_token_only: bool) -> torch.Tensor:
     """One pre-norm block; with class_token_only, the output of the class token alone (B, 1, C)."""
-    attn, (b, n, c) = block.attn, x.shape
-    heads = attn.heads
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # (B, N, 3C)
+    b, n, c = x.shape
+    heads = block.attn.heads
+    qkv = linears.qkv(block.ln_1(x))  # (B, N, 3C)
     q, k, v = qkv.view(b, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, N, C/H)
     if class_token_only:
         q, x, n = q[:, :, :1], x[:, :1], 1
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)  # (B, n, C)
-    x = x + attn.out_proj(out)
-    return x + block.mlp(block.ln_2(x))
+    x = x + linears.out(out)
+    hidden = linears.fc(block.ln_2(x))  # (B, n, 4C)
+    return x + linears.proj(hidden if linears.gelu is None else linears.gelu(hidden))
 
 
 def make_fast(model: nn.Module) -> nn.Module:
