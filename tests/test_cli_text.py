@@ -101,3 +101,32 @@ def test_segment_text_offline_without_clip_file_says_so(tmp_path):
         capture_output=True, text=True, env=env,
     )
     assert proc.returncode == 2 and "ViT-B-32.pt" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+FASTSAM = REFERENCE.parent / "fastsam" / "fastsam_s_random.pt"
+
+
+@needs_shared
+@pytest.mark.skipif(not FASTSAM.is_file(), reason="../shared/fixtures/fastsam is absent")
+def test_segment_text_with_fastsam_as_the_mask_source(clip_file, tmp_path, capsys):
+    """-c fastsam-s: the candidates are FastSAM's instances (one network pass), scored as SAM's are."""
+    import segany
+    from segany.predict.fastsam import FastSam
+
+    from .conftest import DATASETS
+
+    path, model = clip_file
+    image_file = DATASETS / "grabcut" / "images" / "124080.jpg"
+    out = tmp_path / "out"
+    main(["segment", str(image_file), "-c", str(FASTSAM), "--text", "a flower", "--top", "3", "--clip", str(path),
+          "-o", str(out)])
+    result = json.loads((out / "result.json").read_text())
+    rgb = np.array(Image.open(image_file).convert("RGB"))
+    candidates = FastSam(segany.load_model(FASTSAM)).generate_records(rgb).masks()
+    assert result["candidates"] == len(candidates) > 3
+    want = select_by_text(rgb, candidates, "a flower", model, top_k=3)
+    assert [m["candidate"] for m in result["masks"]] == [m.index for m in want]
+    np.testing.assert_allclose(result["scores"], [m.score for m in want], rtol=1e-5)
+    for i, m in enumerate(want):
+        assert np.array_equal(np.array(Image.open(out / f"mask_{i}.png")) > 127, candidates[m.index])
+    assert f"of {len(candidates)} candidates" in capsys.readouterr().out

@@ -85,3 +85,42 @@ def test_find_bad_input_and_no_clip(fixture_sam, tiny_clip, tmp_path):
         assert r.status_code == 409 and "--clip" in r.json()["detail"]
     finally:
         c.__exit__(None, None, None)
+
+
+FASTSAM = REFERENCE.parent / "fastsam" / "fastsam_s_random.pt"
+
+
+@pytest.mark.skipif(not FASTSAM.is_file(), reason="../shared/fixtures/fastsam is absent")
+def test_find_ranks_fastsam_proposals_when_the_server_proposes_with_fastsam(fixture_sam, tiny_clip, tmp_path):
+    """segany serve --proposal-model fastsam-...: find scores FastSAM's instances, the records exactly as
+    the proposals endpoint returns them."""
+    from segany.io import rle as rle_io
+    from segany.predict.text_select import score_masks
+    from segany.server import ServerConfig, create_app
+
+    from tests.conftest import DATASETS
+
+    config = ServerConfig(data_dir=tmp_path, checkpoint=CHECKPOINT, proposal_model=str(FASTSAM))
+    image_file = DATASETS / "grabcut" / "images" / "124080.jpg"
+    with TestClient(create_app(config, model=fixture_sam, clip_model=tiny_clip), base_url="http://127.0.0.1:8000") as c:
+        c.headers["X-User"] = "tester"
+        c.headers["Authorization"] = f"Bearer {config.token}"
+        project = c.post("/api/projects", json={"name": "p"}).json()
+        up = c.post(f"/api/projects/{project['id']}/images",
+                    files=[("files", (image_file.name, image_file.read_bytes(), "image/jpeg"))])
+        image = up.json()["images"][0]
+        r = c.post(f"/api/images/{image['id']}/find", json={"text": "a flower", "top_k": 4})
+        assert r.status_code == 200, r.text
+        matches = r.json()["matches"]
+        props = c.post(f"/api/images/{image['id']}/proposals", json={}).json()["proposals"]
+        assert len(props) > 4 and len(matches) == 4
+        by_index = {p["index"]: p for p in props}
+        order = sorted(by_index)
+        masks = np.stack([rle_io.decode(by_index[i]["segmentation"]) for i in order])
+        scores, _ = score_masks(image_file, masks, "a flower", tiny_clip)
+        want = [order[i] for i in np.argsort(-scores[0], kind="stable")[:4]]
+        assert [m["index"] for m in matches] == want
+        for match in matches:
+            score = match.pop("score")
+            assert abs(score - scores[0, order.index(match["index"])]) < 1e-5
+            assert match == by_index[match["index"]]  # FastSAM's record, exactly as the proposals endpoint gives it

@@ -1,4 +1,7 @@
-"""`segany segment --text`: the masks of everything mode that CLIP matches best to a phrase."""
+"""`segany segment --text`: the candidate masks that CLIP matches best to a phrase.
+
+The candidates are everything mode's masks (SAM, MobileSAM, HQ-SAM) or, with a FastSAM checkpoint
+(-c fastsam-s), FastSAM's instances from one network pass."""
 from __future__ import annotations
 
 import json
@@ -20,7 +23,6 @@ def segment_text(
     from ..io.models import load_model
     from ..io.zoo import DownloadError
     from ..io.viz import cutout_rgba, overlay_masks, save_png
-    from ..predict.amg import MaskGenerator
     from ..predict.inputs import load_image
     from ..predict.text_select import check_phrases, select_by_text
 
@@ -39,7 +41,7 @@ def segment_text(
     except DownloadError as exc:  # its advice names --checkpoint; here the file goes to --clip
         raise ValueError(str(exc).replace("--checkpoint", "--clip")) from None
     model = load_model(checkpoint, mode=mode, device=device)
-    records = MaskGenerator(model).generate_records(rgb)
+    records = candidate_generator(model).generate_records(rgb)
     candidates = records.masks() if len(records) else np.zeros((0, *rgb.shape[:2]), bool)
     matches = select_by_text(rgb, candidates, phrases, clip_model, top_k=top, negative=negative)
 
@@ -82,3 +84,16 @@ def segment_text(
         return
     click.echo(f"{len(entries)} mask(s) of {len(candidates)} candidates -> {out_dir} "
                f"(best for {entries[0]['phrase']!r}: {entries[0]['file']}, score {entries[0]['score']:.3f})")
+
+
+def candidate_generator(model: Any) -> Any:
+    """What proposes the candidate masks: FastSAM's instances for a FastSAM model, else everything mode."""
+    from ..modeling.yolov8_seg import YoloV8Seg
+
+    if isinstance(model, YoloV8Seg):
+        from ..predict.fastsam import FastSam
+
+        return FastSam(model)
+    from ..predict.amg import MaskGenerator
+
+    return MaskGenerator(model)

@@ -20,11 +20,10 @@ from typing import Any, List, Optional, Protocol, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..engine.clip import CLIP_MEAN, CLIP_STD
 from ..io import rle as rle_io
 from .inputs import load_image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Blanked pixels take CLIP's mean colour: after normalisation they are zeros, the most neutral input.
 FILL = tuple(int(round(255 * m)) for m in CLIP_MEAN)
 CROP_MODES = ("masked", "box")
@@ -59,6 +58,12 @@ class ClipScorer:
         from ..engine.clip import encode_images
 
         return encode_images(self.model, pixels, self.batch_size)
+
+    def embed_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (N, S, S, 3), not normalised -> (N, D); fast mode takes them as they are."""
+        from ..engine.clip import encode_crops
+
+        return encode_crops(self.model, crops, self.batch_size)
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         from ..engine.clip import encode_texts
@@ -128,24 +133,47 @@ def _resize_crop(crop: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size]
 
 
-def mask_crops(
+def crop_masks(
     image: np.ndarray, masks: np.ndarray, size: int = 224, mode: str = "masked", fill: Tuple[int, int, int] = FILL
 ) -> torch.Tensor:
-    """(N, 3, size, size) float32 CLIP inputs, one per non-empty mask: the mask's box, outside the mask
-    blanked (mode="masked") or kept (mode="box")."""
+    """(N, size, size, 3) uint8, one per non-empty mask: the mask's box, outside the mask blanked
+    (mode="masked") or kept (mode="box"), resized and centre-cropped as CLIP's preprocessing does but
+    not normalised. The resizes (PIL, which lets go of the GIL) run on PyTorch's thread count."""
     if mode not in CROP_MODES:
         raise ValueError(f"unknown crop mode {mode!r}; choose one of {', '.join(CROP_MODES)}")
     out = np.empty((len(masks), size, size, 3), dtype=np.uint8)
-    for i, mask in enumerate(masks):
-        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        crop = image[y0:y1, x0:x1].copy()
+    if not len(masks):
+        return torch.from_numpy(out)
+    rows, cols = masks.any(2), masks.any(1)  # (N, H), (N, W): the boxes of all masks in two passes
+
+    def one(i: int) -> None:
+        ys, xs = np.flatnonzero(rows[i]), np.flatnonzero(cols[i])
+        y0, y1, x0, x1 = ys[0], ys[-1] + 1, xs[0], xs[-1] + 1
+        crop = image[y0:y1, x0:x1]
         if mode == "masked":
-            crop[~mask[y0:y1, x0:x1]] = fill
-        out[i] = _resize_crop(crop, size)
-    pixels = torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255)
-    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return pixels.sub_(mean).div_(std)
+            crop = np.where(masks[i, y0:y1, x0:x1, None], crop, np.asarray(fill, np.uint8))
+        out[i] = _resize_crop(np.ascontiguousarray(crop), size)
+
+    workers = max(1, min(torch.get_num_threads(), len(masks)))
+    if workers == 1:
+        for i in range(len(masks)):
+            one(i)
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, range(len(masks))))
+    return torch.from_numpy(out)
+
+
+def mask_crops(
+    image: np.ndarray, masks: np.ndarray, size: int = 224, mode: str = "masked", fill: Tuple[int, int, int] = FILL
+) -> torch.Tensor:
+    """(N, 3, size, size) float32 CLIP inputs, one per non-empty mask: crop_masks, normalised with
+    OpenAI's mean and std."""
+    from ..engine.clip import normalize_crops
+
+    return normalize_crops(crop_masks(image, masks, size, mode, fill))
 
 
 def as_scorer(scorer_or_model: Any) -> Scorer:
@@ -179,7 +207,13 @@ def score_masks(
     keep = np.flatnonzero(stack.reshape(n, -1).any(1)) if n else np.zeros(0, dtype=int)
     if keep.size == 0:
         return scores, sims
-    images = scorer.embed_images(mask_crops(image, stack[keep], scorer.image_size, crop))  # (K, D)
+    crops = crop_masks(image, stack[keep], scorer.image_size, crop)  # (K, S, S, 3) uint8
+    if hasattr(scorer, "embed_crops"):
+        images = scorer.embed_crops(crops)  # (K, D)
+    else:
+        from ..engine.clip import normalize_crops
+
+        images = scorer.embed_images(normalize_crops(crops))
     texts = scorer.embed_texts(phrases + negatives)  # (P + Q, D)
     all_sims = (texts @ images.T).float().numpy()  # (P + Q, K)
     sims[:, keep] = all_sims[: len(phrases)]

@@ -4,7 +4,8 @@
  -> {"matches": [<proposal record> + "score"], "seconds": 0.8}
 
 The candidates are the image's proposals with the proposals endpoint's default settings (from the
-cached embedding, kept for the last few images), the records exactly as that endpoint returns them;
+cached embedding, kept for the last few images; FastSAM's instances when the server runs with
+--proposal-model fastsam-...), the records exactly as that endpoint returns them;
 each match adds its text score (see segany.predict.text_select). Without a CLIP model (segany serve
 --clip PATH) the endpoint answers 409 with the reason.
 """
@@ -20,7 +21,7 @@ from fastapi import FastAPI, HTTPException
 from pydantic import BaseModel, Field
 
 from ..io import rle as rle_io
-from .schemas import ERROR_RESPONSES
+from .schemas import ERROR_RESPONSES, ProposalsIn
 from ..predict.text_select import ClipScorer, MAX_PHRASE_CHARS, check_phrases, score_masks
 
 NO_CLIP = "no CLIP model is configured: start the server with segany serve --clip PATH_OR_NAME (e.g. clip_vit_b32)"
@@ -61,7 +62,7 @@ def add_find_route(app: FastAPI, clip: Any, storage: Any, embeddings: Any, segme
 
     cache = ProposalCache()
     scorer = ClipScorer(clip) if clip is not None else None
-    # The proposals endpoint's defaults (ProposalsIn in app.py), so the matches are proposals the page
+    # The proposals endpoint's defaults (ProposalsIn in schemas.py), so the matches are proposals the page
     # knows; app.state.find_proposal_settings may change them (tests with random weights do).
     app.state.find_proposal_settings = dict(
         points_per_side=16, pred_iou_thresh=0.88, stability_score_thresh=0.95, box_nms_thresh=0.7, min_mask_region_area=0
@@ -80,12 +81,17 @@ def add_find_route(app: FastAPI, clip: Any, storage: Any, embeddings: Any, segme
         path = image_path(image)
 
         settings = dict(app.state.find_proposal_settings)
+        # A server started with --proposal-model proposes with FastSAM; its proposals are then the candidates.
+        fastsam = getattr(getattr(app.state, "ctx", None), "fastsam_proposals", None)
 
         def make() -> List[Dict[str, Any]]:
+            if fastsam is not None:
+                return fastsam.proposals(path, int(settings.get("max_proposals", ProposalsIn.model_fields["max_proposals"].default)))
             embedding = embeddings.get(image["sha256"], path, wait_s)
             return generate_proposals(segmenter, embedding, path, settings)
 
-        records, masks = cache.get(f"{image['sha256']}:{sorted(settings.items())}", make)
+        key = f"{image['sha256']}:{'fastsam' if fastsam is not None else ''}:{sorted(settings.items())}"
+        records, masks = cache.get(key, make)
         if not records:
             return {"matches": [], "seconds": round(time.perf_counter() - t0, 3)}
         with scorer_lock:  # one CLIP pass at a time: it uses every core already
