@@ -35,7 +35,7 @@ class PromptDecoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if hasattr(model.image_encoder, "forward_with_interm"):
+        if hasattr(model.mask_decoder, "hf_token"):  # HQ-SAM's decoder (MobileSAM's encoder has forward_with_interm too)
             raise ValueError("HQ-SAM's decoder needs early encoder features; its ONNX export is not supported")
         self.model = model
         self.image_size = model.image_size

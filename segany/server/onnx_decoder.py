@@ -31,7 +31,7 @@ def decoder_unavailable_reason(model: Any) -> Optional[str]:
     """Why the model's decoder cannot run in the page, or None when it can."""
     if not all(hasattr(model, name) for name in ("prompt_encoder", "mask_decoder", "image_encoder")):
         return f"{type(model).__name__} has no SAM prompt decoder to export"
-    if hasattr(model.image_encoder, "forward_with_interm"):
+    if hasattr(model.mask_decoder, "hf_token"):  # MobileSAM's TinyViT has forward_with_interm too: not a sign of HQ
         return "HQ-SAM's decoder needs the encoder's early features; it has no ONNX export, so clicks decode on the server"
     return None
 
@@ -82,6 +82,7 @@ class DecoderExport:
             "outputs": ["masks", "iou_predictions", "low_res_masks"],
             "image_size": int(self.model.image_size),
             "low_res_size": list(self.model.prompt_encoder.mask_input_size),
+            "embedding_shape": [1, int(self.model.prompt_encoder.embed_dim), *self.model.prompt_encoder.image_embedding_size],
             "mask_threshold": float(getattr(self.model, "mask_threshold", 0.0)),
         }
 

@@ -9,7 +9,8 @@ import { decodeRle } from "./rle.js";
 const VENDOR = "/static/vendor/onnxruntime-web/";
 const FORCE_KEY = "segany.forceServerDecode";
 const KEEP_EMBEDDINGS = 4;  // images whose embeddings stay in the page's memory
-let ort = null, session = null, decoderInfo = null, modelKey = "";
+let ort = null, session = null, decoderInfo = null;
+const sessions = new Map();  // decoder key -> InferenceSession (one per model the annotator picked)
 const embeddings = new Map();  // image id -> Promise of { tensor, originalSize, inputSize, fromCache }
 
 export function serverForced() { return localStorage.getItem(FORCE_KEY) === "1"; }
@@ -27,17 +28,23 @@ function showMode() {
 
 function useServer(reason) { S.decoder = { mode: "server", reason, threads: 0 }; showMode(); }
 
-// Decide which decoder runs: called at start and when the setting changes.
-export async function initDecoder(key) {
-  modelKey = key || modelKey;
+// The model query of every model-specific request (none: the server's default model).
+export function modelQuery(sep = "?") { return S.model ? `${sep}model=${encodeURIComponent(S.model)}` : ""; }
+
+// Decide which decoder runs for the picked model: called at start, when the setting or the model changes.
+export async function initDecoder() {
+  session = null; decoderInfo = null;
   if (serverForced()) return useServer("set to server decoding");
   if (typeof WebAssembly !== "object") return useServer("this browser has no WebAssembly");
-  try { decoderInfo = await api("GET", "/api/decoder"); }
+  let info;
+  try { info = await api("GET", "/api/decoder" + modelQuery()); }
   catch (err) { return useServer(`the server offers no page decoder: ${err.message}`); }
-  if (!decoderInfo.available) return useServer(decoderInfo.reason);
+  if (!info.available) return useServer(info.reason);
+  decoderInfo = info;
   try {
+    session = sessions.get(info.key) || null;
     if (!session) {
-      ort = await import(VENDOR + "ort.wasm.min.mjs");
+      ort = ort || await import(VENDOR + "ort.wasm.min.mjs");
       // Threads need SharedArrayBuffer, which needs the page to be cross-origin isolated (the server sends COOP/COEP).
       // localStorage "segany.wasmThreads" overrides the count (benchmarks, a busy machine).
       const wanted = Number(localStorage.getItem("segany.wasmThreads")) || Math.min(4, navigator.hardwareConcurrency || 1);
@@ -47,6 +54,8 @@ export async function initDecoder(key) {
       const { bytes } = await cachedBytes(decoderInfo.url, `decoder/${decoderInfo.key}.onnx`);
       session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
       session.threads = threads;
+      await warmUp(session);
+      sessions.set(info.key, session);
     }
   } catch (err) {
     session = null;
@@ -56,8 +65,32 @@ export async function initDecoder(key) {
   showMode();
 }
 
+// One run on a blank prompt right after the session starts: ONNX Runtime allocates its buffers and
+// threads on the first run, which would otherwise land on the annotator's first click.
+async function warmUp(s) {
+  const [, c, h, w] = decoderInfo.embedding_shape || [1, 256, 64, 64], [lh, lw] = decoderInfo.low_res_size;
+  const t0 = performance.now();
+  await s.run({
+    image_embeddings: new ort.Tensor("float32", new Float32Array(c * h * w), [1, c, h, w]),
+    point_coords: new ort.Tensor("float32", Float32Array.from([10, 10, 0, 0]), [1, 2, 2]),
+    point_labels: new ort.Tensor("float32", Float32Array.from([1, -1]), [1, 2]),
+    mask_input: new ort.Tensor("float32", new Float32Array(lh * lw), [1, 1, lh, lw]),
+    has_mask_input: new ort.Tensor("float32", Float32Array.from([0]), [1]),
+    orig_im_size: new ort.Tensor("float32", Float32Array.from([64, 64]), [2]),
+  });
+  S.warmUpMs = performance.now() - t0;
+}
+
 export async function setServerForced(on) {
   if (on) localStorage.setItem(FORCE_KEY, "1"); else localStorage.removeItem(FORCE_KEY);
+  await initDecoder();
+}
+
+// Another model from the picker: its own decoder (in the page or the server's) and embeddings.
+export async function setModel(name) {
+  S.model = name;
+  const entry = S.models.find((m) => m.name === name);
+  if (entry && entry.levels === undefined) entry.levels = 0;
   await initDecoder();
 }
 
@@ -94,12 +127,13 @@ function parseSafetensors(bytes) {
 }
 
 // The image's embedding as an ONNX tensor; fetched once per image (then from the page's cache).
-export function embeddingFor(image, dtype = "float16") {
-  const id = `${image.id}/${dtype}`;
+export function embeddingFor(image, dtype = "float16", info = decoderInfo) {
+  const key = info.key, query = info.model ? `&model=${encodeURIComponent(info.model)}` : "";
+  const id = `${key}/${image.id}/${dtype}`;
   if (!embeddings.has(id)) {
     const load = (async () => {
-      const { bytes, fromCache } = await cachedBytes(`/api/images/${image.id}/embedding.safetensors?dtype=${dtype}`,
-        `embedding/${modelKey}/${image.sha256}/${dtype}`);
+      const { bytes, fromCache } = await cachedBytes(`/api/images/${image.id}/embedding.safetensors?dtype=${dtype}${query}`,
+        `embedding/${key}/${image.sha256}/${dtype}`);
       const e = parseSafetensors(bytes);
       return { tensor: new ort.Tensor("float32", e.data, e.shape), originalSize: e.originalSize, inputSize: e.inputSize, fromCache };
     })();
@@ -111,21 +145,22 @@ export function embeddingFor(image, dtype = "float16") {
 }
 
 // Start fetching the open image's embedding before the first click.
-export function prefetch(image) { if (S.decoder.mode === "page") embeddingFor(image).catch(() => {}); }
+export function prefetch(image) { if (S.decoder.mode === "page" && session) embeddingFor(image).catch(() => {}); }
 
 // ------------------------------------------------------------------ decoding
 
 // prompt: { points: [{x, y, label}], box: {x0, y0, x1, y1} | null, maskInput: Float32Array(256*256) | null }
 // in image pixels. Returns the three multimask candidates as the server's decode does.
-async function decodeInPage(image, prompt) {
-  const emb = await embeddingFor(image, S.embeddingDtype || "float16");
+async function decodeInPage(image, prompt, picked) {
+  const info = decoderInfo;
+  const emb = await embeddingFor(image, S.embeddingDtype || "float16", info);
   const [h, w] = emb.originalSize, [ih, iw] = emb.inputSize;
   const sx = iw / w, sy = ih / h;  // the model's input frame (long side resized), as ResizeLongestSide.apply_coords
   const coords = [], labels = [];
   for (const p of prompt.points) { coords.push(p.x * sx, p.y * sy); labels.push(p.label); }
   if (prompt.box) { const b = prompt.box; coords.push(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy); labels.push(2, 3); }
   else { coords.push(0, 0); labels.push(-1); }  // the padding point the model was trained with when there is no box
-  const [lh, lw] = decoderInfo.low_res_size;
+  const [lh, lw] = info.low_res_size;
   const feeds = {
     image_embeddings: emb.tensor,
     point_coords: new ort.Tensor("float32", Float32Array.from(coords), [1, labels.length, 2]),
@@ -135,10 +170,11 @@ async function decodeInPage(image, prompt) {
     orig_im_size: new ort.Tensor("float32", Float32Array.from([h, w]), [2]),
   };
   const t0 = performance.now();
-  const out = await session.run(feeds);
+  const out = await picked.run(feeds);
   const ms = performance.now() - t0;
+  const t1 = performance.now();
   const logits = out.masks.data, iou = out.iou_predictions.data, lowRes = out.low_res_masks.data;
-  const plane = h * w, lowPlane = lh * lw, threshold = decoderInfo.mask_threshold;
+  const plane = h * w, lowPlane = lh * lw, threshold = info.mask_threshold;
   const candidates = [];
   for (let c = 1; c <= 3; c++) {  // channel 0 is the single-mask output; 1-3 the multimask candidates
     const mask = new Uint8Array(plane);
@@ -149,17 +185,21 @@ async function decodeInPage(image, prompt) {
   S.lastDecode = { logits, iou: Array.from(iou), lowRes, height: h, width: w, ms };
   let best = 0;
   candidates.forEach((c, i) => { if (c.score > candidates[best].score) best = i; });
-  return { candidates, best, token: null, mode: "page", decode_ms: ms };
+  // decode_ms: session.run alone; masks_ms: thresholding the logits into the candidates' masks.
+  return { candidates, best, token: null, mode: "page", decode_ms: ms, masks_ms: performance.now() - t1, model: info.model };
 }
 
 async function decodeOnServer(image, prompt) {
   const body = { points: prompt.points.map((p) => [p.x, p.y]), labels: prompt.points.map((p) => p.label), multimask: true };
+  if (S.model) body.model = S.model;
+  if (prompt.level) body.granularity = prompt.level;
   if (prompt.box) body.box = [prompt.box.x0, prompt.box.y0, prompt.box.x1, prompt.box.y1];
   if (prompt.token) body.mask_input = prompt.token;
   else if (prompt.maskInput) body.mask_input_b64 = floatsToBase64(prompt.maskInput);
   const out = await api("POST", `/api/images/${image.id}/decode`, body);
   const candidates = out.candidates.map((c) => ({ ...c, mask: decodeRle(c.segmentation) }));
-  return { candidates, best: out.best, token: out.token, mode: "server", decode_ms: out.timing_ms.decode, server: out.timing_ms };
+  return { candidates, best: out.best, token: out.token, mode: "server", decode_ms: out.timing_ms.decode, server: out.timing_ms,
+           model: out.model };
 }
 
 function floatsToBase64(values) {
@@ -172,7 +212,8 @@ function floatsToBase64(values) {
 // One decode in whichever mode runs; the page's decoder falls back to the server for this call if it fails.
 export async function decodePrompt(image, prompt) {
   if (S.decoder.mode === "page" && session) {
-    try { return await decodeInPage(image, prompt); }
+    const picked = session;
+    try { return await decodeInPage(image, prompt, picked); }
     catch (err) {
       console.warn("in-page decoding failed, asking the server", err);
       const out = await decodeOnServer(image, { ...prompt, token: null });
