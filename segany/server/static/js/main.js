@@ -1,5 +1,5 @@
 // segany annotator: the entry module (no build step). Projects, labels, images, keys, buttons, start.
-import { S, $, status, fail, escapeHtml } from "./state.js";
+import { S, $, status, fail, escapeHtml, modelLevels } from "./state.js";
 import { api, getUser, setUser, withToken } from "./api.js";
 import { render, fitView, resizeCanvas, zoomAt, canvas } from "./view.js";
 import { initDecoder, modelQuery, prefetch, serverForced, setModel, setServerForced } from "./decode.js";
