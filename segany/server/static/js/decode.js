@@ -5,6 +5,7 @@
 import { S, $ } from "./state.js";
 import { api, cachedBytes } from "./api.js";
 import { decodeRle } from "./rle.js";
+import { upscaler } from "./upscale.js";
 
 const VENDOR = "/static/vendor/onnxruntime-web/";
 const FORCE_KEY = "segany.forceServerDecode";
@@ -76,7 +77,6 @@ async function warmUp(s) {
     point_labels: new ort.Tensor("float32", Float32Array.from([1, -1]), [1, 2]),
     mask_input: new ort.Tensor("float32", new Float32Array(lh * lw), [1, 1, lh, lw]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([0]), [1]),
-    orig_im_size: new ort.Tensor("float32", Float32Array.from([64, 64]), [2]),
   });
   S.warmUpMs = performance.now() - t0;
 }
@@ -167,25 +167,47 @@ async function decodeInPage(image, prompt, picked) {
     point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
     mask_input: new ort.Tensor("float32", prompt.maskInput || new Float32Array(lh * lw), [1, 1, lh, lw]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([prompt.maskInput ? 1 : 0]), [1]),
-    orig_im_size: new ort.Tensor("float32", Float32Array.from([h, w]), [2]),
   };
   const t0 = performance.now();
   const out = await picked.run(feeds);
   const ms = performance.now() - t0;
   const t1 = performance.now();
-  const logits = out.masks.data, iou = out.iou_predictions.data, lowRes = out.low_res_masks.data;
+  const iou = out.iou_predictions.data, lowRes = out.low_res_masks.data;
+  // The graph stops at the low-res logits: the page upscales a candidate's mask when it is shown
+  // (the thumbnails sample the few pixels they draw), as the server's post-processing does.
+  const up = upscaler([lh, lw], info.image_size, [ih, iw], [h, w]);
   const plane = h * w, lowPlane = lh * lw, threshold = info.mask_threshold;
   const candidates = [];
   for (let c = 1; c <= 3; c++) {  // channel 0 is the single-mask output; 1-3 the multimask candidates
-    const mask = new Uint8Array(plane);
-    const off = c * plane;
-    for (let i = 0; i < plane; i++) mask[i] = logits[off + i] > threshold ? 1 : 0;
-    candidates.push({ index: c - 1, score: iou[c], mask, lowRes: lowRes.slice(c * lowPlane, (c + 1) * lowPlane) });
+    const low = lowRes.slice(c * lowPlane, (c + 1) * lowPlane);
+    let mask = null;
+    candidates.push({
+      index: c - 1, score: iou[c], lowRes: low,
+      maskAt: (y, x) => up.at(low, y, x) > threshold,
+      get mask() {
+        if (!mask) {
+          const logits = up.full(low);
+          mask = new Uint8Array(plane);
+          for (let i = 0; i < plane; i++) mask[i] = logits[i] > threshold ? 1 : 0;
+        }
+        return mask;
+      },
+    });
   }
-  S.lastDecode = { logits, iou: Array.from(iou), lowRes, height: h, width: w, ms };
+  let full = null;  // the four channels' logits at the image's size, computed only when asked (tests)
+  S.lastDecode = {
+    iou: Array.from(iou), lowRes, height: h, width: w, ms,
+    get logits() {
+      if (!full) {
+        full = new Float32Array(4 * plane);
+        for (let c = 0; c < 4; c++) full.set(up.full(lowRes.subarray(c * lowPlane, (c + 1) * lowPlane)), c * plane);
+      }
+      return full;
+    },
+  };
   let best = 0;
   candidates.forEach((c, i) => { if (c.score > candidates[best].score) best = i; });
-  // decode_ms: session.run alone; masks_ms: thresholding the logits into the candidates' masks.
+  // decode_ms: session.run alone; masks_ms: the candidates (their masks are made when shown).
   return { candidates, best, token: null, mode: "page", decode_ms: ms, masks_ms: performance.now() - t1, model: info.model };
 }
 

@@ -116,7 +116,8 @@ export function renderCandidates() {
     const el = document.createElement("div");
     el.className = "candidate" + (i === S.selected && S.workSource !== "brush" ? " selected" : "");
     el.dataset.index = i;
-    if (!c.thumb) c.thumb = thumbCanvas(c.mask, S.image.width, S.image.height);
+    if (!c.thumb) c.thumb = c.maskAt ? thumbCanvas(null, S.image.width, S.image.height, 128, c.maskAt)
+                                     : thumbCanvas(c.mask, S.image.width, S.image.height);
     el.appendChild(c.thumb);
     const label = document.createElement("div");
     label.textContent = (c.level ? `level ${c.level}: ` : `${i + 1}: `) + c.score.toFixed(3);
