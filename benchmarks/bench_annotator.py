@@ -35,6 +35,7 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's segany
 IMAGE = ROOT.parent / "shared" / "datasets" / "davis345" / "images" / "000.jpg"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

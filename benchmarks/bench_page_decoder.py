@@ -1,11 +1,13 @@
 """Where an in-page click's time goes: ONNX Runtime Web's session.run alone, in headless Chromium.
 
-    python benchmarks/bench_page_decoder.py                        # vit_b, 1 and 2 threads, 15 runs each
+    python benchmarks/bench_page_decoder.py                        # vit_b, 1 and 2 threads, 15 runs each, both graphs
     python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type (ORT's profiler)
     python benchmarks/bench_page_decoder.py --int8                 # + a dynamically quantised copy (comparison only)
 
-Exports vit_b's prompt decoder (seeded random weights, the released configuration) with the exporter
-the server uses, serves it and the vendored ONNX Runtime Web from a throw-away HTTP server with the
+Exports vit_b's prompt decoder (seeded random weights, the released configuration) twice: the graph
+`segany export-onnx` writes (masks upscaled to the image inside the graph: "full") and the page's graph
+(low-res logits only: "lowres"; the page then upscales the shown mask itself, timed too: "upscale_ms",
+one mask at 854x480 with segany/server/static/js/upscale.js). It serves them and the vendored ONNX Runtime Web from a throw-away HTTP server with the
 page's COOP/COEP headers (so the page is cross-origin isolated and the WebAssembly may use threads),
 and in headless Chromium (Debian's /usr/bin/chromium through Playwright) times session.run on a fixed
 embedding and a one-click prompt for an 854x480 image (after two warm-up runs): wall time per run
@@ -37,6 +39,7 @@ VENDOR = ROOT / "segany" / "server" / "static" / "vendor" / "onnxruntime-web"
 CHROMIUM = "/usr/bin/chromium"
 
 RUN = """async ([model, threads, reps, profile]) => {
+  const lowres = model.includes('lowres');
   const ort = await import('/vendor/ort.wasm.min.mjs');
   ort.env.wasm.wasmPaths = '/vendor/'; ort.env.wasm.numThreads = threads;
   const bytes = new Uint8Array(await (await fetch('/' + model)).arrayBuffer());
@@ -49,13 +52,24 @@ RUN = """async ([model, threads, reps, profile]) => {
     mask_input: new ort.Tensor('float32', new Float32Array(256 * 256), [1, 1, 256, 256]),
     has_mask_input: new ort.Tensor('float32', Float32Array.from([0]), [1]),
     orig_im_size: new ort.Tensor('float32', Float32Array.from([480, 854]), [2]) };
+  if (lowres) delete feeds.orig_im_size;
   await s.run(feeds); await s.run(feeds);
   const wall = [];
   await window.benchCpu();
   for (let i = 0; i < reps; i++) { const t0 = performance.now(); await s.run(feeds); wall.push(performance.now() - t0); }
   const cpu = await window.benchCpu();
   if (profile) await s.endProfiling();  // ONNX Runtime Web prints the profile to the console
-  return { isolated: self.crossOriginIsolated, cores: navigator.hardwareConcurrency, wall, cpu_ms_per_run: 1000 * cpu / reps };
+  let upscale = null;
+  if (lowres) {  // the page's own upscaling of the one mask it shows
+    const { upscaler } = await import('/js/upscale.js');
+    const out = await s.run(feeds), low = out.low_res_masks.data.subarray(65536, 2 * 65536);
+    const up = upscaler([256, 256], 1024, [576, 1024], [480, 854]);
+    up.full(low);
+    const t = [];
+    for (let i = 0; i < reps; i++) { const t0 = performance.now(); up.full(low); t.push(performance.now() - t0); }
+    upscale = t.sort((a, b) => a - b)[t.length >> 1];
+  }
+  return { isolated: self.crossOriginIsolated, cores: navigator.hardwareConcurrency, wall, cpu_ms_per_run: 1000 * cpu / reps, upscale };
 }"""
 
 
@@ -129,6 +143,8 @@ async def bench(base: str, specs, reps: int, profile: bool) -> list:
             row = {"graph": model, "threads": threads, "isolated": r["isolated"], "cores": r["cores"],
                    "wall_ms_median": round(statistics.median(r["wall"]), 1), "wall_ms_min": round(min(r["wall"]), 1),
                    "cpu_ms_per_run": round(r["cpu_ms_per_run"], 1)}
+            if r["upscale"] is not None:
+                row["upscale_ms"] = round(r["upscale"], 1)
             if profile:
                 row["operators_%"] = operator_shares(console)
             out.append(row)
@@ -156,14 +172,18 @@ def main() -> None:
         folder = Path(tmp)
         (folder / "index.html").write_text("<!doctype html><title>bench</title>")
         os.symlink(VENDOR, folder / "vendor")
+        os.symlink(VENDOR.parent.parent / "js", folder / "js")
         torch.manual_seed(0)
-        export_decoder(sam_model_registry["vit_b"]().eval(), folder / "decoder.onnx")
-        graphs = ["decoder.onnx"]
+        model = sam_model_registry["vit_b"]().eval()
+        export_decoder(model, folder / "decoder_full.onnx")
+        export_decoder(model, folder / "decoder_lowres.onnx", low_res_only=True)
+        graphs = ["decoder_full.onnx", "decoder_lowres.onnx"]
         if args.int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(folder / "decoder.onnx"), str(folder / "decoder_int8.onnx"), weight_type=QuantType.QUInt8)
-            graphs.append("decoder_int8.onnx")
+            quantize_dynamic(str(folder / "decoder_lowres.onnx"), str(folder / "decoder_lowres_int8.onnx"),
+                             weight_type=QuantType.QUInt8)
+            graphs.append("decoder_lowres_int8.onnx")
         server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
