@@ -33,18 +33,21 @@ function useServer(reason) { S.decoder = { mode: "server", reason, threads: 0 };
 export function modelQuery(sep = "?") { return S.model ? `${sep}model=${encodeURIComponent(S.model)}` : ""; }
 
 // Decide which decoder runs for the picked model: called at start, when the setting or the model changes.
+let generation = 0;  // a newer initDecoder (another model picked meanwhile) wins over an older one still starting
 export async function initDecoder() {
+  const mine = ++generation;
   session = null; decoderInfo = null;
   if (serverForced()) return useServer("set to server decoding");
   if (typeof WebAssembly !== "object") return useServer("this browser has no WebAssembly");
   let info;
   try { info = await api("GET", "/api/decoder" + modelQuery()); }
-  catch (err) { return useServer(`the server offers no page decoder: ${err.message}`); }
+  catch (err) { if (mine === generation) useServer(`the server offers no page decoder: ${err.message}`); return; }
+  if (mine !== generation) return;
   if (!info.available) return useServer(info.reason);
   decoderInfo = info;
+  let started = sessions.get(info.key) || null;
   try {
-    session = sessions.get(info.key) || null;
-    if (!session) {
+    if (!started) {
       ort = ort || await import(VENDOR + "ort.wasm.min.mjs");
       // Threads need SharedArrayBuffer, which needs the page to be cross-origin isolated (the server sends COOP/COEP).
       // localStorage "segany.wasmThreads" overrides the count (benchmarks, a busy machine).
@@ -52,24 +55,26 @@ export async function initDecoder() {
       const threads = self.crossOriginIsolated ? Math.max(1, wanted) : 1;
       ort.env.wasm.wasmPaths = VENDOR;
       ort.env.wasm.numThreads = threads;
-      const { bytes } = await cachedBytes(decoderInfo.url, `decoder/${decoderInfo.key}.onnx`);
-      session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
-      session.threads = threads;
-      await warmUp(session);
-      sessions.set(info.key, session);
+      const { bytes } = await cachedBytes(info.url, `decoder/${info.key}.onnx`);
+      started = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+      started.threads = threads;
+      await warmUp(started, info);
+      sessions.set(info.key, started);
     }
   } catch (err) {
-    session = null;
-    return useServer(`ONNX Runtime Web did not start: ${err.message}`);
+    if (mine === generation) useServer(`ONNX Runtime Web did not start: ${err.message}`);
+    return;
   }
+  if (mine !== generation) return;
+  session = started;
   S.decoder = { mode: "page", reason: "", threads: session.threads };
   showMode();
 }
 
 // One run on a blank prompt right after the session starts: ONNX Runtime allocates its buffers and
 // threads on the first run, which would otherwise land on the annotator's first click.
-async function warmUp(s) {
-  const [, c, h, w] = decoderInfo.embedding_shape || [1, 256, 64, 64], [lh, lw] = decoderInfo.low_res_size;
+async function warmUp(s, info) {
+  const [, c, h, w] = info.embedding_shape || [1, 256, 64, 64], [lh, lw] = info.low_res_size;
   const t0 = performance.now();
   await s.run({
     image_embeddings: new ort.Tensor("float32", new Float32Array(c * h * w), [1, c, h, w]),
@@ -89,8 +94,6 @@ export async function setServerForced(on) {
 // Another model from the picker: its own decoder (in the page or the server's) and embeddings.
 export async function setModel(name) {
   S.model = name;
-  const entry = S.models.find((m) => m.name === name);
-  if (entry && entry.levels === undefined) entry.levels = 0;
   await initDecoder();
 }
 
