@@ -35,8 +35,10 @@ import httpx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's segany
 IMAGE = ROOT.parent / "shared" / "datasets" / "davis345" / "images" / "000.jpg"
 CHROMIUM = "/usr/bin/chromium"
+TOKEN = "bench-annotator-token-0123"  # the server's access token (writes need it; the page reads it from the URL)
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
@@ -120,7 +122,7 @@ async def run_annotators(browser, base, project, image, mode, annotators, clicks
              else "localStorage.removeItem('segany.forceServerDecode');")
             + (f"localStorage.setItem('segany.wasmThreads', '{threads}');" if threads else ""))
         page = await context.new_page()
-        await page.goto(f"{base}/?project={project}&image={image}")
+        await page.goto(f"{base}/?project={project}&image={image}#token={TOKEN}")
         await page.wait_for_function(f"window.segany && segany.shownImage === {image}", timeout=120000)
         await page.wait_for_function("segany.decoderReady !== undefined")
         await page.evaluate("segany.decoderReady")
@@ -147,12 +149,12 @@ async def main_async(args) -> dict:
         port = free_port()
         server = subprocess.Popen(
             [sys.executable, "-m", "segany.cli.main", "serve", "--checkpoint", str(checkpoint),
-             "--data", str(Path(tmp) / "data"), "--port", str(port)],
+             "--data", str(Path(tmp) / "data"), "--port", str(port), "--token", TOKEN],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         base = f"http://127.0.0.1:{port}"
         try:
-            client = httpx.Client(base_url=base, timeout=600)
+            client = httpx.Client(base_url=base, timeout=600, headers={"Authorization": f"Bearer {TOKEN}"})
             deadline = time.monotonic() + 300
             while True:
                 try:
@@ -190,6 +192,8 @@ async def main_async(args) -> dict:
                         "decoder": decoder,
                         "decode_ms": summary([t["decode_ms"] for t in timings]),
                         "click_to_screen_ms": summary([t["click_to_screen_ms"] for t in timings]),
+                        # in-page: making the candidates from the graph's outputs (their masks are made when shown)
+                        "masks_ms": summary([t["masks_ms"] for t in timings if "masks_ms" in t]),
                         "clicks": len(timings),
                     }
                     for c in contexts:

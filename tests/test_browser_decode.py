@@ -17,16 +17,18 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
 pytest.importorskip("onnx", reason="onnx (the ONNX export) is not installed")
 
+MOBILE = REFERENCE / "mobile_sam_vit_t.pth"
+SSAM = REFERENCE.parent / "semantic_sam" / "semantic_sam_mini_seed0.pth"
 TOKEN = "s3cret"  # the server's access token; the page takes it from the address
 
 
-def serve(model, checkpoint, data):
+def serve(model, checkpoint, data, extra_models=()):
     """The server in a thread, with one project and one image (a smaller DAVIS frame) whose embedding is ready."""
     from PIL import Image
 
     from segany.server import ServerConfig, create_app
 
-    config = ServerConfig(data_dir=data, checkpoint=checkpoint, token=TOKEN)
+    config = ServerConfig(data_dir=data, checkpoint=checkpoint, token=TOKEN, extra_models=[str(m) for m in extra_models])
     app = create_app(config, model=model)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -57,7 +59,8 @@ def serve(model, checkpoint, data):
 
 @pytest.fixture(scope="module")
 def live(fixture_sam, tmp_path_factory):
-    live, stop = serve(fixture_sam, REFERENCE / "sam_vit_small.pth", tmp_path_factory.mktemp("data"))
+    # The picker's further models load only when a test picks them.
+    live, stop = serve(fixture_sam, REFERENCE / "sam_vit_small.pth", tmp_path_factory.mktemp("data"), [MOBILE, SSAM])
     yield live
     stop()
 
@@ -273,4 +276,83 @@ def test_find_box_disables_itself_without_a_text_model(live, browser):
     # The endpoint itself answers why (409), which is what the page shows if it tries.
     r = live["client"].post(f"/api/images/{image['id']}/find", json={"text": "a dog"})
     assert r.status_code == 409 and "CLIP" in r.json()["detail"]
+    context.close()
+
+
+def test_model_picker_and_granularity_levels(live, browser):
+    """The picker switches the decoding model (MobileSAM: its own ONNX decoder in the page, equal to the
+    server's decode with that model); Semantic-SAM shows the level control and the level picks the candidate."""
+    for path in (MOBILE, SSAM):
+        if not path.is_file():
+            pytest.skip(f"{path} is absent")
+    context = browser.new_context(viewport={"width": 1300, "height": 800})
+    page, errors = open_page(live, context)
+    names = page.eval_on_selector_all("#model-picker option", "os => os.map(o => o.value)")
+    assert names == [str(REFERENCE / "sam_vit_small.pth"), str(MOBILE), str(SSAM)]
+    assert page.is_hidden("#level-control")
+
+    page.select_option("#model-picker", str(MOBILE))
+    page.wait_for_function(f"segany.model === {str(MOBILE)!r}")
+    page.evaluate("segany.decoderReady")
+    assert page.evaluate("segany.decoder.mode") == "page", page.evaluate("segany.decoder")
+    page.evaluate("segany.embeddingDtype = 'float32'")
+    timing = click_and_wait(page, 60, 50)
+    assert timing["mode"] == "page"
+    server = live["client"].post(f"/api/images/{live['image']['id']}/decode",
+                                 json={"points": [[60, 50]], "labels": [1], "model": str(MOBILE)}).json()
+    assert server["model"] == str(MOBILE)
+    np.testing.assert_allclose(page.evaluate("segany.lastDecode.iou")[1:4], [c["score"] for c in server["candidates"]],
+                               atol=5e-4)
+    # the masks are the server's wherever the page's logit is clear of the threshold
+    from pycocotools import mask as mask_utils
+
+    d = page.evaluate("(() => { const d = segany.lastDecode; return { h: d.height, w: d.width,"
+                      " logits: Array.from(d.logits.subarray(d.height * d.width)) }; })()")
+    logits = np.array(d["logits"], dtype=np.float32).reshape(3, d["h"], d["w"])
+    for c, cand in enumerate(server["candidates"]):
+        rle = dict(cand["segmentation"])
+        rle["counts"] = rle["counts"].encode()
+        theirs = mask_utils.decode(rle).astype(bool)
+        clear = np.abs(logits[c]) > 1e-3
+        assert np.array_equal((logits[c] > 0)[clear], theirs[clear])
+    page.evaluate("segany.embeddingDtype = 'float16'")
+
+    page.select_option("#model-picker", str(SSAM))
+    page.wait_for_function(f"segany.model === {str(SSAM)!r}")
+    page.evaluate("segany.decoderReady")
+    assert page.evaluate("segany.decoder.mode") == "server"
+    page.wait_for_selector("#level-control", state="visible")
+    timing = click_and_wait(page, 60, 50)
+    assert timing["mode"] == "server"
+    levels = page.evaluate("segany.candidates.map(c => c.level)")
+    assert levels == [1, 2, 3, 4, 5, 6]
+    assert page.evaluate("segany.selected") == page.evaluate("segany.level") - 1
+    page.fill("#level", "5")  # a range input: fill sets its value and fires input
+    assert page.evaluate("segany.selected") == 4 and page.text_content("#level-value") == "5"
+    same = page.evaluate("(() => { const a = segany.work, b = segany.candidates[4].mask;"
+                         " return a.length === b.length && a.every((v, i) => v === b[i]); })()")
+    assert same
+    page.evaluate("document.activeElement.blur()")  # keys go to the page, not the slider
+    page.keyboard.press(",")
+    assert page.evaluate("segany.level") == 4 and page.evaluate("segany.selected") == 3
+    # the page's candidates are the server's for the page's click (its point, after the view's rounding)
+    point = page.evaluate("[segany.points[0].x, segany.points[0].y]")
+    server = live["client"].post(f"/api/images/{live['image']['id']}/decode",
+                                 json={"points": [point], "labels": [1], "model": str(SSAM), "granularity": 5}).json()
+    assert server["best"] == 4
+    got = page.evaluate("segany.candidates[4].score")
+    assert abs(got - server["candidates"][4]["score"]) < 1e-6
+    # a second click replaces the first (one click per prompt), a negative click is refused in the page
+    click_and_wait(page, 30, 30)
+    assert page.evaluate("segany.points.length") == 1
+    click_image(page, 40, 40, button="right")
+    assert "one positive click" in page.text_content("#status")
+    # the choice survives a reload
+    page.reload()
+    page.wait_for_function(f"segany.model === {str(SSAM)!r}")
+    page.wait_for_function("segany.decoderReady !== undefined")
+    page.evaluate("segany.decoderReady")
+    assert page.is_visible("#level-control")
+    shot(page, "model_picker_levels")
+    assert not errors, errors
     context.close()

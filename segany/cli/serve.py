@@ -8,7 +8,9 @@ import click
 
 
 @click.command("serve")
-@click.option("-c", "--checkpoint", required=True, help="Checkpoint file or model name.")
+@click.option("-c", "--checkpoint", "checkpoints", required=True, multiple=True,
+              help="Checkpoint file or model name. Repeat it to offer several models in the page's picker "
+              "(e.g. -c vit_b -c vit_t -c semantic-sam-t): the first is the default, the others load on first use.")
 @click.option("--data", "data_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("segany-data"),
               show_default=True, help="Data folder: database, images, embedding cache.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -28,7 +30,7 @@ import click
               "random one per start, printed in the URL]. Needed to listen on a non-loopback address.")
 @click.option("--allowed-host", "allowed_hosts", multiple=True,
               help="Host name clients may use besides 127.0.0.1, localhost and [::1] (repeatable).")
-def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, import_roots: Tuple[Path, ...],
+def serve(checkpoints: Tuple[str, ...], data_dir: Path, host: str, port: int, fast: bool, import_roots: Tuple[Path, ...],
           max_upload_mb: int, proposal_model: Optional[str], token: Optional[str],
           allowed_hosts: Tuple[str, ...], clip: Optional[str] = None) -> None:
     """Run the annotation server; open the printed http://HOST:PORT/#token=... in a browser."""
@@ -49,7 +51,10 @@ def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, imp
         hosts.append(host)  # the address it listens on is a name clients may use
 
     mode = "fast" if fast else "exact"
+    checkpoint, *others = checkpoints
     path = resolve_checkpoint(checkpoint)
+    for other in others:
+        resolve_checkpoint(other)  # a missing file or unknown name fails now, not when the page picks it
     model = load_model(path, mode=mode)
     if proposal_model is not None:
         resolve_checkpoint(proposal_model)  # a missing file or unknown name fails now, not at the first request
@@ -57,7 +62,7 @@ def serve(checkpoint: str, data_dir: Path, host: str, port: int, fast: bool, imp
     config = ServerConfig(
         data_dir=data_dir, checkpoint=path, mode=mode, import_roots=roots,
         max_upload_bytes=max_upload_mb * 1024 * 1024, model_name=str(checkpoint), allowed_hosts=hosts,
-        proposal_model=proposal_model, clip=clip,
+        proposal_model=proposal_model, clip=clip, extra_models=list(dict.fromkeys(o for o in others if o != checkpoint)),
     )
     if token is not None:
         config.token = token.strip()

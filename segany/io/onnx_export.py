@@ -35,7 +35,7 @@ class PromptDecoderGraph(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        if hasattr(model.image_encoder, "forward_with_interm"):
+        if hasattr(model.mask_decoder, "hf_token"):  # HQ-SAM's decoder (MobileSAM's encoder has forward_with_interm too)
             raise ValueError("HQ-SAM's decoder needs early encoder features; its ONNX export is not supported")
         self.model = model
         self.image_size = model.image_size
@@ -79,6 +79,24 @@ class PromptDecoderGraph(nn.Module):
         return masks, iou, low_res
 
 
+class PromptDecoderLowResGraph(PromptDecoderGraph):
+    """The same graph without the post-processing: (image_embeddings, point_coords, point_labels,
+    mask_input, has_mask_input) -> iou_predictions (1, 4), low_res_masks (1, 4, 256, 256). For a front end
+    that upscales only the masks it shows (the annotator's page): the upscaling of four masks to the
+    image's size is a large share of the graph's time in WebAssembly."""
+
+    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        model = self.model
+        sparse = self.embed_points(point_coords, point_labels)
+        prompt_encoder = model.prompt_encoder
+        no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has_mask_input * prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
+        low_res, iou = model.mask_decoder.predict_masks(
+            image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense
+        )
+        return iou, low_res
+
+
 class EncoderGraph(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -117,9 +135,10 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
 
-def export_decoder(model: nn.Module, path: PathLike) -> Path:
-    """Write the prompt encoder + mask decoder graph (see the module docstring) to `path`."""
-    graph = PromptDecoderGraph(model)
+def export_decoder(model: nn.Module, path: PathLike, low_res_only: bool = False) -> Path:
+    """Write the prompt encoder + mask decoder graph (see the module docstring) to `path`;
+    `low_res_only`: PromptDecoderLowResGraph (no orig_im_size, no masks output)."""
+    graph = PromptDecoderLowResGraph(model) if low_res_only else PromptDecoderGraph(model)
     pe = model.prompt_encoder
     c, (h, w) = pe.embed_dim, pe.image_embedding_size
     mh, mw = pe.mask_input_size
@@ -132,6 +151,10 @@ def export_decoder(model: nn.Module, path: PathLike) -> Path:
         torch.tensor([480.0, 640.0]),
     )
     dynamic_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}, "masks": {2: "height", 3: "width"}}
+    if low_res_only:
+        del dynamic_axes["masks"]
+        with torch.no_grad():
+            return _export(graph, args[:5], path, DECODER_INPUTS[:5], DECODER_OUTPUTS[1:], dynamic_axes)
     with torch.no_grad():
         return _export(graph, args, path, DECODER_INPUTS, DECODER_OUTPUTS, dynamic_axes)
 

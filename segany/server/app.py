@@ -22,12 +22,13 @@ from fastapi.responses import JSONResponse
 
 from ..io import embedding_cache
 from ..predict import Segmenter
-from .decoder_routes import add_page_decoding
+from .decoder_routes import add_page_decoding, decoder_export
 from .deps import ServerContext
 from .embeddings import PRIORITY_BULK, EmbeddingService, model_key
 from .images import ImageRejected
 from .jobs import Cancelled, Jobs
 from .logits import LogitsCache
+from .models import ModelSet, ModelSlot, SemanticSamImages, UnknownModel, model_family
 from .proposals import FastSamProposals
 from .routes import annotations, decode, images, info, projects, transfer
 from .schemas import ERROR_RESPONSES
@@ -60,6 +61,9 @@ class ServerConfig:
     max_jobs: int = 2  # proposals / imports running at once (more get 503)
     job_time_limit_s: float = 300.0  # a proposals or import job is stopped after this long
     clip: Optional[str] = None  # a CLIP file or zoo name for text search (POST /api/images/{id}/find)
+    # Further models the page may pick (names or checkpoint files), each loaded on first use
+    # (segany/server/models.py); the default is `checkpoint` (or `model`).
+    extra_models: List[str] = field(default_factory=list)
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -81,6 +85,10 @@ def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) 
         from ..io.models import load_model
 
         model = load_model(config.checkpoint, mode=config.mode)
+    if model_family(model) != "sam":
+        raise ValueError("the server's first (default) model must be a SAM-family model (SAM, MobileSAM, HQ-SAM): "
+                         "it embeds the images in the background and makes the proposals; offer Semantic-SAM "
+                         "as a further model (segany serve -c vit_b -c semantic-sam-t)")
     if config.checkpoint is not None and Path(config.checkpoint).is_file():
         key = model_key(Path(config.checkpoint), config.mode)
     else:  # a model without a file (tests): key its cache by its configuration only
@@ -99,6 +107,11 @@ def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) 
         jobs=Jobs(config.max_jobs, config.job_time_limit_s),
         fastsam_proposals=FastSamProposals(config.proposal_model, config.mode) if config.proposal_model else None,
     )
+    default_name = config.model_name or (str(config.checkpoint) if config.checkpoint else type(model).__name__)
+    default = ModelSlot(default_name, model, key, "sam", segmenter, ctx.embeddings, ctx.logits_cache,
+                        decoder_export(model, data_dir, config.checkpoint, key))
+    ctx.models = ModelSet(default, [str(m) for m in config.extra_models],
+                          lambda name: _build_slot(name, config, data_dir))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -110,6 +123,7 @@ def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) 
             yield
         finally:
             ctx.embeddings.stop()
+            ctx.models.stop()
             ctx.storage.close()
 
     app = FastAPI(
@@ -128,9 +142,7 @@ def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) 
 
     for module in (info, projects, images, decode, annotations, transfer):
         app.include_router(module.router, responses=ERROR_RESPONSES)
-    add_page_decoding(app, model=model, data_dir=data_dir, checkpoint=config.checkpoint, model_key=key,
-                      storage=ctx.storage, embeddings=ctx.embeddings, image_path=ctx.image_path,
-                      wait_s=config.decode_wait_s)
+    add_page_decoding(app, ctx)
     from .find import add_find_route, load_find_clip
 
     clip_model = clip_model if clip_model is not None else load_find_clip(config.clip, config.mode)
@@ -148,6 +160,30 @@ def create_app(config: ServerConfig, model: Any = None, clip_model: Any = None) 
     app.add_middleware(Guard, token=config.token, allowed_hosts=config.allowed_hosts,
                        allowed_origins=config.allowed_origins, body_limit=body_limit)
     return app
+
+
+def _build_slot(name: str, config: ServerConfig, data_dir: Path) -> ModelSlot:
+    """Load a further model the page picked (segany.io.models.load_model: a file or a model name)."""
+    from ..io.models import load_model, resolve_checkpoint
+
+    path = resolve_checkpoint(name)
+    mode = config.mode
+    try:
+        model = load_model(path, mode=mode)
+    except ValueError as exc:  # Semantic-SAM runs in exact mode only
+        if mode == "exact" or "Semantic-SAM" not in str(exc):
+            raise
+        mode = "exact"
+        model = load_model(path, mode=mode)
+    key = model_key(path, mode)
+    family = model_family(model)
+    if family == "semantic-sam":
+        return ModelSlot(name, model, key, family, images=SemanticSamImages(model))
+    segmenter = Segmenter(model)
+    embeddings = EmbeddingService(segmenter, embedding_cache.cache_dir(data_dir, key), config.memory_embeddings)
+    embeddings.start()
+    return ModelSlot(name, model, key, family, segmenter, embeddings, LogitsCache(config.logits_cache),
+                     decoder_export(model, data_dir, path, key))
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -176,6 +212,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ImageRejected)
     async def _rejected(request: Request, exc: ImageRejected):
         return _error(exc.status, str(exc))
+
+    @app.exception_handler(UnknownModel)
+    async def _unknown_model(request: Request, exc: UnknownModel):
+        return _error(422, str(exc))
 
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError):

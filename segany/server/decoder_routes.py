@@ -1,8 +1,8 @@
 """Routes for decoding in the page: the ONNX prompt decoder, compact embeddings, cross-origin isolation.
 
-    GET /api/decoder                         {"available", "url", "key", ...} or {"available": false, "reason"}
+    GET /api/decoder?model=NAME              {"available", "url", "key", ...} or {"available": false, "reason"}
     GET /api/decoder/{key}.onnx              the graph (immutable: its URL names the model)
-    GET /api/images/{id}/embedding.safetensors?dtype=float16|float32
+    GET /api/images/{id}/embedding.safetensors?dtype=float16|float32&model=NAME
                                              the image embedding (waits for it like decode does)
 
 Both files carry an ETag and answer If-None-Match with 304. The page keeps them in its own cache too.
@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, Optional
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
+from .deps import Ctx
 from .onnx_decoder import DecoderExport, embedding_file
 from .schemas import ERROR_RESPONSES
 
@@ -60,27 +61,30 @@ def _not_modified(request: Request, etag: str) -> bool:
     return etag in [tag.strip() for tag in wanted.split(",")] or wanted.strip() == "*"
 
 
-def page_decoding_router(
-    decoder: DecoderExport,
-    storage: Any,
-    embeddings: Any,
-    image_path: Callable[[Dict[str, Any]], Path],
-    model_key: str,
-    wait_s: float,
-) -> APIRouter:
+def page_decoding_router() -> APIRouter:
     router = APIRouter()
 
-    @router.get("/api/decoder", summary="Whether the page can decode itself, and where its ONNX decoder is")
-    def decoder_info() -> Dict[str, Any]:
-        return decoder.describe()
+    @router.get("/api/decoder", summary="Whether the page can decode itself for a model, and where its ONNX decoder is")
+    def decoder_info(ctx: Ctx, model: Optional[str] = Query(default=None, max_length=1000)) -> Dict[str, Any]:
+        slot = ctx.slot(model)
+        if slot.decoder is None:
+            return {"available": False, "model": slot.name,
+                    "reason": f"{slot.name} ({slot.family}) has no ONNX prompt decoder: its clicks decode on the server"}
+        return {**slot.decoder.describe(), "model": slot.name}
 
-    @router.get("/api/decoder/{key}.onnx", summary="The model's prompt decoder as ONNX (exported once, cached)",
+    @router.get("/api/decoder/{key}.onnx", summary="A model's prompt decoder as ONNX (exported once, cached)",
                 response_class=Response, responses=BINARY_RESPONSES)
-    def decoder_file(key: str, request: Request):
+    def decoder_file(key: str, request: Request, ctx: Ctx):
+        decoder = ctx.models.find_decoder(key)
+        if decoder is None:
+            slots = [s for s in ctx.models.loaded() if s.decoder is not None]
+            loaded = [s.decoder.key for s in slots if s.decoder.reason is None]
+            why = [f"{s.name}: {s.decoder.reason}" for s in slots if s.decoder.reason is not None]
+            return JSONResponse({"detail": f"no decoder {key[:80]!r}: the loaded models' decoders are "
+                                           f"{', '.join(loaded) or 'none'}" + "".join(f"; {w}" for w in why)},
+                                status_code=404)
         if not decoder.available:
             return JSONResponse({"detail": decoder.describe()["reason"]}, status_code=404)
-        if key != decoder.key:
-            return JSONResponse({"detail": f"no decoder {key!r}: this server runs model {decoder.key}"}, status_code=404)
         etag = f'"{decoder.key}"'
         headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
         if _not_modified(request, etag):
@@ -97,38 +101,34 @@ def page_decoding_router(
         response_class=Response, responses=BINARY_RESPONSES,
     )
     def embedding_download(
-        image_id: int, request: Request, dtype: str = Query(default="float16", pattern="^(float16|float32)$")
+        image_id: int, request: Request, ctx: Ctx,
+        dtype: str = Query(default="float16", pattern="^(float16|float32)$"),
+        model: Optional[str] = Query(default=None, max_length=1000),
     ):
-        image = storage.image(image_id)
-        etag = f'"{model_key}-{image["sha256"][:32]}-{dtype}"'
+        image = ctx.storage.image(image_id)
+        slot = ctx.slot(model)
+        if slot.embeddings is None:
+            raise ValueError(f"{slot.name} ({slot.family}) has no SAM image embedding: its clicks decode on the server")
+        etag = f'"{slot.key}-{image["sha256"][:32]}-{dtype}"'
         headers = {"ETag": etag, "Cache-Control": "private, no-cache"}
         if _not_modified(request, etag):
             return Response(status_code=304, headers=headers)
-        embedding = embeddings.get(image["sha256"], image_path(image), wait_s)
+        embedding = slot.embeddings.get(image["sha256"], ctx.image_path(image), ctx.config.decode_wait_s)
         return Response(embedding_file(embedding, dtype), media_type="application/octet-stream", headers=headers)
 
     return router
 
 
-def add_page_decoding(
-    app: FastAPI,
-    *,
-    model: Any,
-    data_dir: Path,
-    checkpoint: Optional[Path],
-    model_key: str,
-    storage: Any,
-    embeddings: Any,
-    image_path: Callable[[Dict[str, Any]], Path],
-    wait_s: float,
-) -> DecoderExport:
-    """Register the routes and the isolation headers on `app`; returns the decoder export."""
+def decoder_export(model: Any, data_dir: Path, checkpoint: Optional[Path], model_key: str) -> DecoderExport:
+    """The (lazily exported) ONNX decoder of one SAM-family model, cached under <data>/decoders/."""
     file_backed = checkpoint is not None and Path(checkpoint).is_file()
     checkpoint_hash = model_key.split("-")[0] if file_backed else None
-    decoder = DecoderExport(model, Path(data_dir) / "decoders", checkpoint if file_backed else None, checkpoint_hash)
-    app.state.decoder_export = decoder
-    app.include_router(page_decoding_router(decoder, storage, embeddings, image_path, model_key, wait_s),
-                       responses=ERROR_RESPONSES)
+    return DecoderExport(model, Path(data_dir) / "decoders", checkpoint if file_backed else None, checkpoint_hash)
 
+
+def add_page_decoding(app: FastAPI, ctx: Any) -> DecoderExport:
+    """Register the routes and the isolation headers on `app`; returns the default model's decoder export."""
+    app.state.decoder_export = ctx.models.default.decoder
+    app.include_router(page_decoding_router(), responses=ERROR_RESPONSES)
     app.add_middleware(PageIsolation)
-    return decoder
+    return ctx.models.default.decoder

@@ -32,6 +32,11 @@ class ServerContext:
     logits_cache: LogitsCache
     jobs: Jobs
     fastsam_proposals: Any = None  # FastSamProposals when the server proposes with FastSAM
+    models: Any = None  # ModelSet: the default model and the others the page may pick (models.py)
+
+    def slot(self, name: Optional[str] = None) -> Any:
+        """The ModelSlot a request names (None: the default); UnknownModel (422) otherwise."""
+        return self.models.get(name)
 
     def image_path(self, image: Dict[str, Any]) -> Path:
         return self.images_dir / image["stored_name"]

@@ -1,9 +1,12 @@
 """The model's prompt decoder as ONNX for the page, and image embeddings in a compact form.
 
-The page decodes clicks itself (ONNX Runtime Web) with the graph `segany export-onnx` writes: prompt
-encoder + mask decoder + mask post-processing (see segany.io.onnx_export). The server exports it once
-per model and keeps it at <data>/decoders/<key>.onnx, written atomically; <key> is the checkpoint's
-content hash (a model without a file: the hash of its prompt encoder's and decoder's weights).
+The page decodes clicks itself (ONNX Runtime Web) with the graph `segany export-onnx` writes, less
+its post-processing: prompt encoder + mask decoder -> IoU predictions and the four 256x256 low-res
+logits (segany.io.onnx_export.PromptDecoderLowResGraph); the page upscales the masks it shows itself
+(the same two bilinear steps as the server), which saves the graph upscaling four masks to the
+image's size. The server exports it once per model and keeps it at <data>/decoders/<key>.onnx, written
+atomically; <key> is the checkpoint's content hash (a model without a file: the hash of its prompt
+encoder's and decoder's weights) and the graph's kind ("-lowres").
 
 Embeddings travel as a safetensors file (an 8-byte header length, a JSON header with dtype, shape and
 offsets, the raw little-endian data) holding "image_embeddings" (1, 256, 64, 64) in float16 by default,
@@ -25,13 +28,14 @@ from ..predict import ImageEmbedding
 log = logging.getLogger("segany.server")
 
 EMBEDDING_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+GRAPH_KIND = "lowres"  # in the key: a data folder's earlier full-resolution graphs are not served as this one
 
 
 def decoder_unavailable_reason(model: Any) -> Optional[str]:
     """Why the model's decoder cannot run in the page, or None when it can."""
     if not all(hasattr(model, name) for name in ("prompt_encoder", "mask_decoder", "image_encoder")):
         return f"{type(model).__name__} has no SAM prompt decoder to export"
-    if hasattr(model.image_encoder, "forward_with_interm"):
+    if hasattr(model.mask_decoder, "hf_token"):  # MobileSAM's TinyViT has forward_with_interm too: not a sign of HQ
         return "HQ-SAM's decoder needs the encoder's early features; it has no ONNX export, so clicks decode on the server"
     return None
 
@@ -65,7 +69,7 @@ class DecoderExport:
     def key(self) -> str:
         if self._key is None:
             self._key = _weights_hash(self.model)
-        return self._key
+        return f"{self._key}-{GRAPH_KIND}"
 
     @property
     def path(self) -> Path:
@@ -78,10 +82,11 @@ class DecoderExport:
             "available": True,
             "url": f"/api/decoder/{self.key}.onnx",
             "key": self.key,
-            "inputs": ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"],
-            "outputs": ["masks", "iou_predictions", "low_res_masks"],
+            "inputs": ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"],
+            "outputs": ["iou_predictions", "low_res_masks"],  # the page upscales the masks it shows
             "image_size": int(self.model.image_size),
             "low_res_size": list(self.model.prompt_encoder.mask_input_size),
+            "embedding_shape": [1, int(self.model.prompt_encoder.embed_dim), *self.model.prompt_encoder.image_embedding_size],
             "mask_threshold": float(getattr(self.model, "mask_threshold", 0.0)),
         }
 
@@ -106,7 +111,7 @@ class DecoderExport:
 
             try:
                 log.info("exporting the ONNX prompt decoder to %s", self.path)
-                export_decoder(self._exportable_model(), self.path)  # atomic: a temporary file, then a rename
+                export_decoder(self._exportable_model(), self.path, low_res_only=True)  # atomic: a temporary file, then a rename
             except Exception as exc:  # the page falls back to server decoding and says why
                 log.exception("ONNX decoder export failed")
                 self._error = f"the decoder's ONNX export failed: {exc}"

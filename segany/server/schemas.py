@@ -38,6 +38,9 @@ class DecodeIn(BaseModel):
     mask_input: Optional[MaskRef] = None  # previous low-res logits, by reference
     mask_input_b64: Optional[str] = Field(default=None, max_length=400_000)  # base64 float32 LE (256, 256)
     multimask: bool = True  # 3 candidates, or 1
+    model: Optional[str] = Field(default=None, max_length=1000)  # one of /api/info's models; default: the first
+    # Multi-granularity models (Semantic-SAM) only: the level 1 (coarsest) .. 6 (finest) the answer's `best` is.
+    granularity: Optional[int] = Field(default=None, ge=1, le=6)
 
 
 class AnnotationIn(BaseModel):

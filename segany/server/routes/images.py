@@ -1,9 +1,9 @@
 """Images: upload, server-side folder import, the file itself, embedding status."""
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
-from fastapi import APIRouter, File, Request, UploadFile
+from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import FileResponse
 
 from ..deps import Ctx, User
@@ -88,13 +88,14 @@ def image_file(image_id: int, ctx: Ctx):
     return FileResponse(ctx.image_path(image), headers={"Cache-Control": "private, max-age=31536000, immutable"})
 
 
-@router.get("/api/images/{image_id}/embedding", summary="Embedding status")
-def embedding_status(image_id: int, ctx: Ctx) -> Dict[str, Any]:
+@router.get("/api/images/{image_id}/embedding", summary="Embedding status (for `model`; default: the first model)")
+def embedding_status(image_id: int, ctx: Ctx, model: Optional[str] = Query(default=None, max_length=1000)) -> Dict[str, Any]:
     image = ctx.storage.image(image_id)
-    return {"status": ctx.embeddings.status(image["sha256"]), "error": ctx.embeddings.error(image["sha256"])}
+    slot = ctx.slot(model)
+    return {"status": slot.embedding_status(image["sha256"]), "error": slot.embedding_error(image["sha256"])}
 
 
-@router.post("/api/images/{image_id}/embedding", summary="Compute this image's embedding next")
-def prioritise_embedding(image_id: int, ctx: Ctx) -> Dict[str, Any]:
+@router.post("/api/images/{image_id}/embedding", summary="Compute this image's embedding next (for `model`)")
+def prioritise_embedding(image_id: int, ctx: Ctx, model: Optional[str] = Query(default=None, max_length=1000)) -> Dict[str, Any]:
     image = ctx.storage.image(image_id)
-    return {"status": ctx.embeddings.request(image["sha256"], ctx.image_path(image), PRIORITY_OPEN)}
+    return {"status": ctx.slot(model).request_embedding(image["sha256"], ctx.image_path(image), PRIORITY_OPEN)}

@@ -24,6 +24,11 @@ def info(ctx: Ctx, request: Request) -> Dict[str, Any]:
         "max_upload_bytes": config.max_upload_bytes,
         "max_pixels": config.max_pixels,
         "text_model": bool(getattr(request.app.state, "text_model", False)),  # POST /api/images/{id}/find works
+        # The models the page may pick (the first is the default; the others load on first use): name,
+        # default, loaded and, once loaded, family ("sam" | "semantic-sam"), key, levels (granularity
+        # levels; 0: none), decoder ("page": an ONNX decoder for in-page decoding, "server").
+        "models": ctx.models.describe(),
+        "proposal_model": config.proposal_model,  # FastSAM for proposals, or None (the default model's grid)
     }
 
 

@@ -5,11 +5,13 @@
 import { S, $ } from "./state.js";
 import { api, cachedBytes } from "./api.js";
 import { decodeRle } from "./rle.js";
+import { upscaler } from "./upscale.js";
 
 const VENDOR = "/static/vendor/onnxruntime-web/";
 const FORCE_KEY = "segany.forceServerDecode";
 const KEEP_EMBEDDINGS = 4;  // images whose embeddings stay in the page's memory
-let ort = null, session = null, decoderInfo = null, modelKey = "";
+let ort = null, session = null, decoderInfo = null;
+const sessions = new Map();  // decoder key -> InferenceSession (one per model the annotator picked)
 const embeddings = new Map();  // image id -> Promise of { tensor, originalSize, inputSize, fromCache }
 
 export function serverForced() { return localStorage.getItem(FORCE_KEY) === "1"; }
@@ -27,37 +29,71 @@ function showMode() {
 
 function useServer(reason) { S.decoder = { mode: "server", reason, threads: 0 }; showMode(); }
 
-// Decide which decoder runs: called at start and when the setting changes.
-export async function initDecoder(key) {
-  modelKey = key || modelKey;
+// The model query of every model-specific request (none: the server's default model).
+export function modelQuery(sep = "?") { return S.model ? `${sep}model=${encodeURIComponent(S.model)}` : ""; }
+
+// Decide which decoder runs for the picked model: called at start, when the setting or the model changes.
+let generation = 0;  // a newer initDecoder (another model picked meanwhile) wins over an older one still starting
+export async function initDecoder() {
+  const mine = ++generation;
+  session = null; decoderInfo = null;
   if (serverForced()) return useServer("set to server decoding");
   if (typeof WebAssembly !== "object") return useServer("this browser has no WebAssembly");
-  try { decoderInfo = await api("GET", "/api/decoder"); }
-  catch (err) { return useServer(`the server offers no page decoder: ${err.message}`); }
-  if (!decoderInfo.available) return useServer(decoderInfo.reason);
+  let info;
+  try { info = await api("GET", "/api/decoder" + modelQuery()); }
+  catch (err) { if (mine === generation) useServer(`the server offers no page decoder: ${err.message}`); return; }
+  if (mine !== generation) return;
+  if (!info.available) return useServer(info.reason);
+  decoderInfo = info;
+  let started = sessions.get(info.key) || null;
   try {
-    if (!session) {
-      ort = await import(VENDOR + "ort.wasm.min.mjs");
+    if (!started) {
+      ort = ort || await import(VENDOR + "ort.wasm.min.mjs");
       // Threads need SharedArrayBuffer, which needs the page to be cross-origin isolated (the server sends COOP/COEP).
       // localStorage "segany.wasmThreads" overrides the count (benchmarks, a busy machine).
       const wanted = Number(localStorage.getItem("segany.wasmThreads")) || Math.min(4, navigator.hardwareConcurrency || 1);
       const threads = self.crossOriginIsolated ? Math.max(1, wanted) : 1;
       ort.env.wasm.wasmPaths = VENDOR;
       ort.env.wasm.numThreads = threads;
-      const { bytes } = await cachedBytes(decoderInfo.url, `decoder/${decoderInfo.key}.onnx`);
-      session = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
-      session.threads = threads;
+      const { bytes } = await cachedBytes(info.url, `decoder/${info.key}.onnx`);
+      started = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+      started.threads = threads;
+      await warmUp(started, info);
+      sessions.set(info.key, started);
     }
   } catch (err) {
-    session = null;
-    return useServer(`ONNX Runtime Web did not start: ${err.message}`);
+    if (mine === generation) useServer(`ONNX Runtime Web did not start: ${err.message}`);
+    return;
   }
+  if (mine !== generation) return;
+  session = started;
   S.decoder = { mode: "page", reason: "", threads: session.threads };
   showMode();
 }
 
+// One run on a blank prompt right after the session starts: ONNX Runtime allocates its buffers and
+// threads on the first run, which would otherwise land on the annotator's first click.
+async function warmUp(s, info) {
+  const [, c, h, w] = info.embedding_shape || [1, 256, 64, 64], [lh, lw] = info.low_res_size;
+  const t0 = performance.now();
+  await s.run({
+    image_embeddings: new ort.Tensor("float32", new Float32Array(c * h * w), [1, c, h, w]),
+    point_coords: new ort.Tensor("float32", Float32Array.from([10, 10, 0, 0]), [1, 2, 2]),
+    point_labels: new ort.Tensor("float32", Float32Array.from([1, -1]), [1, 2]),
+    mask_input: new ort.Tensor("float32", new Float32Array(lh * lw), [1, 1, lh, lw]),
+    has_mask_input: new ort.Tensor("float32", Float32Array.from([0]), [1]),
+  });
+  S.warmUpMs = performance.now() - t0;
+}
+
 export async function setServerForced(on) {
   if (on) localStorage.setItem(FORCE_KEY, "1"); else localStorage.removeItem(FORCE_KEY);
+  await initDecoder();
+}
+
+// Another model from the picker: its own decoder (in the page or the server's) and embeddings.
+export async function setModel(name) {
+  S.model = name;
   await initDecoder();
 }
 
@@ -94,12 +130,13 @@ function parseSafetensors(bytes) {
 }
 
 // The image's embedding as an ONNX tensor; fetched once per image (then from the page's cache).
-export function embeddingFor(image, dtype = "float16") {
-  const id = `${image.id}/${dtype}`;
+export function embeddingFor(image, dtype = "float16", info = decoderInfo) {
+  const key = info.key, query = info.model ? `&model=${encodeURIComponent(info.model)}` : "";
+  const id = `${key}/${image.id}/${dtype}`;
   if (!embeddings.has(id)) {
     const load = (async () => {
-      const { bytes, fromCache } = await cachedBytes(`/api/images/${image.id}/embedding.safetensors?dtype=${dtype}`,
-        `embedding/${modelKey}/${image.sha256}/${dtype}`);
+      const { bytes, fromCache } = await cachedBytes(`/api/images/${image.id}/embedding.safetensors?dtype=${dtype}${query}`,
+        `embedding/${key}/${image.sha256}/${dtype}`);
       const e = parseSafetensors(bytes);
       return { tensor: new ort.Tensor("float32", e.data, e.shape), originalSize: e.originalSize, inputSize: e.inputSize, fromCache };
     })();
@@ -111,55 +148,83 @@ export function embeddingFor(image, dtype = "float16") {
 }
 
 // Start fetching the open image's embedding before the first click.
-export function prefetch(image) { if (S.decoder.mode === "page") embeddingFor(image).catch(() => {}); }
+export function prefetch(image) { if (S.decoder.mode === "page" && session) embeddingFor(image).catch(() => {}); }
 
 // ------------------------------------------------------------------ decoding
 
 // prompt: { points: [{x, y, label}], box: {x0, y0, x1, y1} | null, maskInput: Float32Array(256*256) | null }
 // in image pixels. Returns the three multimask candidates as the server's decode does.
-async function decodeInPage(image, prompt) {
-  const emb = await embeddingFor(image, S.embeddingDtype || "float16");
+async function decodeInPage(image, prompt, picked) {
+  const info = decoderInfo;
+  const emb = await embeddingFor(image, S.embeddingDtype || "float16", info);
   const [h, w] = emb.originalSize, [ih, iw] = emb.inputSize;
   const sx = iw / w, sy = ih / h;  // the model's input frame (long side resized), as ResizeLongestSide.apply_coords
   const coords = [], labels = [];
   for (const p of prompt.points) { coords.push(p.x * sx, p.y * sy); labels.push(p.label); }
   if (prompt.box) { const b = prompt.box; coords.push(b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy); labels.push(2, 3); }
   else { coords.push(0, 0); labels.push(-1); }  // the padding point the model was trained with when there is no box
-  const [lh, lw] = decoderInfo.low_res_size;
+  const [lh, lw] = info.low_res_size;
   const feeds = {
     image_embeddings: emb.tensor,
     point_coords: new ort.Tensor("float32", Float32Array.from(coords), [1, labels.length, 2]),
     point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
     mask_input: new ort.Tensor("float32", prompt.maskInput || new Float32Array(lh * lw), [1, 1, lh, lw]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([prompt.maskInput ? 1 : 0]), [1]),
-    orig_im_size: new ort.Tensor("float32", Float32Array.from([h, w]), [2]),
   };
   const t0 = performance.now();
-  const out = await session.run(feeds);
+  const out = await picked.run(feeds);
   const ms = performance.now() - t0;
-  const logits = out.masks.data, iou = out.iou_predictions.data, lowRes = out.low_res_masks.data;
-  const plane = h * w, lowPlane = lh * lw, threshold = decoderInfo.mask_threshold;
+  const t1 = performance.now();
+  const iou = out.iou_predictions.data, lowRes = out.low_res_masks.data;
+  // The graph stops at the low-res logits: the page upscales a candidate's mask when it is shown
+  // (the thumbnails sample the few pixels they draw), as the server's post-processing does.
+  const up = upscaler([lh, lw], info.image_size, [ih, iw], [h, w]);
+  const plane = h * w, lowPlane = lh * lw, threshold = info.mask_threshold;
   const candidates = [];
   for (let c = 1; c <= 3; c++) {  // channel 0 is the single-mask output; 1-3 the multimask candidates
-    const mask = new Uint8Array(plane);
-    const off = c * plane;
-    for (let i = 0; i < plane; i++) mask[i] = logits[off + i] > threshold ? 1 : 0;
-    candidates.push({ index: c - 1, score: iou[c], mask, lowRes: lowRes.slice(c * lowPlane, (c + 1) * lowPlane) });
+    const low = lowRes.slice(c * lowPlane, (c + 1) * lowPlane);
+    let mask = null;
+    candidates.push({
+      index: c - 1, score: iou[c], lowRes: low,
+      maskAt: (y, x) => up.at(low, y, x) > threshold,
+      get mask() {
+        if (!mask) {
+          const logits = up.full(low);
+          mask = new Uint8Array(plane);
+          for (let i = 0; i < plane; i++) mask[i] = logits[i] > threshold ? 1 : 0;
+        }
+        return mask;
+      },
+    });
   }
-  S.lastDecode = { logits, iou: Array.from(iou), lowRes, height: h, width: w, ms };
+  let full = null;  // the four channels' logits at the image's size, computed only when asked (tests)
+  S.lastDecode = {
+    iou: Array.from(iou), lowRes, height: h, width: w, ms,
+    get logits() {
+      if (!full) {
+        full = new Float32Array(4 * plane);
+        for (let c = 0; c < 4; c++) full.set(up.full(lowRes.subarray(c * lowPlane, (c + 1) * lowPlane)), c * plane);
+      }
+      return full;
+    },
+  };
   let best = 0;
   candidates.forEach((c, i) => { if (c.score > candidates[best].score) best = i; });
-  return { candidates, best, token: null, mode: "page", decode_ms: ms };
+  // decode_ms: session.run alone; masks_ms: the candidates (their masks are made when shown).
+  return { candidates, best, token: null, mode: "page", decode_ms: ms, masks_ms: performance.now() - t1, model: info.model };
 }
 
 async function decodeOnServer(image, prompt) {
   const body = { points: prompt.points.map((p) => [p.x, p.y]), labels: prompt.points.map((p) => p.label), multimask: true };
+  if (S.model) body.model = S.model;
+  if (prompt.level) body.granularity = prompt.level;
   if (prompt.box) body.box = [prompt.box.x0, prompt.box.y0, prompt.box.x1, prompt.box.y1];
   if (prompt.token) body.mask_input = prompt.token;
   else if (prompt.maskInput) body.mask_input_b64 = floatsToBase64(prompt.maskInput);
   const out = await api("POST", `/api/images/${image.id}/decode`, body);
   const candidates = out.candidates.map((c) => ({ ...c, mask: decodeRle(c.segmentation) }));
-  return { candidates, best: out.best, token: out.token, mode: "server", decode_ms: out.timing_ms.decode, server: out.timing_ms };
+  return { candidates, best: out.best, token: out.token, mode: "server", decode_ms: out.timing_ms.decode, server: out.timing_ms,
+           model: out.model };
 }
 
 function floatsToBase64(values) {
@@ -172,7 +237,8 @@ function floatsToBase64(values) {
 // One decode in whichever mode runs; the page's decoder falls back to the server for this call if it fails.
 export async function decodePrompt(image, prompt) {
   if (S.decoder.mode === "page" && session) {
-    try { return await decodeInPage(image, prompt); }
+    const picked = session;
+    try { return await decodeInPage(image, prompt, picked); }
     catch (err) {
       console.warn("in-page decoding failed, asking the server", err);
       const out = await decodeOnServer(image, { ...prompt, token: null });

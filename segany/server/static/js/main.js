@@ -1,10 +1,10 @@
 // segany annotator: the entry module (no build step). Projects, labels, images, keys, buttons, start.
-import { S, $, status, fail, escapeHtml } from "./state.js";
+import { S, $, status, fail, escapeHtml, modelLevels } from "./state.js";
 import { api, getUser, setUser, withToken } from "./api.js";
 import { render, fitView, resizeCanvas, zoomAt, canvas } from "./view.js";
-import { initDecoder, prefetch, serverForced, setServerForced } from "./decode.js";
+import { initDecoder, modelQuery, prefetch, serverForced, setModel, setServerForced } from "./decode.js";
 import { loadAnnotations, renderObjects } from "./objects.js";
-import { accept, bindMouse, clearWork, keys, redo, selectCandidate, setTool, undo } from "./tools.js";
+import { accept, bindMouse, clearWork, keys, redo, selectCandidate, setLevel, setTool, undo } from "./tools.js";
 import { acceptAbove, acceptProposal, disableFind, rejectProposal, renderProposals, runFind, runProposals } from "./proposals.js";
 
 // ------------------------------------------------------------------ projects, labels, images
@@ -69,7 +69,7 @@ async function openImage(id) {
   S.proposals = []; S.undo = []; S.redo = []; renderProposals(); clearWork(false);
   for (const li of $("image-list").children) li.className = Number(li.dataset.id) === id ? "current" : "";
   updateUrl();
-  api("POST", `/api/images/${id}/embedding`).catch(() => {});  // compute this one next
+  api("POST", `/api/images/${id}/embedding${modelQuery()}`).catch(() => {});  // compute this one next
   prefetch(im);  // and bring it into the page when it decodes here
   const img = new Image();
   img.src = withToken(im.url);
@@ -126,7 +126,8 @@ window.addEventListener("keydown", async (e) => {
   if (e.ctrlKey || e.metaKey) return;
   if (k === "Enter") { e.preventDefault(); await accept(); }
   else if (k === "Escape") clearWork();
-  else if (k === "1" || k === "2" || k === "3") selectCandidate(Number(k) - 1);
+  else if (/^[1-6]$/.test(k)) selectCandidate(Number(k) - 1);
+  else if ((k === "," || k === ".") && modelLevels()) setLevel(S.level + (k === "." ? 1 : -1));
   else if (k === "v" || k === "V") setTool("prompt");
   else if (k === "b" || k === "B") setTool("brush");
   else if (k === "e" || k === "E") setTool("eraser");
@@ -210,6 +211,47 @@ $("export-sa1b").onclick = async () => {
     a.click();
   } catch (err) { fail(err); }
 };
+$("level").oninput = (e) => setLevel(Number(e.target.value));
+$("model-picker").onchange = (e) => pickModel(e.target.value);
+
+// The model picker: the server's models (/api/info); the choice is kept across reloads.
+const MODEL_KEY = "segany.model";
+function renderModels() {
+  const picker = $("model-picker");
+  picker.innerHTML = "";
+  for (const m of S.models) {
+    const o = document.createElement("option");
+    o.value = m.name;
+    const short = m.name.split(/[\\/]/).pop();
+    o.textContent = short + (m.levels ? ` (levels 1-${m.levels})` : "") + (m.error ? " (failed)" : "");
+    o.title = m.error || m.name;
+    picker.appendChild(o);
+  }
+  picker.value = S.model;
+  picker.disabled = S.models.length < 2;
+  $("level-control").hidden = !modelLevels();
+  $("level").max = String(modelLevels() || 6);
+  $("model-name").textContent = "";
+}
+
+async function pickModel(name) {
+  if (!S.models.some((m) => m.name === name)) name = S.models.length ? S.models[0].name : null;
+  clearWork(false);
+  S.model = name;
+  localStorage.setItem(MODEL_KEY, name || "");
+  status(`loading model ${name}...`);
+  S.decoderReady = setModel(name).then(async () => {
+    S.models = (await api("GET", "/api/info")).models || S.models;  // the model is loaded now: its family and levels
+    renderModels();
+    if (S.image) {
+      api("POST", `/api/images/${S.image.id}/embedding${modelQuery()}`).catch(() => {});
+      prefetch(S.image);
+    }
+    status(`model ${name}` + (modelLevels() ? `: one click, ${modelLevels()} granularity levels` : ""));
+  }).catch(fail);
+  await S.decoderReady;
+}
+
 $("user-name").value = getUser();
 $("user-name").onchange = (e) => { e.target.value = setUser(e.target.value); };
 
@@ -219,11 +261,16 @@ window.addEventListener("resize", resizeCanvas);
   try {
     const info = await api("GET", "/api/info");
     $("model-name").textContent = info.model;
+    S.models = info.models || [{ name: info.model, default: true, levels: 0 }];
+    const kept = localStorage.getItem(MODEL_KEY);
+    S.model = S.models.some((m) => m.name === kept) ? kept : S.models[0].name;
+    renderModels();
     // The find box needs the server's text model (a later server says so in /api/info).
     const text = info.text_model !== undefined ? info.text_model : info.text_prompts;
     if (text === false || text === null) disableFind("this server has no text model");
     // The decoder starts beside the project loading; clicks go to the server until it is ready.
-    S.decoderReady = initDecoder(info.model_key).then(() => { if (S.image) prefetch(S.image); });
+    S.decoderReady = (S.model === S.models[0].name ? initDecoder() : pickModel(S.model))
+      .then(() => { if (S.image) prefetch(S.image); });
     await loadProjects();
   } catch (err) { fail(err); }
   poll();

@@ -14,12 +14,16 @@ export const S = {
   revision: -1, decodeSeq: 0, busy: false,
   lastTiming: null, timings: [],
   decoder: { mode: "server", reason: "starting", threads: 0 },  // which decoder runs, and why
+  model: null, models: [],         // the model that decodes (a name from /api/info's models) and the offered ones
+  level: 3,                        // granularity level shown for multi-granularity models (Semantic-SAM)
   lastDecode: null,                // the last in-page decode's raw outputs (logits), for tests
   shownImage: null,                // id of the image whose picture and stored objects are both on screen
 };
 window.segany = S;
 
 export const $ = (id) => document.getElementById(id);
+// Granularity levels of the picked model (Semantic-SAM: 6; SAM-family models: 0).
+export function modelLevels() { const m = S.models.find((x) => x.name === S.model); return (m && m.levels) || 0; }
 export function status(text) { $("status").textContent = text; }
 export function fail(err) { console.error(err); status("error: " + err.message); }
 export function escapeHtml(s) { return s.replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c])); }

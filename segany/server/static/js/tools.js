@@ -1,5 +1,5 @@
 // The working object: prompts -> candidates -> hand edits -> accept, with undo/redo, and the mouse.
-import { S, $, status, fail } from "./state.js";
+import { S, $, status, fail, modelLevels } from "./state.js";
 import { api } from "./api.js";
 import { encodeRle } from "./rle.js";
 import { canvas, overlay, refreshWorkCanvas, render, thumbCanvas, toImage } from "./view.js";
@@ -58,11 +58,14 @@ export async function decode() {
   const seq = ++S.decodeSeq;
   const image = S.image;
   // Further clicks refine the chosen candidate: its low-res logits go back in as the mask input.
-  const refine = S.candidates.length && S.points.length > 1 ? S.candidates[S.selected] : null;
+  // A multi-granularity model (Semantic-SAM) takes one click and answers with one candidate per level.
+  const levels = modelLevels();
+  const refine = !levels && S.candidates.length && S.points.length > 1 ? S.candidates[S.selected] : null;
   const prompt = {
     points: S.points.map((p) => ({ ...p })), box: S.box,
     maskInput: refine && refine.lowRes ? refine.lowRes : null,
     token: refine && !refine.lowRes && S.token ? { token: S.token, index: S.selected } : null,
+    level: levels ? S.level : null,
   };
   const t0 = performance.now();
   const embStatus = (S.images.find((i) => i.id === image.id) || {}).embedding;
@@ -78,6 +81,7 @@ export async function decode() {
   const t1 = performance.now();
   await nextFrame();  // the frame with the mask has been produced
   const timing = { mode: out.mode, decode_ms: out.decode_ms, round_trip_ms: t1 - t0, on_screen_ms: performance.now() - t0 };
+  if (out.masks_ms !== undefined) timing.masks_ms = out.masks_ms;
   if (out.server) { timing.server_ms = out.server.decode; timing.server_total_ms = out.server.total; }
   S.lastTiming = timing;
   S.timings.push(timing);
@@ -86,6 +90,14 @@ export async function decode() {
   status(`${S.candidates.length} candidates; decode ${out.decode_ms.toFixed(0)} ms ${where}, ` +
          `${timing.on_screen_ms.toFixed(0)} ms click to screen (${image.width}x${image.height})` +
          (out.fallback ? ` — in-page decoding failed (${out.fallback})` : ""));
+}
+
+// The level control (multi-granularity models): shows that level's candidate of the current click.
+export function setLevel(level) {
+  S.level = Math.max(1, Math.min(modelLevels() || 6, Math.round(level)));
+  $("level").value = S.level; $("level-value").textContent = String(S.level);
+  const i = S.candidates.findIndex((c) => c.level === S.level);
+  if (i >= 0) selectCandidate(i);
 }
 
 export function selectCandidate(i, undoable = true) {
@@ -104,10 +116,11 @@ export function renderCandidates() {
     const el = document.createElement("div");
     el.className = "candidate" + (i === S.selected && S.workSource !== "brush" ? " selected" : "");
     el.dataset.index = i;
-    if (!c.thumb) c.thumb = thumbCanvas(c.mask, S.image.width, S.image.height);
+    if (!c.thumb) c.thumb = c.maskAt ? thumbCanvas(null, S.image.width, S.image.height, 128, c.maskAt)
+                                     : thumbCanvas(c.mask, S.image.width, S.image.height);
     el.appendChild(c.thumb);
     const label = document.createElement("div");
-    label.textContent = `${i + 1}: ${c.score.toFixed(3)}`;
+    label.textContent = (c.level ? `level ${c.level}: ` : `${i + 1}: `) + c.score.toFixed(3);
     label.className = "score";
     el.appendChild(label);
     el.onclick = () => selectCandidate(i);
@@ -208,6 +221,15 @@ function paint(pt) {
 
 function addPoint(pt, label) {
   if (pt.x < 0 || pt.y < 0 || pt.x > S.image.width || pt.y > S.image.height) { status("click inside the image"); return; }
+  if (modelLevels()) {  // one positive click: a new click replaces the previous one
+    if (label !== 1) { status("this model takes one positive click (no negative clicks): pick a level instead"); return; }
+    pushUndo();
+    S.points = []; S.box = null;
+    S.points.push({ x: Math.round(pt.x * 10) / 10, y: Math.round(pt.y * 10) / 10, label });
+    render();
+    decode();
+    return;
+  }
   pushUndo();
   S.points.push({ x: Math.round(pt.x * 10) / 10, y: Math.round(pt.y * 10) / 10, label });
   render();

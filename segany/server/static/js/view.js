@@ -31,13 +31,17 @@ export function maskCanvas(mask, w, h, rgb, fillAlpha, outlineAlpha) {
 
 // A small picture of a mask (nearest sample, long side `side` pixels) for the candidate list: drawing
 // three full-size canvases per click cost more than the rest of the page's work.
-export function thumbCanvas(mask, w, h, side = 128) {
+// `at(y, x)`, when given, says whether pixel (y, x) is in the mask (a mask not made at full size yet).
+export function thumbCanvas(mask, w, h, side = 128, at = null) {
   const s = Math.min(1, side / Math.max(w, h));
   const tw = Math.max(1, Math.round(w * s)), th = Math.max(1, Math.round(h * s));
   const small = new Uint8Array(tw * th);
   for (let y = 0; y < th; y++) {
-    const row = Math.min(h - 1, Math.floor((y + 0.5) / s)) * w;
-    for (let x = 0; x < tw; x++) small[y * tw + x] = mask[row + Math.min(w - 1, Math.floor((x + 0.5) / s))];
+    const py = Math.min(h - 1, Math.floor((y + 0.5) / s)), row = py * w;
+    for (let x = 0; x < tw; x++) {
+      const px = Math.min(w - 1, Math.floor((x + 0.5) / s));
+      small[y * tw + x] = at ? (at(py, px) ? 1 : 0) : mask[row + px];
+    }
   }
   return maskCanvas(small, tw, th, [37, 99, 235], 255, 255);
 }
