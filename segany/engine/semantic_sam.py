@@ -1,6 +1,14 @@
-"""Semantic-SAM's click path with the image's share of the decoder computed once.
+"""Semantic-SAM at inference: the image's features and the click path, the same maths as
+segany.modeling.semantic_sam in fewer, larger operations.
 
-Per click, the decoder's cross-attention projects the whole flattened feature pyramid (~15k tokens for
+Image features (`image_features`): the deformable attention reads its bilinear samples as one weighted
+gather (`deformable_sample`, F.embedding_bag) instead of a grid_sample per level plus a weighted sum
+over a stacked copy; the window attention of the Swin backbone is one scaled_dot_product_attention
+with the relative-position bias and the shift mask added in a single cached mask; position embeddings
+and reference points are built once per feature size. Float32 throughout; only the order of
+floating-point sums differs from the definition (tests/test_semantic_sam_engine.py).
+
+Click path: per click, the decoder's cross-attention projects the whole flattened feature pyramid (~15k tokens for
 a 640x1138 image) to values in every layer, although that projection does not depend on the click.
 `ImageValues` holds, per image, the flattened pyramid and every layer's projected values; `decode`
 then runs the same layers with those values: the same operations on the same inputs, in the same
@@ -9,12 +17,205 @@ order, as `SemanticSam.decode`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from functools import lru_cache
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..modeling.semantic_sam import ImageFeatures, SemanticSam
 from ..modeling.semantic_sam.decoder import DecoderOutput, box_sine_embedding, inverse_sigmoid
+from ..modeling.semantic_sam.deformable_attention import MSDeformAttn
+from ..modeling.semantic_sam.pixel_decoder import PixelDecoder, sine_position_embedding
+from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_merge, window_partition
+from .cache import kept_until_changed
+
+def deformable_sample(
+    value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """segany.modeling.semantic_sam.deformable_attention.deformable_sample as one weighted gather.
+
+    Every output is a weighted sum of value rows: per query and head, L*P points x 4 bilinear corners,
+    each weighted by (bilinear weight) x (attention weight), corners outside their level's map by 0
+    (grid_sample's zero padding, align_corners=False). F.embedding_bag computes exactly such sums.
+    value: (B, S, M, D); locations: (B, Q, M, L, P, 2) in [0, 1]; weights: (B, Q, M, L, P) -> (B, Q, M*D)
+    """
+    b, s, m, d = value.shape
+    q = locations.shape[1]
+    geometry = _level_geometry(tuple(map(tuple, shapes)), m, value.device)
+    pix = locations * geometry.size_xy.to(locations.dtype) - 0.5  # B, Q, M, L, P, 2: pixel centres at k
+    corner = pix.floor()
+    far = pix - corner  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
+    near = 1 - far
+    x0, y0 = corner.to(torch.int32).unbind(-1)
+    w_, h_ = geometry.width, geometry.height  # (L, 1), against (..., L, P)
+    # zero padding: a neighbour outside its level's map weighs 0
+    wx0 = near[..., 0] * ((x0 >= 0) & (x0 < w_))
+    wx1 = far[..., 0] * ((x0 >= -1) & (x0 < w_ - 1))
+    wy0 = near[..., 1] * ((y0 >= 0) & (y0 < h_)) * weights
+    wy1 = far[..., 1] * ((y0 >= -1) & (y0 < h_ - 1)) * weights
+    w = torch.stack([wx0 * wy0, wx1 * wy0, wx0 * wy1, wx1 * wy1], -1)  # B, Q, M, L, P, 4
+    # row of value.reshape(B*S*M, D) of the (x0, y0) neighbour: (b*S + level start + y0*W + x0) * M + head
+    base = (torch.arange(b, dtype=torch.int32, device=value.device) * (s * m)).view(b, 1, 1, 1, 1) + torch.arange(
+        m, dtype=torch.int32, device=value.device).view(1, 1, m, 1, 1)
+    first = (geometry.start + y0 * w_ + x0) * m + base
+    # the four neighbours; rows of zero-weight neighbours are only kept inside the table
+    rows = (first[..., None] + geometry.corner_rows).clamp_(0, b * s * m - 1)
+    out = F.embedding_bag(rows.view(b * q * m, -1), value.reshape(b * s * m, d),
+                          per_sample_weights=w.view(b * q * m, -1).to(value.dtype), mode="sum")
+    return out.view(b, q, m * d)
+
+
+class _LevelGeometry(NamedTuple):
+    size_xy: torch.Tensor  # (L, 1, 2) float: (W, H) per level
+    width: torch.Tensor  # (L, 1) int32
+    height: torch.Tensor  # (L, 1) int32
+    start: torch.Tensor  # (L, 1) int32: first row of the level in the flattened sequence
+    corner_rows: torch.Tensor  # (L, 1, 4) int32: row offsets of the 4 neighbours, heads interleaved
+
+
+@lru_cache(maxsize=64)
+def _level_geometry(shapes: Tuple[Tuple[int, int], ...], heads: int, device: torch.device) -> _LevelGeometry:
+    hw = torch.tensor(shapes, dtype=torch.int32, device=device)  # L, 2 as (H, W)
+    height, width = hw[:, 0:1], hw[:, 1:2]
+    start = torch.cat([hw.new_zeros(1), (height * width).view(-1).cumsum(0)[:-1].to(torch.int32)]).view(-1, 1)
+    corner_rows = torch.cat([torch.zeros_like(width), torch.ones_like(width), width, width + 1], -1) * heads
+    size_xy = torch.stack([width, height], -1).float()
+    return _LevelGeometry(size_xy, width, height, start, corner_rows.view(-1, 1, 4))
+
+
+def deformable_attend(
+    attn: MSDeformAttn, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor,
+    shapes: Sequence[Tuple[int, int]],
+) -> torch.Tensor:
+    """MSDeformAttn.attend with `deformable_sample` above."""
+    b, q, _ = query.shape
+    m, lv, p = attn.n_heads, attn.n_levels, attn.n_points
+    offsets = attn.sampling_offsets(query).view(b, q, m, lv, p, 2)
+    weights = attn.attention_weights(query).view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
+    if reference.shape[-1] == 2:
+        size_xy = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
+        locations = reference[:, :, None, :, None, :] + offsets / size_xy[None, None, None, :, None, :]
+    else:
+        locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
+    return attn.output_proj(deformable_sample(value, shapes, locations, weights))
+
+
+# ---- Swin backbone ---------------------------------------------------------------------------------
+
+
+def _window_bias(block: SwinBlock, hp: int, wp: int, device, dtype) -> torch.Tensor:
+    """(nW, heads, N, N): the block's relative-position bias, plus the shift mask for shifted blocks;
+    kept until the bias table changes (a new padded size rebuilds it)."""
+    attn = block.attn
+
+    def build() -> Dict[Tuple[int, int], torch.Tensor]:
+        return {}
+
+    per_size = kept_until_changed(attn, "_engine_window_bias", [attn.relative_position_bias_table], build)
+    key = (hp, wp)
+    if key not in per_size:
+        n = block.window_size ** 2
+        bias = attn.relative_position_bias_table[attn.relative_position_index.view(-1)].view(n, n, -1)
+        bias = bias.permute(2, 0, 1)[None].to(device=device, dtype=dtype)  # 1, heads, N, N
+        if block.shift:
+            mask = shift_mask(hp, wp, block.window_size, block.shift).to(device=device, dtype=dtype)
+            bias = bias + mask[:, None]  # nW, heads, N, N
+        per_size[key] = bias.detach().contiguous()
+    return per_size[key]
+
+
+def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Tensor:
+    """SwinBlock.forward with the window attention as one scaled_dot_product_attention."""
+    b, _, c = x.shape
+    w = block.window_size
+    attn = block.attn
+    y = block.norm1(x).view(b, h, wd, c)
+    y = F.pad(y, (0, 0, 0, (w - wd % w) % w, 0, (w - h % w) % w))
+    hp, wp = y.shape[1], y.shape[2]
+    if block.shift:
+        y = torch.roll(y, shifts=(-block.shift, -block.shift), dims=(1, 2))
+    windows = window_partition(y, w)  # B*nW, N, C
+    bw, n, _ = windows.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(windows).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+    bias = _window_bias(block, hp, wp, x.device, x.dtype)
+    if bias.shape[0] != 1:
+        bias = bias.repeat(b, 1, 1, 1) if b > 1 else bias
+    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias, scale=attn.scale)
+    y = attn.proj(out.transpose(1, 2).reshape(bw, n, c))
+    y = window_merge(y, w, hp, wp)
+    if block.shift:
+        y = torch.roll(y, shifts=(block.shift, block.shift), dims=(1, 2))
+    x = x + y[:, :h, :wd, :].reshape(b, h * wd, c)
+    return x + block.mlp(block.norm2(x))
+
+
+def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """SwinTransformer.forward with the blocks above."""
+    x = backbone.patch_embed(x)
+    b, c, h, wd = x.shape
+    x = backbone.patch_embed.norm(x.flatten(2).transpose(1, 2))
+    out: Dict[str, torch.Tensor] = {}
+    for i, stage in enumerate(backbone.layers):
+        for block in stage.blocks:
+            x = _swin_block(block, x, h, wd)
+        y = getattr(backbone, f"norm{i}")(x)
+        out[f"res{i + 2}"] = y.view(b, h, wd, -1).permute(0, 3, 1, 2).contiguous()
+        if stage.downsample is not None:
+            x = stage.downsample(x, h, wd)
+            h, wd = (h + 1) // 2, (wd + 1) // 2
+    return out
+
+
+# ---- pixel decoder ----------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _encoder_geometry(shapes: Tuple[Tuple[int, int], ...], half: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(S, C) sine position embedding of every level's pixels and (S, 2) their normalised centres."""
+    pos = torch.cat([sine_position_embedding(h, w, half)[0].flatten(1).t() for h, w in shapes], 0)
+    refs = []
+    for h, w in shapes:
+        ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, w - 0.5, w), indexing="ij")
+        refs.append(torch.stack((rx.reshape(-1) / w, ry.reshape(-1) / h), -1))
+    return pos, torch.cat(refs, 0)
+
+
+def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tensor]):
+    """PixelDecoder.forward with the fast deformable attention and cached position embeddings."""
+    srcs = [proj(features[name]) for proj, name in zip(decoder.input_proj, ("res3", "res4", "res5"))]
+    prev = features["res5"]
+    for proj in decoder.input_proj[3:]:
+        prev = proj(prev)
+        srcs.append(prev)
+    shapes = [tuple(s.shape[-2:]) for s in srcs]
+    b = srcs[0].shape[0]
+    transformer = decoder.transformer
+    pos, refs = _encoder_geometry(tuple(shapes), decoder.cfg.conv_dim // 2)
+    flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # B, S, C
+    level_embed = torch.cat([transformer.level_embed[i].expand(h * w, -1) for i, (h, w) in enumerate(shapes)], 0)
+    lvl_pos = (pos.to(flat) + level_embed)[None]
+    reference = refs.to(flat)[None, :, None, :].expand(b, -1, len(shapes), -1)
+    x = flat
+    for layer in transformer.encoder.layers:
+        attn = layer.self_attn
+        value = attn.value_proj(x).view(b, x.shape[1], attn.n_heads, -1)
+        x = layer.norm1(x + deformable_attend(attn, x + lvl_pos, reference, value, shapes))
+        x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+    levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(x.split([h * w for h, w in shapes], 1), shapes)]
+    lateral = decoder.adapter_1(features["res2"])
+    up = F.interpolate(levels[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+    fpn = decoder.layer_1(lateral + up)
+    return decoder.mask_features(fpn), levels
+
+
+@torch.no_grad()
+def image_features(model: SemanticSam, image: torch.Tensor) -> ImageFeatures:
+    """SemanticSam.image_features(image) through the paths above."""
+    x = model.preprocess(image)
+    mask_features, multi_scale = pixel_decoder_features(model.sem_seg_head.pixel_decoder, swin_features(model.backbone, x))
+    return ImageFeatures(mask_features, multi_scale, tuple(image.shape[-2:]), tuple(x.shape[-2:]))
 
 
 @dataclass
@@ -53,7 +254,7 @@ def decode(model: SemanticSam, cache: ImageValues, points: torch.Tensor) -> Deco
         q = (tgt + query_pos).transpose(0, 1)
         attn = layer.self_attn(q, q, tgt.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
         tgt = layer.norm2(tgt + attn)
-        cross = layer.cross_attn.attend(tgt + query_pos, ref[:, :, None].expand(-1, -1, levels, -1), value, cache.shapes)
+        cross = deformable_attend(layer.cross_attn, tgt + query_pos, ref[:, :, None].expand(-1, -1, levels, -1), value, cache.shapes)
         tgt = layer.norm1(tgt + cross)
         tgt = layer.norm3(tgt + layer.linear2(torch.relu(layer.linear1(tgt))))
         ref = (box_head(tgt) + inverse_sigmoid(ref)).sigmoid()
