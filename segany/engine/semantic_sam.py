@@ -40,10 +40,14 @@ def deformable_sample(
     (grid_sample's zero padding, align_corners=False). F.embedding_bag computes exactly such sums.
     value: (B, S, M, D); locations: (B, Q, M, L, P, 2) in [0, 1]; weights: (B, Q, M, L, P) -> (B, Q, M*D)
     """
+    geometry = _level_geometry(tuple(map(tuple, shapes)), value.shape[2], value.device)
+    return _sample_pixels(value, geometry, locations * geometry.size_xy.to(locations.dtype) - 0.5, weights)
+
+
+def _sample_pixels(value: torch.Tensor, geometry: "_LevelGeometry", pix: torch.Tensor, weights: torch.Tensor):
+    """deformable_sample with the locations in pixels of each level (B, Q, M, L, P, 2), centres at k."""
     b, s, m, d = value.shape
-    q = locations.shape[1]
-    geometry = _level_geometry(tuple(map(tuple, shapes)), m, value.device)
-    pix = locations * geometry.size_xy.to(locations.dtype) - 0.5  # B, Q, M, L, P, 2: pixel centres at k
+    q = pix.shape[1]
     corner = pix.floor()
     far = pix - corner  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
     near = 1 - far
@@ -93,12 +97,32 @@ def deformable_attend(
     m, lv, p = attn.n_heads, attn.n_levels, attn.n_points
     offsets = attn.sampling_offsets(query).view(b, q, m, lv, p, 2)
     weights = attn.attention_weights(query).view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
+    geometry = _level_geometry(tuple(map(tuple, shapes)), m, value.device)
+    size_xy = geometry.size_xy.to(query.dtype)  # L, 1, 2
     if reference.shape[-1] == 2:
-        size_xy = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference[:, :, None, :, None, :] + offsets / size_xy[None, None, None, :, None, :]
+        # offsets are in pixels of each level: the reference point in pixels plus the offsets
+        pix = (reference[:, :, None, :, None, :] * size_xy - 0.5) + offsets
     else:
         locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
-    return attn.output_proj(deformable_sample(value, shapes, locations, weights))
+        pix = locations * size_xy - 0.5
+    return attn.output_proj(_sample_pixels(value, geometry, pix, weights))
+
+
+# Feed-forward blocks run in row chunks so that the wide hidden activations stay in cache.
+FFN_CHUNK_ROWS = 1024
+
+
+def residual_ffn(
+    residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, act
+) -> torch.Tensor:
+    """residual + second(act(first(x))) for (B, N, C) tensors, computed in chunks of rows."""
+    flat = x.reshape(-1, x.shape[-1])
+    skip = residual.reshape(-1, residual.shape[-1])
+    out = torch.empty_like(skip)
+    for i in range(0, flat.shape[0], FFN_CHUNK_ROWS):
+        hidden = act(F.linear(flat[i:i + FFN_CHUNK_ROWS], first.weight, first.bias))
+        torch.add(skip[i:i + FFN_CHUNK_ROWS], F.linear(hidden, second.weight, second.bias), out=out[i:i + FFN_CHUNK_ROWS])
+    return out.view(residual.shape)
 
 
 # ---- Swin backbone ---------------------------------------------------------------------------------
@@ -148,7 +172,7 @@ def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Ten
     if block.shift:
         y = torch.roll(y, shifts=(block.shift, block.shift), dims=(1, 2))
     x = x + y[:, :h, :wd, :].reshape(b, h * wd, c)
-    return x + block.mlp(block.norm2(x))
+    return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, F.gelu)
 
 
 def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -202,7 +226,7 @@ def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tens
         attn = layer.self_attn
         value = attn.value_proj(x).view(b, x.shape[1], attn.n_heads, -1)
         x = layer.norm1(x + deformable_attend(attn, x + lvl_pos, reference, value, shapes))
-        x = layer.norm2(x + layer.linear2(F.relu(layer.linear1(x))))
+        x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, F.relu))
     levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(x.split([h * w for h, w in shapes], 1), shapes)]
     lateral = decoder.adapter_1(features["res2"])
     up = F.interpolate(levels[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
