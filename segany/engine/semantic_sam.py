@@ -47,27 +47,43 @@ def deformable_sample(
 def _sample_pixels(value: torch.Tensor, geometry: "_LevelGeometry", pix: torch.Tensor, weights: torch.Tensor):
     """deformable_sample with the locations in pixels of each level (B, Q, M, L, P, 2), centres at k."""
     b, s, m, d = value.shape
-    q = pix.shape[1]
+    q, _, levels, points = pix.shape[1:5]
+    g = geometry.expanded(points)  # per (head, level, point) constants: long contiguous broadcasts
     corner = pix.floor()
     far = pix - corner  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
     near = 1 - far
     x0, y0 = corner.to(torch.int32).unbind(-1)
-    w_, h_ = geometry.width, geometry.height  # (L, 1), against (..., L, P)
     # zero padding: a neighbour outside its level's map weighs 0
-    wx0 = near[..., 0] * ((x0 >= 0) & (x0 < w_))
-    wx1 = far[..., 0] * ((x0 >= -1) & (x0 < w_ - 1))
-    wy0 = near[..., 1] * ((y0 >= 0) & (y0 < h_)) * weights
-    wy1 = far[..., 1] * ((y0 >= -1) & (y0 < h_ - 1)) * weights
-    w = torch.stack([wx0 * wy0, wx1 * wy0, wx0 * wy1, wx1 * wy1], -1)  # B, Q, M, L, P, 4
+    wx0 = near[..., 0] * ((x0 >= 0) & (x0 < g.width))
+    wx1 = far[..., 0] * ((x0 >= -1) & (x0 < g.width - 1))
+    wy0 = near[..., 1] * ((y0 >= 0) & (y0 < g.height)) * weights
+    wy1 = far[..., 1] * ((y0 >= -1) & (y0 < g.height - 1)) * weights
+    # bags of L*P*4 entries per (batch, query, head), the 4 neighbours outermost
+    w = torch.empty(b, q, m, 4, levels, points, dtype=value.dtype, device=value.device)
+    torch.mul(wx0, wy0, out=w[:, :, :, 0])
+    torch.mul(wx1, wy0, out=w[:, :, :, 1])
+    torch.mul(wx0, wy1, out=w[:, :, :, 2])
+    torch.mul(wx1, wy1, out=w[:, :, :, 3])
     # row of value.reshape(B*S*M, D) of the (x0, y0) neighbour: (b*S + level start + y0*W + x0) * M + head
-    base = (torch.arange(b, dtype=torch.int32, device=value.device) * (s * m)).view(b, 1, 1, 1, 1) + torch.arange(
-        m, dtype=torch.int32, device=value.device).view(1, 1, m, 1, 1)
-    first = (geometry.start + y0 * w_ + x0) * m + base
-    # the four neighbours; rows of zero-weight neighbours are only kept inside the table
-    rows = (first[..., None] + geometry.corner_rows).clamp_(0, b * s * m - 1)
+    first = y0 * g.row_stride + x0 * m + g.head_start
+    if b > 1:
+        first += (torch.arange(b, dtype=torch.int32, device=value.device) * (s * m)).view(b, 1, 1, 1, 1)
+    rows = torch.empty(b, q, m, 4, levels, points, dtype=torch.int32, device=value.device)
+    rows[:, :, :, 0] = first
+    torch.add(first, m, out=rows[:, :, :, 1])
+    torch.add(first, g.row_stride, out=rows[:, :, :, 2])
+    torch.add(rows[:, :, :, 2], m, out=rows[:, :, :, 3])
+    rows.clamp_(0, b * s * m - 1)  # rows of zero-weight neighbours are only kept inside the table
     out = F.embedding_bag(rows.view(b * q * m, -1), value.reshape(b * s * m, d),
-                          per_sample_weights=w.view(b * q * m, -1).to(value.dtype), mode="sum")
+                          per_sample_weights=w.view(b * q * m, -1), mode="sum")
     return out.view(b, q, m * d)
+
+
+class _Expanded(NamedTuple):
+    width: torch.Tensor  # (M, L, P) int32
+    height: torch.Tensor  # (M, L, P) int32
+    row_stride: torch.Tensor  # (M, L, P) int32: W * M, the table rows between vertical neighbours
+    head_start: torch.Tensor  # (M, L, P) int32: level start * M + head
 
 
 class _LevelGeometry(NamedTuple):
@@ -75,7 +91,20 @@ class _LevelGeometry(NamedTuple):
     width: torch.Tensor  # (L, 1) int32
     height: torch.Tensor  # (L, 1) int32
     start: torch.Tensor  # (L, 1) int32: first row of the level in the flattened sequence
-    corner_rows: torch.Tensor  # (L, 1, 4) int32: row offsets of the 4 neighbours, heads interleaved
+    heads: int
+    by_points: Dict[int, _Expanded]
+
+    def expanded(self, points: int) -> _Expanded:
+        if points not in self.by_points:
+            m, lv = self.heads, self.width.shape[0]
+            head = torch.arange(m, dtype=torch.int32, device=self.width.device).view(m, 1, 1)
+
+            def full(t: torch.Tensor) -> torch.Tensor:
+                return t.view(1, lv, 1).expand(m, lv, points).contiguous()
+
+            self.by_points[points] = _Expanded(full(self.width), full(self.height), full(self.width * m),
+                                               (full(self.start * m) + head).contiguous())
+        return self.by_points[points]
 
 
 @lru_cache(maxsize=64)
@@ -83,9 +112,8 @@ def _level_geometry(shapes: Tuple[Tuple[int, int], ...], heads: int, device: tor
     hw = torch.tensor(shapes, dtype=torch.int32, device=device)  # L, 2 as (H, W)
     height, width = hw[:, 0:1], hw[:, 1:2]
     start = torch.cat([hw.new_zeros(1), (height * width).view(-1).cumsum(0)[:-1].to(torch.int32)]).view(-1, 1)
-    corner_rows = torch.cat([torch.zeros_like(width), torch.ones_like(width), width, width + 1], -1) * heads
     size_xy = torch.stack([width, height], -1).float()
-    return _LevelGeometry(size_xy, width, height, start, corner_rows.view(-1, 1, 4))
+    return _LevelGeometry(size_xy, width, height, start, heads, {})
 
 
 def deformable_attend(
