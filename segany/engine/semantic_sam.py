@@ -149,7 +149,8 @@ def residual_ffn(
     out = torch.empty_like(skip)
     for i in range(0, flat.shape[0], FFN_CHUNK_ROWS):
         hidden = act(F.linear(flat[i:i + FFN_CHUNK_ROWS], first.weight, first.bias))
-        torch.add(skip[i:i + FFN_CHUNK_ROWS], F.linear(hidden, second.weight, second.bias), out=out[i:i + FFN_CHUNK_ROWS])
+        rows = slice(i, i + FFN_CHUNK_ROWS)
+        torch.add(skip[rows], F.linear(hidden, second.weight, second.bias), out=out[rows])
     return out.view(residual.shape)
 
 
@@ -255,7 +256,8 @@ def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tens
         value = attn.value_proj(x).view(b, x.shape[1], attn.n_heads, -1)
         x = layer.norm1(x + deformable_attend(attn, x + lvl_pos, reference, value, shapes))
         x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, F.relu))
-    levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(x.split([h * w for h, w in shapes], 1), shapes)]
+    per_level = x.split([h * w for h, w in shapes], 1)
+    levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(per_level, shapes)]
     lateral = decoder.adapter_1(features["res2"])
     up = F.interpolate(levels[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
     fpn = decoder.layer_1(lateral + up)
@@ -266,7 +268,8 @@ def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tens
 def image_features(model: SemanticSam, image: torch.Tensor) -> ImageFeatures:
     """SemanticSam.image_features(image) through the paths above."""
     x = model.preprocess(image)
-    mask_features, multi_scale = pixel_decoder_features(model.sem_seg_head.pixel_decoder, swin_features(model.backbone, x))
+    backbone = swin_features(model.backbone, x)
+    mask_features, multi_scale = pixel_decoder_features(model.sem_seg_head.pixel_decoder, backbone)
     return ImageFeatures(mask_features, multi_scale, tuple(image.shape[-2:]), tuple(x.shape[-2:]))
 
 
@@ -306,7 +309,8 @@ def decode(model: SemanticSam, cache: ImageValues, points: torch.Tensor) -> Deco
         q = (tgt + query_pos).transpose(0, 1)
         attn = layer.self_attn(q, q, tgt.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
         tgt = layer.norm2(tgt + attn)
-        cross = deformable_attend(layer.cross_attn, tgt + query_pos, ref[:, :, None].expand(-1, -1, levels, -1), value, cache.shapes)
+        boxes_per_level = ref[:, :, None].expand(-1, -1, levels, -1)
+        cross = deformable_attend(layer.cross_attn, tgt + query_pos, boxes_per_level, value, cache.shapes)
         tgt = layer.norm1(tgt + cross)
         tgt = layer.norm3(tgt + layer.linear2(torch.relu(layer.linear1(tgt))))
         ref = (box_head(tgt) + inverse_sigmoid(ref)).sigmoid()
