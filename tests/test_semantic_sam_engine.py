@@ -82,3 +82,15 @@ def test_click_path_equals_the_definition():
         ours = engine.decode(model, engine.image_values(model, features), points)
     torch.testing.assert_close(ours.masks, ref.masks, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(ours.ious, ref.ious, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_runs_outside_no_grad():
+    """Parameters that require grad (a model fresh from its constructor) and no torch.no_grad() around."""
+    model = small_model(9)
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    x = model.preprocess(image)
+    features = engine.pixel_decoder_features(model.sem_seg_head.pixel_decoder, engine.swin_features(model.backbone, x))
+    assert not features[0].requires_grad
+    value = torch.randn(1, 6, 2, 4, requires_grad=True)
+    out = engine.deformable_sample(value, [(2, 3)], torch.rand(1, 5, 2, 1, 2, 2), torch.rand(1, 5, 2, 1, 2))
+    assert out.shape == (1, 5, 8)

@@ -30,6 +30,7 @@ from ..modeling.semantic_sam.pixel_decoder import PixelDecoder, sine_position_em
 from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_merge, window_partition
 from .cache import kept_until_changed
 
+@torch.no_grad()
 def deformable_sample(
     value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -116,6 +117,7 @@ def _level_geometry(shapes: Tuple[Tuple[int, int], ...], heads: int, device: tor
     return _LevelGeometry(size_xy, width, height, start, heads, {})
 
 
+@torch.no_grad()
 def deformable_attend(
     attn: MSDeformAttn, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor,
     shapes: Sequence[Tuple[int, int]],
@@ -140,6 +142,7 @@ def deformable_attend(
 FFN_CHUNK_ROWS = 1024
 
 
+@torch.no_grad()
 def residual_ffn(
     residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, act
 ) -> torch.Tensor:
@@ -204,6 +207,7 @@ def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Ten
     return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, F.gelu)
 
 
+@torch.no_grad()
 def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """SwinTransformer.forward with the blocks above."""
     x = backbone.patch_embed(x)
@@ -235,6 +239,7 @@ def _encoder_geometry(shapes: Tuple[Tuple[int, int], ...], half: int) -> Tuple[t
     return pos, torch.cat(refs, 0)
 
 
+@torch.no_grad()
 def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tensor]):
     """PixelDecoder.forward with the fast deformable attention and cached position embeddings."""
     srcs = [proj(features[name]) for proj, name in zip(decoder.input_proj, ("res3", "res4", "res5"))]
