@@ -79,7 +79,7 @@ def embed_image(model: SemanticSam, image: Any) -> SemanticSamImage:
     resized = resize_short_edge(array, model.cfg.short_edge)
     tensor = torch.from_numpy(np.array(resized, dtype=np.uint8)).permute(2, 0, 1)
     with torch.no_grad():
-        features = model.image_features(tensor.to(model.pixel_mean.device))
+        features = engine.image_features(model, tensor.to(model.pixel_mean.device))
     return SemanticSamImage(features, (array.shape[0], array.shape[1]), (resized.shape[0], resized.shape[1]),
                             engine.image_values(model, features))
 
