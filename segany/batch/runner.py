@@ -35,6 +35,10 @@ class RayOptions:
     cpus_per_actor: Optional[float] = None  # default: 1 with a GPU, else min(4, the cluster's CPUs)
     gpus_per_actor: float = 0.0
     batch_size: int = 4  # images per actor call; also the unit redone if an actor dies
+    # True: the driver loads the model once, while Ray starts, and the actors take it from Ray's object
+    # store (the nodes need no checkpoint). False: each actor loads the checkpoint itself, which is
+    # quicker on a small machine, where the driver's loading competes with Ray's start (docs/scale.md).
+    share_model: bool = False
 
 
 @dataclass
@@ -124,11 +128,13 @@ def _root_cause(exc: BaseException) -> str:
 
 
 TIMINGS = {
-    "setup": "the driver's own set-up: listing the sources, hashing the checkpoint, the resume check",
+    "setup": "the driver's own set-up: listing the sources, hashing the checkpoint, the resume check; "
+             "on Ray also loading the model once for the actors",
     "ray_start": "ray.init (a new local Ray, or joining a cluster); runs while the driver does its set-up",
     "workers_ready": "pipeline start to the first worker ready: Ray Data's start, the actor's process and "
                      "imports, its model loading (in-process: the model loading)",
-    "model_load": "of which the first worker's model loading",
+    "model_put": "the driver's model put into Ray's object store (its loading is part of setup)",
+    "model_load": "of which the first worker's model loading (on Ray: taking the driver's from the object store)",
     "first_result": "first worker ready to its first batch back at the driver",
     "images": "first batch back to the last (the steady part of the run)",
     "shutdown": "ray.shutdown of a local Ray this run started",
@@ -263,6 +269,25 @@ def _run(worker_cls, job, items: Sequence[Item], skipped: int, ray: Optional[Ray
     return summary
 
 
+def _driver_model(ray: Optional[RayOptions], path, mode: str, todo: int):
+    """On Ray, the model loaded once here (on the CPU, while Ray starts) for the actors to share."""
+    if ray is None or not ray.share_model or todo == 0:
+        return None
+    from ..io.models import load_model
+
+    return load_model(path, mode=mode, device="cpu")
+
+
+def _spec(ray: Optional[RayOptions], model, path, mode: str, device: str, threads: int,
+          timings: Dict[str, float]) -> ModelSpec:
+    spec = ModelSpec(str(path), mode, device, threads)
+    if model is not None:
+        start = time.time()
+        spec.shared = import_ray().put(model)  # kept alive by this driver: a restarted actor gets it again
+        timings["model_put"] = time.time() - start
+    return spec
+
+
 # ----------------------------------------------------------------------------- jobs
 
 def run_everything(
@@ -299,12 +324,14 @@ def run_everything(
         model_id = f"{file_sha256(path)[:16]}-{mode}"
         sinks.make_dirs(out)
         sinks.check_run(out, {"model": model_id, "settings": options, "format": fmt})
-        return model_id, sinks.done_ids(out, formats)
+        done = sinks.done_ids(out, formats)
+        return model_id, done, _driver_model(ray, path, mode, len(items) - len(done))
 
-    with _session(ray, prepare, timings) as (model_id, done):
+    with _session(ray, prepare, timings) as (model_id, done, model):
         todo = [i for i in items if i.id not in done]
-        job = EverythingJob(ModelSpec(str(path), mode, device, threads), out, sorted(formats), options, model_id,
-                            before_image)
+        job = EverythingJob(_spec(ray, model, path, mode, device, threads, timings), out, sorted(formats), options,
+                            model_id, before_image)
+        del model  # the object store holds it now
         size = batch_size or (ray.batch_size if ray is not None else 4)
         if ray is not None:
             ray.batch_size = size
@@ -338,10 +365,11 @@ def run_embed(
         directory = cache_dir(data_dir, model_key(path, mode))  # model_key hashes the checkpoint
         if not sinks.is_url(str(data_dir)):
             directory.mkdir(parents=True, exist_ok=True)
-        return directory
+        return directory, _driver_model(ray, path, mode, len(items))
 
-    with _session(ray, prepare, timings) as directory:
-        job = EmbedJob(ModelSpec(str(path), mode, device, threads), str(directory), before_image)
+    with _session(ray, prepare, timings) as (directory, model):
+        job = EmbedJob(_spec(ray, model, path, mode, device, threads, timings), str(directory), before_image)
+        del model
         size = batch_size or (ray.batch_size if ray is not None else 4)
         if ray is not None:
             ray.batch_size = size

@@ -28,6 +28,9 @@ class ModelSpec:
     mode: str = "exact"  # exact | fast
     device: str = "cpu"
     threads: int = 0  # torch threads per worker; 0 leaves torch's default
+    # On Ray: the model as the driver loaded it (on the CPU), put once in Ray's object store, so that
+    # actors unpickle it instead of each building and loading it from the checkpoint.
+    shared: Any = field(default=None, repr=False)
 
     def load(self):
         import torch
@@ -36,6 +39,10 @@ class ModelSpec:
 
         if self.threads > 0:
             torch.set_num_threads(int(self.threads))
+        if self.shared is not None:
+            import ray
+
+            return ray.get(self.shared).to(self.device).eval()
         return load_model(self.checkpoint, mode=self.mode, device=self.device)
 
 
