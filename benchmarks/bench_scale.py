@@ -4,11 +4,14 @@ Each run is the whole command in a fresh process, as a user runs it: Python star
 for --ray the start of a local Ray and its actors. Every command starts in a session of its own: with the kernel's autogroup
 scheduling a session gets one fair share of a busy machine, and Ray starts its processes in sessions
 of their own, so an in-process run left in the benchmark's session would be handicapped on a shared
-machine. Prints a markdown table. `-c random-vit_b` writes a vit_b checkpoint with random weights (the
+machine. Prints markdown tables: each run's wall time split by its outputs' timestamps (start-up to the
+first image's file, the images, the exit), the medians over `--repeat` rounds, and segany.batch's own
+breakdown of the --ray runs (summary.json's "timings": Ray's start, the actors' start and model loading,
+the images, the shutdown). `-c random-vit_b` writes a vit_b checkpoint with random weights (the
 released shapes; no pretrained weights are needed to time it).
 
     python3 benchmarks/bench_scale.py -c ../shared/fixtures/reference/sam_vit_small.pth -n 20
-    python3 benchmarks/bench_scale.py -c random-vit_b --fast -n 6
+    python3 benchmarks/bench_scale.py -c random-vit_b --fast -n 20 --runs in-process,ray-1x2 --repeat 2
 """
 from __future__ import annotations
 
