@@ -124,6 +124,9 @@ def test_in_process_equals_everything_cli_and_resumes(folder, tmp_path):
     assert summary.errors[0]["id"] == "broken" and "not an image" in summary.errors[0]["reason"]
     saved = json.loads((out / "_segany" / "summary.json").read_text())
     assert saved["done"] == 1 and saved["skipped"] == 1 and saved["errors"] == summary.errors
+    timings = saved["timings"]  # in-process: set-up, model loading, images; no Ray parts
+    assert {"setup", "workers_ready", "model_load", "images", "total"} <= set(timings) and "ray_start" not in timings
+    assert all(0 <= v <= timings["total"] for v in timings.values())
     # the same bytes as the in-process `segany everything`, every image once, no partial file
     for path in real_images(2):
         assert (out / f"{path.stem}.json").read_bytes() == (cli_out / f"{path.stem}.json").read_bytes()

@@ -83,13 +83,19 @@ def equality_with_in_process(local_ray, tmp_path, n):
     # one torch thread here as in each actor: oneDNN's sums depend on the thread count (last float bits)
     here = run_everything([str(folder)], str(CKPT), str(tmp_path / "here"), fmt="sa1b+parquet", settings=SETTINGS,
                           progress=False, threads=1)
+    # the model as the driver loaded it, shared through the object store (the default, each actor loading
+    # the checkpoint, is what the other tests run)
     there = run_everything([str(folder)], str(CKPT), str(tmp_path / "ray"), fmt="sa1b+parquet", settings=SETTINGS,
-                           ray=RayOptions(actors=2, cpus_per_actor=1), batch_size=2, progress=False)
+                           ray=RayOptions(actors=2, cpus_per_actor=1, share_model=True), batch_size=2,
+                           progress=False)
     assert (there.done, there.failed, there.where) == (n, 1, "ray") and here.done == n
     assert there.errors == here.errors and there.errors[0]["id"] == "corrupt"
     assert check_complete(tmp_path / "ray", folder) == check_complete(tmp_path / "here", folder)
     summary = json.loads((tmp_path / "ray" / "_segany" / "summary.json").read_text())
     assert summary["done"] == n and summary["failed"] == 1 and summary["images_per_second"] > 0
+    timings = summary["timings"]  # where the wall time went: every part measured, none longer than the whole
+    assert {"setup", "model_put", "workers_ready", "model_load", "first_result", "images", "total"} <= set(timings)
+    assert all(0 <= v <= timings["total"] for v in timings.values())
 
 
 def test_ray_equals_in_process_with_a_corrupt_image(local_ray, tmp_path):

@@ -2,7 +2,9 @@
 
 A worker is built once (it loads the model) and then called with batches of items as Ray Data gives
 them: a dict of columns (id, uri, name, offset, size). It writes its outputs itself, so that only a
-few numbers per image travel back: id, status (done | failed | skipped), reason, masks, seconds.
+few numbers per image travel back: id, status (done | failed | skipped), reason, masks, seconds, and
+when the worker was ready (`ready_at`, wall clock) and how long it took to load its model (`load_seconds`)
+for the run's time breakdown.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional
 from . import sinks
 from .sources import Item, decode_image, read_bytes
 
-RESULT_COLUMNS = ("id", "status", "reason", "masks", "seconds")
+RESULT_COLUMNS = ("id", "status", "reason", "masks", "seconds", "ready_at", "load_seconds")
 
 
 @dataclass
@@ -26,6 +28,9 @@ class ModelSpec:
     mode: str = "exact"  # exact | fast
     device: str = "cpu"
     threads: int = 0  # torch threads per worker; 0 leaves torch's default
+    # On Ray: the model as the driver loaded it (on the CPU), put once in Ray's object store, so that
+    # actors unpickle it instead of each building and loading it from the checkpoint.
+    shared: Any = field(default=None, repr=False)
 
     def load(self):
         import torch
@@ -34,6 +39,10 @@ class ModelSpec:
 
         if self.threads > 0:
             torch.set_num_threads(int(self.threads))
+        if self.shared is not None:
+            import ray
+
+            return ray.get(self.shared).to(self.device).eval()
         return load_model(self.checkpoint, mode=self.mode, device=self.device)
 
 
@@ -60,8 +69,22 @@ def _items(batch: Dict[str, Any]) -> List[Item]:
     return [Item.from_row({k: columns[k][i] for k in columns}) for i in range(len(columns["id"]))]
 
 
-def _results(rows: List[Dict[str, Any]]) -> Dict[str, List[Any]]:
-    return {k: [r[k] for r in rows] for k in RESULT_COLUMNS}
+class _Loaded:
+    """Times a worker's set-up: wall clock when it was ready, seconds spent loading its model."""
+
+    def _load(self, spec: ModelSpec):
+        start = time.perf_counter()
+        model = spec.load()
+        self.load_seconds = time.perf_counter() - start
+        return model
+
+    def _ready(self) -> None:
+        self.ready_at = time.time()
+
+    def _results(self, rows: List[Dict[str, Any]]) -> Dict[str, List[Any]]:
+        for row in rows:
+            row.update(ready_at=self.ready_at, load_seconds=self.load_seconds)
+        return {k: [r[k] for r in rows] for k in RESULT_COLUMNS}
 
 
 def _reason(exc: BaseException) -> str:
@@ -79,13 +102,13 @@ def segment_document(generator, item: Item) -> Dict[str, Any]:
     return sa1b.sa1b_document(annotations, {"image_id": item.image_id, "width": w, "height": h, "file_name": item.name})
 
 
-class EverythingWorker:
+class EverythingWorker(_Loaded):
     def __init__(self, job: EverythingJob) -> None:
         from ..predict.amg import AmgSettings, MaskGenerator
 
         self.job = job
         settings = AmgSettings(**job.settings, output_mode="uncompressed_rle").validate()
-        model = job.model.load()
+        model = self._load(job.model)
         from ..modeling.yolov8_seg import YoloV8Seg
 
         if isinstance(model, YoloV8Seg):  # FastSAM: one network pass gives every mask, at its own defaults
@@ -95,6 +118,7 @@ class EverythingWorker:
         else:  # SAM family; MaskGenerator takes Semantic-SAM's mask source itself
             self.generator = MaskGenerator(model, settings)
         self.settings_json = json.dumps(job.settings, sort_keys=True)
+        self._ready()
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
         results, shard_rows = [], []
@@ -115,17 +139,18 @@ class EverythingWorker:
                                 "seconds": time.perf_counter() - start})
         if shard_rows:  # last: the shard is what marks these images as done
             sinks.write_shard(self.job.out, shard_rows)
-        return _results(results)
+        return self._results(results)
 
 
-class EmbedWorker:
+class EmbedWorker(_Loaded):
     """Image embeddings into the annotation server's cache, under the server's own keys."""
 
     def __init__(self, job: EmbedJob) -> None:
         from ..predict import Segmenter
 
         self.job = job
-        self.segmenter = Segmenter(job.model.load())
+        self.segmenter = Segmenter(self._load(job.model))
+        self._ready()
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
         from ..io.embedding_cache import cache_file, encode_embedding
@@ -151,4 +176,4 @@ class EmbedWorker:
             except Exception as exc:
                 results.append({"id": item.id, "status": "failed", "reason": _reason(exc), "masks": 0,
                                 "seconds": time.perf_counter() - start})
-        return _results(results)
+        return self._results(results)
