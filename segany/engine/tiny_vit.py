@@ -83,7 +83,7 @@ class Stem(plain.Stem):
 
 
 def _gelu_in_place(y: torch.Tensor) -> torch.Tensor:
-    return torch._C._nn.gelu_(y) if _inference(y) else F.gelu(y)
+    return torch.ops.aten.gelu_(y) if _inference(y) else F.gelu(y)
 
 
 class MBConv(plain.MBConv):
