@@ -5,12 +5,14 @@
 // image size, then one mask costs about 4*(256*w + h*w) multiply-adds, and one pixel 16.
 
 // Torch's bilinear source index and weights for `out` outputs from `n` inputs, in float32 as torch
-// computes them on the CPU (a float64 source index moves the weights by up to ~1e-5).
+// computes them on the CPU: scale * (d + 0.5) - 0.5 fused (one rounding; the product of two float32
+// values is exact in float64). A float64 source index moves the weights by up to ~1e-5, which a large
+// downscale (a small image) turns into ~1e-4 on the logits.
 const f32 = Math.fround;
 function linearTaps(n, out) {
   const scale = f32(n / out), i0 = new Int32Array(out), i1 = new Int32Array(out), w1 = new Float64Array(out);
   for (let d = 0; d < out; d++) {
-    const src = Math.max(0, f32(f32(scale * f32(d + 0.5)) - 0.5));
+    const src = Math.max(0, f32(scale * (d + 0.5) - 0.5));
     const lo = Math.min(Math.floor(src), n - 1);
     i0[d] = lo; i1[d] = Math.min(lo + 1, n - 1); w1[d] = f32(src - lo);
   }
