@@ -236,8 +236,9 @@ def test_engine_decode_equals_the_model(tiny_checkpoint):
         features = model.image_features(image)
         plain = model.decode(features, points)
         fast = engine.decode(model, engine.image_values(model, features), points)
+    # the engine's deformable sampling is a weighted gather: the same terms summed in another order
     for a, b in zip(plain, fast):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_size_in_a_name():
