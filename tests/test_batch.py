@@ -2,6 +2,7 @@
 resume after an interruption, and `segany embed` writing exactly the server's embedding cache."""
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import shutil
@@ -99,7 +100,7 @@ def test_ray_missing_is_one_line(tmp_path, monkeypatch, capsys):
 # ----------------------------------------------------------------------------- in-process runs
 
 @needs_shared
-def test_in_process_equals_everything_cli_and_resumes(folder, tmp_path):
+def test_in_process_equals_everything_cli_and_resumes(folder, tmp_path, monkeypatch):
     from segany.cli.everything import everything
 
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
@@ -145,6 +146,16 @@ def test_in_process_equals_everything_cli_and_resumes(folder, tmp_path):
     with pytest.raises(ValueError, match="another run"):
         run_everything([str(folder)], str(CKPT), str(out), fmt="sa1b+parquet",
                        settings={**SETTINGS, "points_per_side": 3}, progress=False)
+    if importlib.util.find_spec("ray") and importlib.util.find_spec("ray.data"):  # refused before a local Ray is started for nothing
+        from segany.batch import RayOptions, runner
+
+        def no_ray(*args):
+            raise AssertionError("Ray started")
+
+        monkeypatch.setattr(runner, "_start_ray", no_ray)
+        with pytest.raises(ValueError, match="another run"):
+            run_everything([str(folder)], str(CKPT), str(out), fmt="sa1b+parquet",
+                           settings={**SETTINGS, "points_per_side": 3}, progress=False, ray=RayOptions())
 
 
 def server_embedding(image_path, data_dir):

@@ -317,8 +317,9 @@ def run_everything(
     if ray is not None:
         check_address(ray.address)
         import_ray()
-    items = list_items(sources, recursive)  # bad sources and checkpoints fail here, before Ray starts
+    items = list_items(sources, recursive)  # missing sources and checkpoints fail here, before Ray starts
     path = resolve_checkpoint(checkpoint)
+    sinks.check_run(out, {"settings": options, "format": fmt}, write=False)  # the model is checked once hashed
 
     def prepare():
         model_id = f"{file_sha256(path)[:16]}-{mode}"

@@ -175,20 +175,26 @@ def done_ids(out: str, formats: Set[str], suffix: str = ".json") -> Set[str]:
     return {n[: -len(suffix)] for n in _list(out) if n.endswith(suffix) and not n.startswith(".")}
 
 
-def check_run(out: str, run: Dict[str, Any]) -> None:
-    """Record the run's model and settings; refuse to mix outputs of another model or other settings."""
+def check_run(out: str, run: Dict[str, Any], *, write: bool = True) -> None:
+    """Record the run's model and settings; refuse to mix outputs of another model or other settings.
+
+    write=False compares only the keys given and records nothing (a quick check before the checkpoint
+    is hashed and Ray started)."""
     path = join(out, META, "run.json")
     if exists(path):
         try:
             previous = json.loads(read_text(path))
         except (OSError, json.JSONDecodeError):
             previous = None
+        if previous is not None and not write:
+            previous = {k: previous.get(k) for k in run}
         if previous is not None and previous != run:
             changed = sorted(k for k in set(run) | set(previous) if run.get(k) != previous.get(k))
             raise ValueError(
                 f"{out} holds outputs of another run (different {', '.join(changed)}); use a new --out folder"
             )
-    write_bytes(path, json.dumps(run, indent=1, sort_keys=True).encode())
+    if write:
+        write_bytes(path, json.dumps(run, indent=1, sort_keys=True).encode())
 
 
 def write_summary(out: str, summary: Dict[str, Any]) -> None:
