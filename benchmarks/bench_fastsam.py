@@ -172,7 +172,7 @@ def worker_sam(args) -> dict:
     sys.path.insert(0, str(ROOT))
     from segany.modeling import SAM_CONFIGS, build_sam
     from segany.predict.amg import AmgSettings, MaskGenerator
-    from segany.modeling.fast import make_fast
+    from segany.engine.precision import make_fast
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
