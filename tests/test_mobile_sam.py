@@ -124,9 +124,9 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
             tensor.copy_(values)
 
 
-@pytest.mark.parametrize("seed", [3])
-def test_tiny_vit_matches_reference_on_another_size(seed):
-    """A TinyViT of other widths, depths, heads and windows than vit_t, against the reference module."""
+def tiny_vit_of_another_size(seed: int):
+    """A reference TinyViT of other widths, depths, heads and windows than vit_t with random weights, the
+    plain module loaded strictly from it, a 1024-pixel input and the reference's output on it."""
     reference = import_reference("mobile_sam.modeling.tiny_vit_sam")
     kwargs = dict(embed_dims=[16, 24, 40, 320], depths=[1, 2, 1, 1], num_heads=[1, 3, 5, 4], window_sizes=[7, 6, 9, 5])
     ref = reference.TinyViT(img_size=1024, num_classes=10, mlp_ratio=2.0, drop_path_rate=0.0, **kwargs)
@@ -141,6 +141,14 @@ def test_tiny_vit_matches_reference_on_another_size(seed):
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = ref(x)
+    return encoder, x, expected
+
+
+@pytest.mark.parametrize("seed", [3])
+def test_tiny_vit_matches_reference_on_another_size(seed):
+    """A TinyViT of other widths, depths, heads and windows than vit_t, against the reference module."""
+    encoder, x, expected = tiny_vit_of_another_size(seed)
+    with torch.no_grad():
         got = encoder(x)
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-4, rtol=0)
 

@@ -12,8 +12,7 @@ from segany.engine import tiny_vit as engine_tiny_vit
 from segany.engine.twin import own_weights_in, twin
 from segany.modeling.tiny_vit import TinyViT, TinyViTConfig
 
-from .conftest import import_reference
-from .test_mobile_sam import _randomise
+from .test_mobile_sam import _randomise, tiny_vit_of_another_size
 
 # Windows that do not divide the grids (padding in every attention stage), odd sizes, a stride-1 merging.
 CONFIG = dict(
@@ -134,19 +133,7 @@ def test_fused_conv2d_equals_conv_then_operation(dtype, groups, stride):
 @pytest.mark.parametrize("seed", [7])
 def test_engine_tiny_vit_matches_the_released_module(small_pieces, seed):
     """The engine's TinyViT of other widths, depths, heads and windows than vit_t, against the released one."""
-    reference = import_reference("mobile_sam.modeling.tiny_vit_sam")
-    kwargs = dict(embed_dims=[16, 24, 40, 320], depths=[1, 2, 1, 1], num_heads=[1, 3, 5, 4], window_sizes=[7, 6, 9, 5])
-    ref = reference.TinyViT(img_size=1024, num_classes=10, mlp_ratio=2.0, drop_path_rate=0.0, **kwargs)
-    _randomise(ref, seed)
-    ref.eval()
-    cfg = TinyViTConfig(
-        embed_dims=tuple(kwargs["embed_dims"]), depths=tuple(kwargs["depths"]), num_heads=tuple(kwargs["num_heads"]),
-        window_sizes=tuple(kwargs["window_sizes"]), mlp_ratio=2.0, num_classes=10,
-    )
-    encoder = TinyViT(cfg).eval()
-    encoder.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(seed))
+    encoder, x, expected = tiny_vit_of_another_size(seed)
     with torch.no_grad():
-        expected = ref(x)
         got = twin(encoder)(x)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
