@@ -15,19 +15,14 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kernels import is_exporting
-
-_DTYPES = (torch.float32, torch.bfloat16)
-ACTIVATIONS = ("gelu",)
+from .kernels import ACTIVATIONS, ONEDNN_DTYPES, is_exporting, onednn_supports
 
 
 @functools.lru_cache(maxsize=None)
 def fused_conv_usable(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build has oneDNN's fused convolution and it computes what F.conv2d does."""
     try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not onednn_supports(dtype):
             return False
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(1, 8, 6, 6, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -48,7 +43,7 @@ def fused_conv_usable(dtype: torch.dtype) -> bool:
 
 
 def _fusable(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    if not x.is_cpu or x.dtype not in _DTYPES or weight.dtype != x.dtype or x.dim() != 4:
+    if not x.is_cpu or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or x.dim() != 4:
         return False
     if residual is not None and (residual.dtype != x.dtype or residual.dim() != 4):
         return False

@@ -57,17 +57,22 @@ MIN_FLOAT32_MACS = 1 << 20
 # run as float32 products of the same values (see _small_bfloat16_linear).
 SMALL_BFLOAT16_ROWS = 64
 SMALL_WEIGHT = 256 * 256
-_DTYPES = (torch.float32, torch.bfloat16)
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 ACTIVATIONS = ("gelu",)
+
+
+def onednn_supports(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build has oneDNN, with bfloat16 support where `dtype` is bfloat16."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype != torch.bfloat16 or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 @functools.lru_cache(maxsize=None)
 def onednn_usable(dtype: torch.dtype) -> bool:
     """Whether this PyTorch build has oneDNN's linear op and it computes what F.linear does."""
     try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not onednn_supports(dtype):
             return False
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(80, 24, generator=generator).to(dtype)
@@ -82,7 +87,7 @@ def onednn_usable(dtype: torch.dtype) -> bool:
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    if not ENABLED or not x.is_cpu or x.dtype not in _DTYPES or weight.dtype != x.dtype:
+    if not ENABLED or not x.is_cpu or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
