@@ -51,6 +51,14 @@ class PromptDecoderGraph(nn.Module):
             embedding = embedding + (labels == label).to(embedding.dtype) * table.weight
         return embedding
 
+    def decode_low_res(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        """Prompts -> low-res logits (1, 4, 256, 256) and IoU predictions (1, 4)."""
+        prompt_encoder = self.model.prompt_encoder
+        sparse = self.embed_points(point_coords, point_labels)
+        no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has_mask_input * prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
+        return self.model.mask_decoder.predict_masks(image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense)
+
     def forward(
         self,
         image_embeddings: torch.Tensor,
@@ -60,14 +68,7 @@ class PromptDecoderGraph(nn.Module):
         has_mask_input: torch.Tensor,
         orig_im_size: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        model = self.model
-        sparse = self.embed_points(point_coords, point_labels)
-        prompt_encoder = model.prompt_encoder
-        no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = has_mask_input * prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
-        low_res, iou = model.mask_decoder.predict_masks(
-            image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense
-        )
+        low_res, iou = self.decode_low_res(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
         # Post-processing with data-dependent sizes: upsample, crop the padding, resize to the original.
         size = self.image_size
         masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
@@ -86,14 +87,7 @@ class PromptDecoderLowResGraph(PromptDecoderGraph):
     image's size is a large share of the graph's time in WebAssembly."""
 
     def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
-        model = self.model
-        sparse = self.embed_points(point_coords, point_labels)
-        prompt_encoder = model.prompt_encoder
-        no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        dense = has_mask_input * prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
-        low_res, iou = model.mask_decoder.predict_masks(
-            image_embeddings, prompt_encoder.get_dense_pe(), sparse, dense
-        )
+        low_res, iou = self.decode_low_res(image_embeddings, point_coords, point_labels, mask_input, has_mask_input)
         return iou, low_res
 
 
