@@ -107,12 +107,7 @@ class TwoWayAttentionBlock(plain_transformer.TwoWayAttentionBlock):
     def forward(
         self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self.token_self_attention(queries, query_pe)
 
         q, k = queries + query_pe, keys + key_pe  # (keys do not change before the image-to-token step)
         queries = self.norm2(queries + self.cross_attn_token_to_image(q=q, k=k, v=keys))

@@ -365,13 +365,7 @@ class TwoWayAttentionBlock(plain.TwoWayAttentionBlock):
         projected: this block's projections of that shared side (for one prompt), see project();
         projected_pe: this block's projections of key_pe (for one prompt's own keys), see project_pe();
         keys_owned: keys is the caller's to overwrite (inference), the image update accumulates into it."""
-        # Token self-attention (the first block sees the raw prompt tokens, which already carry their PE).
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        queries = self.token_self_attention(queries, query_pe)
 
         # Tokens attend to the image.
         q = queries + query_pe

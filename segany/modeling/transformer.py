@@ -67,17 +67,21 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_image_to_token = Attention(embedding_dim, num_heads, attention_downsample_rate)
         self.skip_first_layer_pe = skip_first_layer_pe
 
-    def forward(
-        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """queries (tokens) (B, N, C), keys (image) (B, h*w, C) and their PEs -> updated queries, keys."""
-        # Token self-attention (the first block sees the raw prompt tokens, which already carry their PE).
+    def token_self_attention(self, queries: torch.Tensor, query_pe: torch.Tensor) -> torch.Tensor:
+        """Token self-attention and its norm (the first block sees the raw prompt tokens, which already
+        carry their PE): (B, N, C) -> (B, N, C)."""
         if self.skip_first_layer_pe:
             queries = self.self_attn(q=queries, k=queries, v=queries)
         else:
             q = queries + query_pe
             queries = queries + self.self_attn(q=q, k=q, v=queries)
-        queries = self.norm1(queries)
+        return self.norm1(queries)
+
+    def forward(
+        self, queries: torch.Tensor, keys: torch.Tensor, query_pe: torch.Tensor, key_pe: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """queries (tokens) (B, N, C), keys (image) (B, h*w, C) and their PEs -> updated queries, keys."""
+        queries = self.token_self_attention(queries, query_pe)
 
         # Tokens attend to the image.
         q, k = queries + query_pe, keys + key_pe
