@@ -94,8 +94,9 @@ def tokens_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     return attn.out_proj(out.transpose(0, 1).reshape(t, -1))
 
 
-def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """attn(q, k, v) for the image's queries q (h*w, C) on a few tokens k, v (T, C) -> (h*w, C)."""
+def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + attn(q, k, v) for the image's queries q (h*w, C) on a few tokens k, v (T, C) -> (h*w, C),
+    the residual (h*w, C) added inside the last product (one Gemm)."""
     n_heads, t = attn.num_heads, k.shape[0]
     head_dim = attn.internal_dim // n_heads
     k_heads = _heads(attn, k, attn.k_proj, head_dim**-0.5)  # H, T, d
@@ -104,8 +105,10 @@ def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     logits = q @ rows.transpose(0, 1) + biases  # h*w, H*T
     probs = logits.view(-1, n_heads, t).softmax(-1).view(-1, n_heads * t)  # each head's softmax over its tokens
     w_o = attn.out_proj.weight.view(-1, n_heads, head_dim).permute(1, 2, 0)  # H, d, C
-    values_out = (_heads(attn, v, attn.v_proj) @ w_o).flatten(0, 1)  # H*T, C
-    return probs @ values_out + attn.out_proj.bias
+    values_out = _heads(attn, v, attn.v_proj) @ w_o  # H, T, C
+    # Each head's probabilities sum to 1: out_proj's bias rides on the values, a 1/H share per head.
+    values_out = (values_out + attn.out_proj.bias / n_heads).flatten(0, 1)  # H*T, C
+    return torch.addmm(residual, probs, values_out)
 
 
 def _blocks_2x2(x: torch.Tensor) -> torch.Tensor:
@@ -124,7 +127,8 @@ def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tens
     pixel's output block in (dy, dx) order."""
     c_in, c_out = conv.weight.shape[:2]
     weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)  # I, (dy, dx, O)
-    return (x @ weight + conv.bias.repeat(4)).view(*x.shape[:-1], 4, c_out)
+    rows = torch.addmm(conv.bias.repeat(4), x.reshape(-1, c_in), weight)  # 2-D: one Gemm with its bias
+    return rows.view(*x.shape[:-1], 4, c_out)
 
 
 def _channel_norm(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
@@ -148,17 +152,23 @@ class PageDecoderGraph(nn.Module):
         image_pe = self.prompt_encoder.get_dense_pe().detach()  # 1, C, h, w
         self.register_buffer("image_pe", image_pe[0].flatten(1).transpose(0, 1).contiguous(), persistent=False)
 
-    def dense_embedding(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        """The mask input's dense embedding (h*w, C), or the no-mask embedding, channels-last."""
+    def image_side(self, image_embeddings: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        """The image embedding plus the mask input's dense embedding (or the no-mask embedding), channels-last
+        (h*w, C): the dense embedding's last 1x1 convolution, its bias and the choice between the two are
+        one product added to the image embedding."""
         conv1, norm1, act1, conv2, norm2, act2, conv3 = self.prompt_encoder.mask_downscaling
         x = _blocks_2x2(mask_input[0].permute(1, 2, 0)) @ _conv_2x2_rows(conv1) + conv1.bias  # 2h*2w, C/64
         x = act1(_channel_norm(x, norm1))
         h2, w2 = mask_input.shape[2] // 2, mask_input.shape[3] // 2
         x = _blocks_2x2(x.view(h2, w2, -1)) @ _conv_2x2_rows(conv2) + conv2.bias  # h*w, C/16
         x = act2(_channel_norm(x, norm2))
-        dense = x @ conv3.weight.flatten(1).transpose(0, 1) + conv3.bias  # h*w, C
         no_mask = self.prompt_encoder.no_mask_embed.weight  # 1, C
-        return has_mask_input * dense + (1 - has_mask_input) * no_mask
+        # has * (x W3^T + b3) + (1 - has) * no_mask = [has * x, 1] [W3^T; has * b3 + (1 - has) * no_mask]
+        rows = torch.cat([has_mask_input * x, torch.ones_like(x[:, :1])], dim=1)  # h*w, C/16 + 1
+        bias = has_mask_input * conv3.bias + (1 - has_mask_input) * no_mask[0]  # C
+        weight = torch.cat([conv3.weight.flatten(1).transpose(0, 1), bias[None]], dim=0)  # C/16 + 1, C
+        image = image_embeddings.flatten(2)[0].transpose(0, 1)  # h*w, C
+        return torch.addmm(image, rows, weight)
 
     def transformer(self, keys: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """TwoWayTransformer.forward for one prompt: image (h*w, C) and tokens (T, C) -> tokens, image."""
@@ -170,8 +180,7 @@ class PageDecoderGraph(nn.Module):
             attended = tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
             queries = layer.norm2(queries + attended)
             queries = layer.norm3(queries + layer.mlp(queries))
-            attended = image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries)
-            keys = layer.norm4(keys + attended)
+            keys = layer.norm4(image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys))
         attended = tokens_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attended), keys
 
@@ -181,7 +190,7 @@ class PageDecoderGraph(nn.Module):
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # T, C
         tokens = torch.cat([output_tokens, sparse], dim=0)
         c, h, w = image_embeddings.shape[1:]
-        keys = image_embeddings[0].flatten(1).transpose(0, 1) + self.dense_embedding(mask_input, has_mask_input)
+        keys = self.image_side(image_embeddings, mask_input, has_mask_input)  # h*w, C
         hs, keys = self.transformer(keys, tokens)
         mask_tokens = hs[1 : 1 + decoder.num_mask_tokens]
         hyper_in = torch.stack([mlp(mask_tokens[i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)])  # M, C/8
