@@ -104,8 +104,8 @@ def chromium_cpu_seconds() -> float:
 
 
 def operator_shares(console: list, by: str = "op_name", top: int = 10) -> list:
-    """(operator type, or node name with by="node", % of the last profiled run's kernel time) from ORT's
-    profile lines."""
+    """(operator type, or node name with by="node", % of the kernel time) from ORT's profile lines: each
+    node's median over the profiled runs (a loaded machine's stalls land on random nodes)."""
     events = []
     for line in console:
         line = line.strip().rstrip(",")
@@ -114,15 +114,14 @@ def operator_shares(console: list, by: str = "op_name", top: int = 10) -> list:
                 events.append(json.loads(line))
             except ValueError:
                 pass
-    per_run = collections.defaultdict(collections.Counter)
-    seen = collections.Counter()
+    durations = collections.defaultdict(list)
     for e in events:  # each node appears once per run
-        seen[e["name"]] += 1
-        key = e["args"]["op_name"] if by == "op_name" else f'{e["args"]["op_name"]} {e["name"]}'
-        per_run[seen[e["name"]]][key] += e["dur"]
-    last = per_run[max(per_run)] if per_run else collections.Counter()
-    total = sum(last.values()) or 1
-    return [(op, round(100 * us / total, 1)) for op, us in last.most_common(top)]
+        durations[(e["args"]["op_name"], e["name"])].append(e["dur"])
+    shares = collections.Counter()
+    for (op, name), values in durations.items():
+        shares[op if by == "op_name" else f"{op} {name}"] += statistics.median(values)
+    total = sum(shares.values()) or 1
+    return [(op, round(100 * us / total, 1)) for op, us in shares.most_common(top)]
 
 
 async def bench(base: str, specs, reps: int, profile: bool) -> list:

@@ -131,9 +131,23 @@ def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tens
     return rows.view(*x.shape[:-1], 4, c_out)
 
 
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Layer norm over the last axis written out (mean, biased variance): ONNX Runtime Web's
+    LayerNormalization kernel costs several times these vectorised reductions and products on the
+    image-sized tensors."""
+    centred = x - x.mean(-1, keepdim=True)
+    scale = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+    return centred * scale * weight + bias
+
+
+def _image_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
+    """nn.LayerNorm (over the last axis) of an image-sized tensor."""
+    return _layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
 def _channel_norm(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
     """LayerNorm2d over the last axis of a channels-last tensor (the same mean and biased variance)."""
-    return F.layer_norm(x, (norm.weight.numel(),), norm.weight, norm.bias, norm.eps)
+    return _layer_norm(x, norm.weight, norm.bias, norm.eps)
 
 
 class PageDecoderGraph(nn.Module):
@@ -180,7 +194,7 @@ class PageDecoderGraph(nn.Module):
             attended = tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
             queries = layer.norm2(queries + attended)
             queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys))
+            keys = _image_norm(image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys), layer.norm4)
         attended = tokens_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attended), keys
 
