@@ -70,44 +70,48 @@ def page_graph_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+# Reshapes name every size but the number of tokens, which is the graph's one dynamic size: a
+# reshape to fixed sizes needs no shape computations in the graph.
+
+
 def _heads(attn: nn.Module, x: torch.Tensor, proj: nn.Linear, scale: float = 1.0) -> torch.Tensor:
     """proj(x) per head: (T, C) -> (H, T, d), times `scale`."""
-    t = x.shape[0]
-    return (proj(x) * scale).view(t, attn.num_heads, -1).transpose(0, 1)
+    return (proj(x) * scale).view(-1, attn.num_heads, attn.internal_dim // attn.num_heads).transpose(0, 1)
 
 
-def _through(heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
+def _through(attn: nn.Module, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
     """Each head's rows (H, T, d) through that head's rows of proj's weight (d, C): (H*T, C)."""
-    n_heads, _, head_dim = heads.shape
-    return (heads @ proj.weight.view(n_heads, head_dim, -1)).flatten(0, 1)
+    n_heads, dim = attn.num_heads, attn.embedding_dim
+    return (heads @ proj.weight.view(n_heads, -1, dim)).reshape(-1, dim)
 
 
 def tokens_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """attn(q, k, v) for a few queries q (T, C) on the image k, v (h*w, C) -> (T, C)."""
-    n_heads, t = attn.num_heads, q.shape[0]
+    n_heads, dim = attn.num_heads, attn.embedding_dim
     head_dim = attn.internal_dim // n_heads
-    rows = _through(_heads(attn, q, attn.q_proj, head_dim**-0.5), attn.k_proj)  # H*T, C
+    rows = _through(attn, _heads(attn, q, attn.q_proj, head_dim**-0.5), attn.k_proj)  # H*T, C
     probs = (rows @ k.transpose(0, 1)).softmax(-1)  # H*T, h*w (k_proj's bias: the same for every position)
-    mixed = (probs @ v).view(n_heads, t, -1)  # H, T, C: P x
-    w_v = attn.v_proj.weight.view(n_heads, head_dim, -1).transpose(1, 2)  # H, C, d
+    mixed = (probs @ v).view(n_heads, -1, dim)  # H, T, C: P x
+    w_v = attn.v_proj.weight.view(n_heads, head_dim, dim).transpose(1, 2)  # H, C, d
     out = mixed @ w_v + attn.v_proj.bias.view(n_heads, 1, head_dim)  # H, T, d
-    return attn.out_proj(out.transpose(0, 1).reshape(t, -1))
+    return attn.out_proj(out.transpose(0, 1).reshape(-1, attn.internal_dim))
 
 
 def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + attn(q, k, v) for the image's queries q (h*w, C) on a few tokens k, v (T, C) -> (h*w, C),
     the residual (h*w, C) added inside the last product (one Gemm)."""
-    n_heads, t = attn.num_heads, k.shape[0]
+    n_heads, dim, positions = attn.num_heads, attn.embedding_dim, residual.shape[0]
     head_dim = attn.internal_dim // n_heads
     k_heads = _heads(attn, k, attn.k_proj, head_dim**-0.5)  # H, T, d
-    rows = _through(k_heads, attn.q_proj)  # H*T, C
-    biases = (k_heads * attn.q_proj.bias.view(n_heads, 1, head_dim)).sum(-1).flatten()  # H*T
+    rows = _through(attn, k_heads, attn.q_proj)  # H*T, C
+    biases = (k_heads * attn.q_proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(-1)  # H*T
     logits = q @ rows.transpose(0, 1) + biases  # h*w, H*T
-    probs = logits.view(-1, n_heads, t).softmax(-1).view(-1, n_heads * t)  # each head's softmax over its tokens
-    w_o = attn.out_proj.weight.view(-1, n_heads, head_dim).permute(1, 2, 0)  # H, d, C
+    # each head's softmax over its tokens
+    probs = logits.view(positions, n_heads, -1).softmax(-1).view(positions, -1)
+    w_o = attn.out_proj.weight.view(dim, n_heads, head_dim).permute(1, 2, 0)  # H, d, C
     values_out = _heads(attn, v, attn.v_proj) @ w_o  # H, T, C
     # Each head's probabilities sum to 1: out_proj's bias rides on the values, a 1/H share per head.
-    values_out = (values_out + attn.out_proj.bias / n_heads).flatten(0, 1)  # H*T, C
+    values_out = (values_out + attn.out_proj.bias / n_heads).reshape(-1, dim)  # H*T, C
     return torch.addmm(residual, probs, values_out)
 
 
@@ -203,7 +207,7 @@ class PageDecoderGraph(nn.Module):
         sparse = embed_points(self.prompt_encoder, self.image_size, point_coords, point_labels)[0]  # N, C
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # T, C
         tokens = torch.cat([output_tokens, sparse], dim=0)
-        c, h, w = image_embeddings.shape[1:]
+        h, w = self.prompt_encoder.image_embedding_size
         keys = self.image_side(image_embeddings, mask_input, has_mask_input)  # h*w, C
         hs, keys = self.transformer(keys, tokens)
         mask_tokens = hs[1 : 1 + decoder.num_mask_tokens]
@@ -212,8 +216,8 @@ class PageDecoderGraph(nn.Module):
         x = _conv_transpose_2x2(keys, up1)  # h*w, (dy1, dx1), C/4
         x = act1(_channel_norm(x, norm))
         x = act2(_conv_transpose_2x2(x, up2))  # h*w, (dy1, dx1), (dy2, dx2), C/8
-        logits = hyper_in @ x.view(-1, x.shape[-1]).transpose(0, 1)  # M, h*w*16
-        m = hyper_in.shape[0]
+        m, channels = decoder.num_mask_tokens, up2.weight.shape[1]
+        logits = hyper_in @ x.reshape(-1, channels).transpose(0, 1)  # M, h*w*16
         # output pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2)
         masks = logits.view(m, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(1, m, 4 * h, 4 * w)
         iou = decoder.iou_prediction_head(hs[0])[None]
