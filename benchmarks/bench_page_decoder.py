@@ -1,13 +1,17 @@
 """Where an in-page click's time goes: ONNX Runtime Web's session.run alone, in headless Chromium.
 
-    python benchmarks/bench_page_decoder.py                        # vit_b, 1 and 2 threads, 15 runs each, both graphs
-    python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type (ORT's profiler)
+    python benchmarks/bench_page_decoder.py                        # vit_b, 1 and 2 threads, 15 runs each, all graphs
+    python benchmarks/bench_page_decoder.py --graphs lowres folded # the page's graph before and after the fold
+    python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type and per node (ORT's profiler)
     python benchmarks/bench_page_decoder.py --int8                 # + a dynamically quantised copy (comparison only)
 
-Exports vit_b's prompt decoder (seeded random weights, the released configuration) twice: the graph
-`segany export-onnx` writes (masks upscaled to the image inside the graph: "full") and the page's graph
-(low-res logits only: "lowres"; the page then upscales the shown mask itself, timed too: "upscale_ms",
-one mask at 854x480 with segany/server/static/js/upscale.js). It serves them and the vendored ONNX Runtime Web from a throw-away HTTP server with the
+Exports vit_b's prompt decoder (seeded random weights, the released configuration) as: the graph
+`segany export-onnx` writes (masks upscaled to the image inside the graph: "full",
+decoder_full.onnx), its low-res form from the plain modules (the page's graph until session 13:
+"lowres", decoder_lowres.onnx) and the page's graph now (segany.engine.page_graph, the attentions
+folded for a few tokens: "folded", decoder_lowres_folded.onnx). The low-res graphs stop at the 256x256
+logits; the page then upscales the shown mask itself, timed too: "upscale_ms", one mask at 854x480
+with segany/server/static/js/upscale.js. It serves them and the vendored ONNX Runtime Web from a throw-away HTTP server with the
 page's COOP/COEP headers (so the page is cross-origin isolated and the WebAssembly may use threads),
 and in headless Chromium (Debian's /usr/bin/chromium through Playwright) times session.run on a fixed
 embedding and a one-click prompt for an 854x480 image (after two warm-up runs): wall time per run
