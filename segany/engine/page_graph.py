@@ -217,8 +217,9 @@ class PageDecoderGraph(nn.Module):
         x = act1(_channel_norm(x, norm))
         x = act2(_conv_transpose_2x2(x, up2))  # h*w, (dy1, dx1), (dy2, dx2), C/8
         m, channels = decoder.num_mask_tokens, up2.weight.shape[1]
-        logits = hyper_in @ x.reshape(-1, channels).transpose(0, 1)  # M, h*w*16
-        # output pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2)
-        masks = logits.view(m, h, w, 2, 2, 2, 2).permute(0, 1, 3, 5, 2, 4, 6).reshape(1, m, 4 * h, 4 * w)
+        # The upscaled features on the product's left (the side the matrix kernels do not repack).
+        logits = x.reshape(-1, channels) @ hyper_in.transpose(0, 1)  # h*w*16, M
+        # output pixel (4i + 2 dy1 + dy2, 4j + 2 dx1 + dx2), in one transpose
+        masks = logits.view(h, w, 2, 2, 2, 2, m).permute(6, 0, 2, 4, 1, 3, 5).reshape(1, m, 4 * h, 4 * w)
         iou = decoder.iou_prediction_head(hs[0])[None]
         return iou, masks
