@@ -1,13 +1,17 @@
 """Where an in-page click's time goes: ONNX Runtime Web's session.run alone, in headless Chromium.
 
-    python benchmarks/bench_page_decoder.py                        # vit_b, 1 and 2 threads, 15 runs each, both graphs
-    python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type (ORT's profiler)
+    python benchmarks/bench_page_decoder.py                        # vit_b, 1 and 2 threads, 15 runs each, all graphs
+    python benchmarks/bench_page_decoder.py --graphs lowres folded # the page's graph before and after the fold
+    python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type and per node (ORT's profiler)
     python benchmarks/bench_page_decoder.py --int8                 # + a dynamically quantised copy (comparison only)
 
-Exports vit_b's prompt decoder (seeded random weights, the released configuration) twice: the graph
-`segany export-onnx` writes (masks upscaled to the image inside the graph: "full") and the page's graph
-(low-res logits only: "lowres"; the page then upscales the shown mask itself, timed too: "upscale_ms",
-one mask at 854x480 with segany/server/static/js/upscale.js). It serves them and the vendored ONNX Runtime Web from a throw-away HTTP server with the
+Exports vit_b's prompt decoder (seeded random weights, the released configuration) as: the graph
+`segany export-onnx` writes (masks upscaled to the image inside the graph: "full",
+decoder_full.onnx), its low-res form from the plain modules (the page's graph until session 13:
+"lowres", decoder_lowres.onnx) and the page's graph now (segany.engine.page_graph, the attentions
+folded for a few tokens: "folded", decoder_lowres_folded.onnx). The low-res graphs stop at the 256x256
+logits; the page then upscales the shown mask itself, timed too: "upscale_ms", one mask at 854x480
+with segany/server/static/js/upscale.js. It serves them and the vendored ONNX Runtime Web from a throw-away HTTP server with the
 page's COOP/COEP headers (so the page is cross-origin isolated and the WebAssembly may use threads),
 and in headless Chromium (Debian's /usr/bin/chromium through Playwright) times session.run on a fixed
 embedding and a one-click prompt for an 854x480 image (after two warm-up runs): wall time per run
@@ -37,6 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's segany
 VENDOR = ROOT / "segany" / "server" / "static" / "vendor" / "onnxruntime-web"
 CHROMIUM = "/usr/bin/chromium"
+# The graphs compared: `segany export-onnx`'s ("full"), its low-res form from the plain modules (the page's
+# graph before the fold: "lowres") and the page's graph now (segany.engine.page_graph: "folded").
+GRAPHS = {"full": "decoder_full.onnx", "lowres": "decoder_lowres.onnx", "folded": "decoder_lowres_folded.onnx"}
+GRAPH_OPTIONS = {"full": {}, "lowres": {"low_res_only": True}, "folded": {"folded": True}}
 
 RUN = """async ([model, threads, reps, profile]) => {
   const lowres = model.includes('lowres');
@@ -99,8 +107,9 @@ def chromium_cpu_seconds() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def operator_shares(console: list) -> list:
-    """(operator type, % of the last profiled run's kernel time) from ORT's profile lines."""
+def operator_shares(console: list, by: str = "op_name", top: int = 10) -> list:
+    """(operator type, or node name with by="node", % of the kernel time) from ORT's profile lines: each
+    node's median over the profiled runs (a loaded machine's stalls land on random nodes)."""
     events = []
     for line in console:
         line = line.strip().rstrip(",")
@@ -109,14 +118,14 @@ def operator_shares(console: list) -> list:
                 events.append(json.loads(line))
             except ValueError:
                 pass
-    per_run = collections.defaultdict(collections.Counter)
-    seen = collections.Counter()
+    durations = collections.defaultdict(list)
     for e in events:  # each node appears once per run
-        seen[e["name"]] += 1
-        per_run[seen[e["name"]]][e["args"]["op_name"]] += e["dur"]
-    last = per_run[max(per_run)] if per_run else collections.Counter()
-    total = sum(last.values()) or 1
-    return [(op, round(100 * us / total, 1)) for op, us in last.most_common(10)]
+        durations[(e["args"]["op_name"], e["name"])].append(e["dur"])
+    shares = collections.Counter()
+    for (op, name), values in durations.items():
+        shares[op if by == "op_name" else f"{op} {name}"] += statistics.median(values)
+    total = sum(shares.values()) or 1
+    return [(op, round(100 * us / total, 1)) for op, us in shares.most_common(top)]
 
 
 async def bench(base: str, specs, reps: int, profile: bool) -> list:
@@ -147,6 +156,7 @@ async def bench(base: str, specs, reps: int, profile: bool) -> list:
                 row["upscale_ms"] = round(r["upscale"], 1)
             if profile:
                 row["operators_%"] = operator_shares(console)
+                row["nodes_%"] = operator_shares(console, by="node", top=25)
             out.append(row)
             print(json.dumps(row), flush=True)
             await page.close()
@@ -160,6 +170,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="time per operator type (slows the runs)")
     parser.add_argument("--int8", action="store_true", help="also time a dynamically quantised copy")
+    parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS), default=sorted(GRAPHS),
+                        help="which of the graphs to time (default: all three)")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} is absent (apt-get install chromium)")
@@ -175,12 +187,15 @@ def main() -> None:
         os.symlink(VENDOR.parent.parent / "js", folder / "js")
         torch.manual_seed(0)
         model = sam_model_registry["vit_b"]().eval()
-        export_decoder(model, folder / "decoder_full.onnx")
-        export_decoder(model, folder / "decoder_lowres.onnx", low_res_only=True)
-        graphs = ["decoder_full.onnx", "decoder_lowres.onnx"]
+        graphs = []
+        for name in args.graphs:
+            export_decoder(model, folder / GRAPHS[name], **GRAPH_OPTIONS[name])
+            graphs.append(GRAPHS[name])
         if args.int8:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
+            if "decoder_lowres.onnx" not in graphs:
+                export_decoder(model, folder / "decoder_lowres.onnx", low_res_only=True)
             quantize_dynamic(str(folder / "decoder_lowres.onnx"), str(folder / "decoder_lowres_int8.onnx"),
                              weight_type=QuantType.QUInt8)
             graphs.append("decoder_lowres_int8.onnx")

@@ -73,6 +73,7 @@ def test_decoder_export_served_cached_and_equal_to_server_decode(server, fixture
     assert info["available"] and info["url"].endswith(".onnx") and info["image_size"] == 1024
     url = info["url"]
     assert url == f"/api/decoder/{info['key']}.onnx"
+    assert info["key"].endswith("-folded")  # segany.engine.page_graph's graph, never an older cached kind
     first = client.get(url)
     assert first.status_code == 200 and first.headers["etag"]
     assert (data / "decoders" / f"{info['key']}.onnx").is_file()

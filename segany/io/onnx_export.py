@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..engine.page_graph import PageDecoderGraph, embed_points
+
 
 PathLike = Union[str, os.PathLike]
 OPSET = 17
@@ -41,15 +43,7 @@ class PromptDecoderGraph(nn.Module):
         self.image_size = model.image_size
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pe_layer = self.model.prompt_encoder.pe_layer
-        prompt_encoder = self.model.prompt_encoder
-        coords = (coords + 0.5) / self.image_size
-        embedding = pe_layer._pe_encoding(coords)  # 1, N, C
-        labels = labels[..., None]
-        embedding = torch.where(labels == -1, prompt_encoder.not_a_point_embed.weight, embedding)
-        for label, table in enumerate(prompt_encoder.point_embeddings):
-            embedding = embedding + (labels == label).to(embedding.dtype) * table.weight
-        return embedding
+        return embed_points(self.model.prompt_encoder, self.image_size, coords, labels)  # 1, N, C
 
     def decode_low_res(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
         """Prompts -> low-res logits (1, 4, 256, 256) and IoU predictions (1, 4)."""
@@ -129,10 +123,15 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
 
-def export_decoder(model: nn.Module, path: PathLike, low_res_only: bool = False) -> Path:
+def export_decoder(model: nn.Module, path: PathLike, low_res_only: bool = False, folded: bool = False) -> Path:
     """Write the prompt encoder + mask decoder graph (see the module docstring) to `path`;
-    `low_res_only`: PromptDecoderLowResGraph (no orig_im_size, no masks output)."""
-    graph = PromptDecoderLowResGraph(model) if low_res_only else PromptDecoderGraph(model)
+    `low_res_only`: PromptDecoderLowResGraph (no orig_im_size, no masks output); `folded` (implies
+    low_res_only): the same outputs from segany.engine.page_graph.PageDecoderGraph, whose attentions are
+    folded for a few tokens (the annotator page's graph: far fewer operations per prompt)."""
+    if folded:
+        graph, low_res_only = PageDecoderGraph(model), True
+    else:
+        graph = PromptDecoderLowResGraph(model) if low_res_only else PromptDecoderGraph(model)
     pe = model.prompt_encoder
     c, (h, w) = pe.embed_dim, pe.image_embedding_size
     mh, mw = pe.mask_input_size

@@ -2,11 +2,13 @@
 
 The page decodes clicks itself (ONNX Runtime Web) with the graph `segany export-onnx` writes, less
 its post-processing: prompt encoder + mask decoder -> IoU predictions and the four 256x256 low-res
-logits (segany.io.onnx_export.PromptDecoderLowResGraph); the page upscales the masks it shows itself
-(the same two bilinear steps as the server), which saves the graph upscaling four masks to the
-image's size. The server exports it once per model and keeps it at <data>/decoders/<key>.onnx, written
-atomically; <key> is the checkpoint's content hash (a model without a file: the hash of its prompt
-encoder's and decoder's weights) and the graph's kind ("-lowres").
+logits; the page upscales the masks it shows itself (the same two bilinear steps as the server), which
+saves the graph upscaling four masks to the image's size. For SAM's decoders the graph is
+segany.engine.page_graph.PageDecoderGraph (the attentions folded for a few tokens: the same logits
+with far fewer operations), else segany.io.onnx_export.PromptDecoderLowResGraph. The server exports
+it once per model and keeps it at <data>/decoders/<key>.onnx, written atomically; <key> is the
+checkpoint's content hash (a model without a file: the hash of its prompt encoder's and decoder's
+weights) and the graph's kind ("-folded", "-lowres").
 
 Embeddings travel as a safetensors file (an 8-byte header length, a JSON header with dtype, shape and
 offsets, the raw little-endian data) holding "image_embeddings" (1, 256, 64, 64) in float16 by default,
@@ -23,12 +25,17 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from ..engine.page_graph import page_graph_unsupported
 from ..predict import ImageEmbedding
 
 log = logging.getLogger("segany.server")
 
 EMBEDDING_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-GRAPH_KIND = "lowres"  # in the key: a data folder's earlier full-resolution graphs are not served as this one
+# The graph's kind is in its key, so that a data folder's earlier graphs (full-resolution ones, the plain
+# modules' "-lowres" ones) are never served as this one: "folded" (segany.engine.page_graph, the SAM
+# decoders), "lowres" where a decoder has no folded graph.
+GRAPH_KIND = "folded"
+PLAIN_GRAPH_KIND = "lowres"
 
 
 def decoder_unavailable_reason(model: Any) -> Optional[str]:
@@ -57,6 +64,7 @@ class DecoderExport:
         self.cache_dir = Path(cache_dir)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.reason = decoder_unavailable_reason(model)
+        self.folded = self.reason is None and page_graph_unsupported(model) is None
         self._key = checkpoint_hash
         self._lock = threading.Lock()
         self._error: Optional[str] = None
@@ -69,7 +77,7 @@ class DecoderExport:
     def key(self) -> str:
         if self._key is None:
             self._key = _weights_hash(self.model)
-        return f"{self._key}-{GRAPH_KIND}"
+        return f"{self._key}-{GRAPH_KIND if self.folded else PLAIN_GRAPH_KIND}"
 
     @property
     def path(self) -> Path:
@@ -111,7 +119,8 @@ class DecoderExport:
 
             try:
                 log.info("exporting the ONNX prompt decoder to %s", self.path)
-                export_decoder(self._exportable_model(), self.path, low_res_only=True)  # atomic: a temporary file, then a rename
+                # atomic: a temporary file, then a rename
+                export_decoder(self._exportable_model(), self.path, low_res_only=True, folded=self.folded)
             except Exception as exc:  # the page falls back to server decoding and says why
                 log.exception("ONNX decoder export failed")
                 self._error = f"the decoder's ONNX export failed: {exc}"
