@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import cpu_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
 
@@ -70,11 +72,15 @@ def main() -> None:
                 cmd += ["--batch-size", "1", "--actors", actors, "--cpus-per-actor", cpus, "--ray"]
             load = os.getloadavg()[0]
             start = time.time()
-            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-            end = time.time()
+            wall, cpu, code = cpu_tree.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True)
+            end = start + wall
+            if code != 0:
+                sys.exit(f"{' '.join(cmd)} exited with {code}")
             rows.append(breakdown(run, out, start, end, load))
-            print(f"{run}: {end - start:.1f} s (load {load:.1f}) {rows[-1]['parts']}", flush=True)
+            rows[-1]["cpu"] = cpu
+            print(f"{run}: {wall:.1f} s (load {load:.1f}) {rows[-1]['parts']}; CPU {sum(cpu.values()):.1f} s "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])), flush=True)
     report(rows, args)
 
 
