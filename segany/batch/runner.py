@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type
 
 from . import sinks
 from .sources import Item, list_items
-from .workers import EmbedJob, EmbedWorker, EverythingJob, EverythingWorker, ModelSpec
+from .workers import EmbedJob, EmbedWorker, EverythingJob, EverythingWorker, ModelSpec, OnOneThread
 
 RAY_INSTALL = "--ray needs Ray: pip install 'segany[ray]'"
 _ADDRESS = re.compile(r"^(auto|local|(ray|http|https)://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
@@ -257,7 +257,7 @@ def _on_ray(worker_cls, job, items: Sequence[Item], options: RayOptions) -> Iter
     blocks = max(1, -(-len(items) // batch_size))
     dataset = ray.data.from_items([i.to_row() for i in items], override_num_blocks=blocks)
     mapped = dataset.map_batches(
-        worker_cls, fn_constructor_args=(job,), batch_size=batch_size, batch_format="numpy",
+        OnOneThread, fn_constructor_args=(worker_cls, job), batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=int(actors)), num_cpus=cpus, num_gpus=gpus if gpus > 0 else None,
     )
     try:
