@@ -60,8 +60,11 @@ def group_of(title: str, root: bool) -> str:
     return "other: " + " ".join(os.path.basename(t) for t in title.split()[:2])
 
 
-def run(cmd: List[str], poll: float = 0.2, **popen) -> Tuple[float, Dict[str, float], int]:
-    """Run `cmd`; its wall time, CPU seconds per group (its whole process tree) and exit code."""
+def run(cmd: List[str], poll: float = 0.5, **popen) -> Tuple[float, Dict[str, float], int]:
+    """Run `cmd`; its wall time, CPU seconds per group (its whole process tree) and exit code.
+
+    Polled every `poll` seconds: a process living less than that is missed, and a process's CPU after its
+    last sample is lost (Ray's daemons at shutdown: a fraction of a second)."""
     start = time.time()
     proc = subprocess.Popen(cmd, **popen)
     root = str(proc.pid)
