@@ -22,8 +22,8 @@ GROUPS: List[Tuple[str, str]] = [
     ("Ray Data actors", r"ray::_?(StatsActor|AutoscalingCoordinator|ActorLocationTracker|.*Coordinator|.*Tracker)"),
     ("idle workers", r"ray::IDLE|default_worker\.py"),
     ("dashboard head", r"dashboard/dashboard\.py|dashboard\.py"),
-    ("dashboard agent", r"dashboard/agent\.py|agent\.py"),
-    ("runtime env agent", r"runtime_env/agent|runtime_env_agent"),
+    ("dashboard agent", r"ray::DashboardAgent|dashboard/agent\.py"),
+    ("runtime env agent", r"ray::RuntimeEnvAgent|runtime_env/agent|runtime_env_agent"),
     ("log monitor", r"log_monitor\.py"),
     ("autoscaler monitor", r"monitor\.py"),
 ]
