@@ -7,7 +7,9 @@ of their own, so an in-process run left in the benchmark's session would be hand
 machine. Prints markdown tables: each run's wall time split by its outputs' timestamps (start-up to the
 first image's file, the images, the exit), the medians over `--repeat` rounds, and segany.batch's own
 breakdown of the --ray runs (summary.json's "timings": Ray's start, the actors' start and model loading,
-the images, the shutdown). `-c random-vit_b` writes a vit_b checkpoint with random weights (the
+the images, the shutdown), and the CPU seconds of each command and every process it started, by
+process (the driver, the model's actor, Ray Data's actors, Ray's daemons): on a loaded machine these
+say more than wall times. `-c random-vit_b` writes a vit_b checkpoint with random weights (the
 released shapes; no pretrained weights are needed to time it).
 
     python3 benchmarks/bench_scale.py -c ../shared/fixtures/reference/sam_vit_small.pth -n 20
@@ -25,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import cpu_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASETS = ROOT.parent / "shared" / "datasets"
@@ -70,11 +74,15 @@ def main() -> None:
                 cmd += ["--batch-size", "1", "--actors", actors, "--cpus-per-actor", cpus, "--ray"]
             load = os.getloadavg()[0]
             start = time.time()
-            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
-            end = time.time()
+            wall, cpu, code = cpu_tree.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True)
+            end = start + wall
+            if code != 0:
+                sys.exit(f"{' '.join(cmd)} exited with {code}")
             rows.append(breakdown(run, out, start, end, load))
-            print(f"{run}: {end - start:.1f} s (load {load:.1f}) {rows[-1]['parts']}", flush=True)
+            rows[-1]["cpu"] = cpu
+            print(f"{run}: {wall:.1f} s (load {load:.1f}) {rows[-1]['parts']}; CPU {sum(cpu.values()):.1f} s "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])), flush=True)
     report(rows, args)
 
 
@@ -107,6 +115,12 @@ def report(rows: list, args) -> None:
     print("\n| run | median wall (s) | vs " + kinds[0] + " |\n|---|---|---|")
     for kind in kinds:
         print(f"| {kind} | {medians[kind]:.1f} | {medians[kind] / base:.2f}x |")
+    groups = list(dict.fromkeys(k for r in rows for k in sorted(r["cpu"], key=lambda g: -r["cpu"][g])))
+    print("\nCPU seconds of each command and every process it started (benchmarks/cpu_tree.py), by process")
+    print("| run | all | " + " | ".join(groups) + " |\n|---|---|" + "---|" * len(groups))
+    for r in rows:
+        print(f"| {r['run']} | {sum(r['cpu'].values()):.1f} | " + " | ".join(f"{r['cpu'].get(g, 0):.1f}" for g in groups)
+              + " |")
     timed = [r for r in rows if r["timings"]]
     if timed:
         keys = list(dict.fromkeys(k for r in timed for k in r["timings"]))

@@ -81,6 +81,37 @@ def test_sources_manifests_lists_and_tar(tmp_path):
         list_items([str(tmp_path / "nopath.csv")])
 
 
+def test_a_worker_is_built_and_called_on_one_thread_of_its_own():
+    """Ray Data builds an actor's callable on one thread and calls it on others; torch's OpenMP runtime
+    then sleeps at every barrier (segany.batch.workers.OnOneThread): loading and every call stay on one
+    thread, whichever thread calls, and the worker's errors reach the caller unchanged."""
+    import threading
+
+    from segany.batch.workers import OnOneThread
+
+    class Probe:
+        def __init__(self, job):
+            self.job, self.threads = job, [threading.get_ident()]
+
+        def __call__(self, batch):
+            self.threads.append(threading.get_ident())
+            if batch["id"][0] == "bad":
+                raise RuntimeError("bad batch")
+            return {"id": list(batch["id"]), "job": [self.job] * len(batch["id"])}
+
+    wrapped = OnOneThread(Probe, "job-1")
+    outputs = [wrapped({"id": ["a"]})]
+    caller = threading.Thread(target=lambda: outputs.append(wrapped({"id": ["b", "c"]})))
+    caller.start()
+    caller.join()
+    assert outputs == [{"id": ["a"], "job": ["job-1"]}, {"id": ["b", "c"], "job": ["job-1", "job-1"]}]
+    with pytest.raises(RuntimeError, match="bad batch"):
+        wrapped({"id": ["bad"]})
+    threads = set(wrapped._worker.threads)
+    assert len(wrapped._worker.threads) == 4 and len(threads) == 1
+    assert threads.isdisjoint({threading.get_ident(), caller.ident})
+
+
 def test_ray_missing_is_one_line(tmp_path, monkeypatch, capsys):
     from segany.cli.main import main
 

@@ -67,7 +67,12 @@ def check_complete(out, folder):
 
 
 def crash_once(marker, image_id, target):
-    """Kill the actor process (as a lost node would) the first time it reaches `target`."""
+    """Kill the actor process (as a lost node would) the first time it reaches `target`; every image
+    must be segmented on the actor's own model thread (segany.batch.workers.OnOneThread), else it fails."""
+    import threading
+
+    if not threading.current_thread().name.startswith("segany-model"):
+        raise RuntimeError(f"{image_id} segmented on thread {threading.current_thread().name}")
     if image_id == target and not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Type
 
 from . import sinks
 from .sources import Item, list_items
-from .workers import EmbedJob, EmbedWorker, EverythingJob, EverythingWorker, ModelSpec
+from .workers import EmbedJob, EmbedWorker, EverythingJob, EverythingWorker, ModelSpec, OnOneThread
 
 RAY_INSTALL = "--ray needs Ray: pip install 'segany[ray]'"
 _ADDRESS = re.compile(r"^(auto|local|(ray|http|https)://\S+|[A-Za-z0-9_.\-\[\]:]+:\d+)$")
@@ -73,12 +73,22 @@ class Summary:
 
 
 def import_ray():
+    """Ray, once Ray Data is known to be installed; `ray.data` itself is imported by `_import_ray_data`."""
+    import importlib.util
+
     try:
         import ray
-        import ray.data  # noqa: F401
+
+        if importlib.util.find_spec("ray.data") is None:
+            raise ImportError("ray.data")
     except ImportError:
         raise ValueError(RAY_INSTALL) from None
     return ray
+
+
+def _import_ray_data():
+    """Import Ray Data (pyarrow, pandas: about a CPU second), here beside `ray.init`, which mostly waits."""
+    import ray.data  # noqa: F401
 
 
 def check_address(address: Optional[str]) -> Optional[str]:
@@ -129,7 +139,7 @@ def _root_cause(exc: BaseException) -> str:
 
 TIMINGS = {
     "setup": "the driver's own set-up: listing the sources, hashing the checkpoint, the resume check; "
-             "on Ray also loading the model once for the actors",
+             "on Ray also importing Ray Data and (share_model) loading the model once for the actors",
     "ray_start": "ray.init (a new local Ray, or joining a cluster); runs while the driver does its set-up",
     "workers_ready": "pipeline start to the first worker ready: Ray Data's start, the actor's process and "
                      "imports, its model loading (in-process: the model loading)",
@@ -137,7 +147,7 @@ TIMINGS = {
     "model_load": "of which the first worker's model loading (on Ray: taking the driver's from the object store)",
     "first_result": "first worker ready to its first batch back at the driver",
     "images": "first batch back to the last (the steady part of the run)",
-    "shutdown": "ray.shutdown of a local Ray this run started",
+    "shutdown": "stopping the local Ray this run started",
     "total": "the whole call",
 }
 
@@ -154,6 +164,25 @@ def _start_ray(ray, options: RayOptions) -> bool:
         kwargs["_node_ip_address"] = "127.0.0.1"
     ray.init(address=address, **kwargs)
     return True
+
+
+def _stop_ray(ray) -> None:
+    """ray.shutdown of the local Ray this run started, less the second its autoscaler monitor costs.
+
+    ray.shutdown stops Ray's processes one after another, the GCS before the monitor; the monitor
+    answers SIGTERM by reporting to the GCS, which is gone by then, so shutdown waits its full second
+    before killing it. The monitor of a local Ray about to stop has nothing to save or report: it is
+    killed first. (Ray's own record of the processes it started is private: if it moved, shutdown
+    simply takes its usual time.)
+    """
+    node = getattr(getattr(getattr(ray, "_private", None), "worker", None), "_global_node", None)
+    processes = getattr(node, "all_processes", None)
+    if isinstance(processes, dict):
+        for info in processes.get("monitor", []):
+            with contextlib.suppress(Exception):
+                info.process.kill()
+                info.process.wait(timeout=1)
+    ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -175,6 +204,7 @@ def _session(options: Optional[RayOptions], prepare: Callable[[], T], timings: D
     def timed() -> T:
         start = time.time()
         try:
+            _import_ray_data()
             return prepare()
         finally:
             timings["setup"] = time.time() - start
@@ -189,22 +219,27 @@ def _session(options: Optional[RayOptions], prepare: Callable[[], T], timings: D
             result = future.result()
         except BaseException:
             if started:
-                ray.shutdown()
+                _stop_ray(ray)
             raise
     try:
         yield result
     finally:
         if started:
             start = time.time()
-            ray.shutdown()
+            _stop_ray(ray)
             timings["shutdown"] = time.time() - start
 
 
 def _on_ray(worker_cls, job, items: Sequence[Item], options: RayOptions) -> Iterator[Dict[str, Any]]:
     ray = import_ray()
+    _import_ray_data()
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar of its own
     context.print_on_execution_start = False
+    # No per-task thread polling each actor's memory every second (a statistic nobody reads here): on
+    # a machine whose cores the actors' torch threads fill, every wake-up beside them costs them time.
+    if hasattr(context, "memory_usage_poll_interval_s"):
+        context.memory_usage_poll_interval_s = None
     resources = ray.cluster_resources()
     gpus = float(options.gpus_per_actor or 0)
     cpus = options.cpus_per_actor
@@ -222,7 +257,7 @@ def _on_ray(worker_cls, job, items: Sequence[Item], options: RayOptions) -> Iter
     blocks = max(1, -(-len(items) // batch_size))
     dataset = ray.data.from_items([i.to_row() for i in items], override_num_blocks=blocks)
     mapped = dataset.map_batches(
-        worker_cls, fn_constructor_args=(job,), batch_size=batch_size, batch_format="numpy",
+        OnOneThread, fn_constructor_args=(worker_cls, job), batch_size=batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=int(actors)), num_cpus=cpus, num_gpus=gpus if gpus > 0 else None,
     )
     try:

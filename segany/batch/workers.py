@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -177,3 +178,22 @@ class EmbedWorker(_Loaded):
                 results.append({"id": item.id, "status": "failed", "reason": _reason(exc), "masks": 0,
                                 "seconds": time.perf_counter() - start})
         return self._results(results)
+
+
+class OnOneThread:
+    """A worker built and called on one thread of its own: how a Ray actor runs it.
+
+    Ray Data builds an actor's callable on the actor's main thread and calls it on another. Torch's
+    OpenMP runtime (libgomp) keeps a pool of threads per calling thread, and once it manages more
+    threads than there are CPUs it stops spinning at its barriers and sleeps at each one: model
+    loading on one thread and segmenting on another left an actor's two torch threads waking some
+    thousands of times a second (docs/scale.md). On one thread the actor runs as the in-process
+    command does.
+    """
+
+    def __init__(self, worker_cls, job) -> None:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="segany-model")
+        self._worker = self._thread.submit(worker_cls, job).result()
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
+        return self._thread.submit(self._worker, batch).result()
