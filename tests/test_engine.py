@@ -73,6 +73,53 @@ def test_the_definition_imports_nothing_above_it():
     assert not offences, offences
 
 
+ENGINE = Path(segany.__file__).parent / "engine"
+
+# The engine is for inference: its modules never ask whether autograd, tracing or an export is running
+# (training runs the plain modules or segany.engine.training's twin, export the plain modules).
+NOT_IN_THE_ENGINE = [
+    r"is_grad_enabled",
+    r"is_exporting",
+    r"is_in_onnx_export",
+    r"is_tracing",
+    r"is_scripting",
+    r"\.requires_grad\b(?!_)",
+]
+
+
+def _engine_inference_files():
+    return sorted(p for p in ENGINE.glob("**/*.py") if p.name != "training.py")  # (the training twin is for autograd)
+
+
+def test_the_engine_tests_no_grad_mode_or_export():
+    offences = []
+    for path in _engine_inference_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            offences += [f"{path.name}:{number}: {line.strip()}" for p in NOT_IN_THE_ENGINE if re.search(p, code)]
+    assert not offences, "\n".join(offences)
+
+
+def test_engine_entry_points_run_without_autograd(tiny_sam):
+    """SamEngine's steps run outside autograd whatever the caller's grad mode: the same outputs as
+    under no_grad, nothing attached to a graph."""
+    torch.manual_seed(12)
+    engine = SamEngine(tiny_sam, "exact")
+    images = torch.randn(1, 3, 1024, 1024)
+    points = (torch.rand(2, 1, 2) * 1024, torch.ones(2, 1, dtype=torch.int))
+    with torch.no_grad():
+        features = engine.encode(images)
+        low, iou = engine.decode(features, points, None, None, True)
+        full = engine.upscale(low, (1024, 1024), (700, 900))
+    with torch.enable_grad():
+        features_again = engine.encode(images.requires_grad_())
+        low_again, iou_again = engine.decode(features_again, points, None, None, True)
+        full_again = engine.upscale(low_again, (1024, 1024), (700, 900))
+    for got, expected in ((features_again["image_embeddings"], features["image_embeddings"]), (low_again, low), (iou_again, iou), (full_again, full)):
+        assert not got.requires_grad and got.grad_fn is None
+        assert torch.equal(got, expected)
+
+
 def test_the_engine_leaves_the_model_unchanged(tiny_sam):
     model = copy.deepcopy(tiny_sam)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -13,7 +13,6 @@ from .kernels import (
     float32_copy,
     float32_weight_for,
     fusable_activation,
-    is_exporting,
     linear,
 )
 from .twin import register
@@ -28,9 +27,9 @@ class MLPBlock(plain.MLPBlock):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """lin2(act(lin1(x))), plus `residual` when given (added as each chunk is computed)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting() or not x.is_cpu:
+        if rows <= 2 * self.CHUNK_ROWS or not x.is_cpu:
             dtype = self.lin1.weight.dtype
-            if x.dtype != dtype and not torch.is_grad_enabled() and self.lin2.weight.dtype == dtype:
+            if x.dtype != dtype and self.lin2.weight.dtype == dtype:
                 # Weights in another dtype than the input (the fast mode's float32 tokens through a
                 # bfloat16 MLP): one cast each way around the whole block.
                 y = self.lin2(self.act(self.lin1(x.to(dtype)))).to(x.dtype)

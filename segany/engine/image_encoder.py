@@ -13,10 +13,8 @@ from ..modeling.image_encoder import (
     decomposed_rel_pos_bias,
     decomposed_rel_pos_terms,
     relative_position_table,
-    window_partition,
-    window_unpartition,
 )
-from .kernels import is_exporting, linear
+from .kernels import linear
 from .twin import register
 
 
@@ -32,18 +30,9 @@ class Attention(plain.Attention):
         q, k, v = self.heads(x)  # each B*heads, H*W, head_dim
         if not self.use_rel_pos:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        elif (torch.is_grad_enabled() and (q.requires_grad or self.rel_pos_h.requires_grad)) or is_exporting():
-            # Training (and export): fused attention with the materialised bias as the additive mask
-            # (4-D, so the fused kernels apply); differentiable and one graph node.
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-            x = F.scaled_dot_product_attention(
-                *(t.view(b, self.num_heads, h * w, -1) for t in (q, k, v)),
-                attn_mask=bias.view(b, self.num_heads, h * w, h * w),
-                scale=self.scale,
-            )
         else:
-            # Inference (nothing to differentiate): the bias is never materialised whole (a global
-            # block's is 800 MB for vit_b, 1 GB for vit_h); see rel_pos_attention_chunked.
+            # The bias is never materialised whole (a global block's is 800 MB for vit_b, 1 GB for
+            # vit_h); see rel_pos_attention_chunked.
             x = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         return x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
 
@@ -210,12 +199,8 @@ class Block(plain.Block):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0 and not (torch.is_grad_enabled() or is_exporting()):
+        if self.window_size > 0:
             x = self.attn.mix_windowed(x, self.window_size)
-        elif self.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn.mix(x), self.window_size, pad_hw, (h, w))
         else:
             x = self.attn.mix(x)
         # The output projection acts on each position alone: applied after un-partitioning it skips

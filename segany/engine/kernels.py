@@ -9,8 +9,8 @@ go to oneDNN in PyTorch; here they skip a few copies and get the same fusions, e
 (the decoder's tokens) through a small layer, which run as float32 products of the same values
 (_small_bfloat16_linear).
 
-`linear` is used where nothing needs gradients and nothing is traced; training, export, other devices
-and tiny float32 products (where MKL's small-matrix path is quicker) take F.linear.
+`linear` is for the engine's inference (no autograd, no tracing: training and ONNX export run the plain
+modules); other devices and tiny float32 products (where MKL's small-matrix path is quicker) take F.linear.
 """
 from __future__ import annotations
 
@@ -23,29 +23,6 @@ from torch import nn
 
 from .cache import kept_until_changed
 from .twin import register
-
-
-def is_exporting() -> bool:
-    """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully.
-    (Asked once per product or so: the ONNX flags are read without torch.onnx.is_in_onnx_export's
-    imports on every call, which cost more than the check.)"""
-    return torch.jit.is_tracing() or _onnx_exporting()()
-
-
-@functools.lru_cache(maxsize=None)
-def _onnx_exporting() -> Callable[[], bool]:
-    """A check of the exporters' flags, as torch.onnx.is_in_onnx_export reads them; that function
-    itself where this PyTorch keeps them elsewhere."""
-    try:
-        from torch.onnx._internal.exporter import _flags
-        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-
-        flags = (_flags, GLOBALS)
-        if not all(hasattr(f, a) for f, a in zip(flags, ("_is_onnx_exporting", "in_onnx_export"))):
-            raise ImportError("moved")
-    except ImportError:
-        return torch.onnx.is_in_onnx_export
-    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
 
 
 # Switch for comparisons (tests, benchmarks): False sends every product to F.linear.
@@ -93,9 +70,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
         return False
     if x.dtype == torch.float32 and x.numel() * weight.shape[0] < MIN_FLOAT32_MACS:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return onednn_usable(x.dtype)  # (the caller has checked that nothing is being exported)
+    return onednn_usable(x.dtype)
 
 
 def linear(
@@ -119,9 +94,8 @@ def linear(
         # the product runs in the layer's dtype, the result comes back in the input's.
         y = linear(x.to(weight.dtype), weight, bias, activation).to(x.dtype)
         return y if residual is None else residual + y
-    exporting = is_exporting()
-    small = not exporting and _small_bfloat16_product(x, weight, bias)
-    if small or exporting or not _use_onednn(x, weight, bias):
+    small = _small_bfloat16_product(x, weight, bias)
+    if small or not _use_onednn(x, weight, bias):
         y = _small_bfloat16_linear(x, weight, bias) if small else F.linear(x, weight, bias)
         if activation == "gelu":
             y = F.gelu(y)
@@ -151,8 +125,7 @@ def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         and (bias is None or bias.dtype is torch.bfloat16)
         and x.is_cpu
         and x.numel() < SMALL_BFLOAT16_ROWS * x.shape[-1]
-        and not torch.is_grad_enabled()
-    )  # (the caller has checked that nothing is being exported)
+    )
 
 
 def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -186,8 +159,8 @@ def float32_weight_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.
     it: the decoder's attention folded into its tokens), a float32 copy of the weight to compute them
     with (x.float(), the result rounded back to bfloat16), as _small_bfloat16_linear does and for the
     same reason (a bfloat16 batched product of a few rows ran 2-3x slower here); None where the
-    product should run as it is (float32, training, export, larger operands)."""
-    if _small_bfloat16_product(x, weight, None) and not is_exporting():
+    product should run as it is (float32, larger operands)."""
+    if _small_bfloat16_product(x, weight, None):
         return float32_copy(weight)
     return None
 

@@ -15,7 +15,7 @@ from ..modeling import mask_decoder as plain
 from ..modeling.common import LayerNorm2d
 from . import native
 from .cache import kept_until_changed
-from .kernels import fusable_activation, is_exporting, linear
+from .kernels import fusable_activation, linear
 from .transformer import ImageSide
 from .twin import register
 
@@ -92,8 +92,6 @@ class MaskUpscaling(plain.MaskUpscaling):
         def build() -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
             return [conv_transpose_2x2_matrix(convs[0]), conv_transpose_2x2_matrix(convs[1], second_dx_first)]
 
-        if torch.is_grad_enabled():
-            return build()
         params = [p for conv in convs for p in conv.parameters()]
         return kept_until_changed(self, f"_matrix_cache_{int(second_dx_first)}", params, build)
 
@@ -161,15 +159,12 @@ class MaskUpscaling(plain.MaskUpscaling):
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
-        autograd_or_export = torch.is_grad_enabled() or is_exporting()
-        if autograd_or_export or not x.is_cpu:  # one band, one shuffle
+        if not x.is_cpu:  # one band, one shuffle
             # (the bands below are for a CPU's caches; a GPU runs the whole at once)
             hyper = hyper.to(x.dtype)
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             logits = logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
-            if autograd_or_export:
-                return logits
-            logits = logits.float()  # inference on a GPU: what the banded path returns
+            logits = logits.float()  # what the banded path returns
             if region is not None:
                 logits[..., 4 * rows_in :, :] = 0
                 logits[..., :, 4 * cols_in :] = 0
@@ -421,7 +416,7 @@ class MaskDecoder(plain.MaskDecoder):
         """Each mask token through its own MLP: (B, T, C) -> (B, T, C/8). `which`: the mask tokens that
         mask_tokens_out holds (all by default), whose MLPs to use."""
         mlps = self.output_hypernetworks_mlps
-        if torch.is_grad_enabled() or is_exporting() or any(mlp.sigmoid_output for mlp in mlps):
+        if any(mlp.sigmoid_output for mlp in mlps):
             hyper: List[torch.Tensor] = [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps[which])]
             return torch.stack(hyper, dim=1)  # B, T, C/8
         # At inference the T MLPs run as one batched product per layer (12 small products were 12
@@ -465,13 +460,12 @@ class MaskDecoder(plain.MaskDecoder):
         """Mask logits (B, T', 4h, 4w) of the mask tokens `mask_tokens` selects (all T by default: only
         these are upscaled) and the IoU predictions of all T."""
         batch = sparse_prompt_embeddings.shape[0]
-        inference = not torch.is_grad_enabled() and not is_exporting()
-        if image_side is None and inference and image_embeddings.shape[0] == 1:
+        if image_side is None and image_embeddings.shape[0] == 1:
             dense = dense_prompt_embeddings
             if dense.shape[0] == 1 or dense.stride(0) == 0:  # one image side for every prompt: prepare it once
                 # (its projections pay for themselves from about three prompts on)
                 image_side = self.shared_image_side(image_embeddings, image_pe, dense, project=batch >= 3)
-        if batch > INFERENCE_MICRO_BATCH and inference and sparse_prompt_embeddings.is_cpu:
+        if batch > INFERENCE_MICRO_BATCH and sparse_prompt_embeddings.is_cpu:
             # Each prompt carries its own (h*w, C) image side through the transformer and the upscaling;
             # on a CPU these are memory-bound, and one prompt's working set fits in cache where 64 do not:
             # prompts one at a time run faster per prompt than in one batch (same results).

@@ -69,7 +69,7 @@ def upscale_logits_native(
     does not apply (an image narrower than the low-res map's region: more than 16 low-res columns
     under 16 output columns), for the caller's other path."""
     lib = native.library()
-    if lib is None or low_res.device.type != "cpu" or low_res.requires_grad:
+    if lib is None or low_res.device.type != "cpu":
         return None
     low_h, low_w = low_res.shape[-2:]
     if low_w > 1024 or low_res_region((low_h, low_w), image_size, input_size) is None:

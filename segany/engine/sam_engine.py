@@ -82,6 +82,7 @@ class SamEngine:
         out = self.net.decode(features, points, boxes, masks, multimask_output, cache=cache, **options)
         return cast_floats(out, torch.float32) if self.fast else out
 
+    @torch.no_grad()
     def upscale(
         self,
         low_res: torch.Tensor,
@@ -94,7 +95,7 @@ class SamEngine:
         available (the released two steps' composite), else with OpenCV; the exact mode as released."""
         size = self.image_size
         resizable = low_res_region(low_res.shape[-2:], size, input_size) is not None
-        if self.fast and low_res.device.type == "cpu" and not low_res.requires_grad and resizable:
+        if self.fast and low_res.device.type == "cpu" and resizable:
             args = (low_res, input_size, original_size, size, threshold)
             resized = upscale_logits_native(*args)
             return resized if resized is not None else upscale_logits_opencv(*args)

@@ -24,7 +24,7 @@ from ..modeling import tiny_vit as plain
 from .cache import kept_until_changed
 from .conv import conv2d
 from .image_encoder import window_regions
-from .kernels import is_exporting, linear
+from .kernels import linear
 from .twin import register
 
 # Logits of windowed attention computed at once (1 MB in float32: they stay in cache).
@@ -38,8 +38,8 @@ MLP_CHUNK_ROWS = 1024
 
 
 def _inference(*tensors: torch.Tensor) -> bool:
-    """Nothing to differentiate or trace, on a CPU: the engine's fused paths apply."""
-    return not torch.is_grad_enabled() and not is_exporting() and all(t.is_cpu for t in tensors)
+    """On a CPU: the engine's fused paths apply."""
+    return all(t.is_cpu for t in tensors)
 
 
 def _is_exact_gelu(act: nn.Module) -> bool:
@@ -65,6 +65,8 @@ class ConvBN(plain.ConvBN):
         self, x: torch.Tensor, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """activation(conv-BN(x)), or conv-BN(x) + residual."""
+        # (self.training: the mode of the model the twin was built from; a BatchNorm in training
+        # mode normalises by the batch's statistics, which no folded weight holds)
         if self.training or not _inference(x) or x.dtype != self.c.weight.dtype:
             y = super().forward(x)
             if activation == "gelu":

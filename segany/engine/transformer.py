@@ -15,7 +15,7 @@ from torch import nn
 
 from ..modeling import transformer as plain
 from . import native
-from .kernels import is_exporting, linear, matmul_weight
+from .kernels import linear, matmul_weight
 from .twin import register
 
 
@@ -339,12 +339,10 @@ def native_image_update_usable(attention: "Attention", image: torch.Tensor) -> b
     return (
         image.dtype == torch.bfloat16
         and image.is_cpu
-        and not torch.is_grad_enabled()
         and attention.num_heads == 8
         and attention.embedding_dim % 64 == 0
         and attention.embedding_dim <= 1024
         and attention.internal_dim % 2 == 0
-        and not is_exporting()
         and native.library() is not None
     )
 
@@ -467,7 +465,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
             return ImageSide(image, image_pe, None, size)
         image = image.contiguous()  # channels-last once
         side = ImageSide(image, image_pe, image + image_pe, size)
-        if project and not torch.is_grad_enabled():
+        if project:
             side.first_block = self.layers[0].project(side.image, side.first_keys_with_pe)
             final = self.final_attn_token_to_image
             side.pe_projections = [layer.project_pe(image_pe) for layer in self.layers[1:]]
@@ -493,7 +491,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
             # The first tokens in order are a view; any other choice is gathered (index tensor made once).
             prefix = outputs == list(range(len(outputs)))
             outputs = len(outputs) if prefix else torch.as_tensor(outputs, device=point_embedding.device)
-        if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled() and point_embedding.is_cpu:
+        if side.shared and batch > INFERENCE_MICRO_BATCH and point_embedding.is_cpu:
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
             # CPU): faster per prompt than a whole batch, same results. (A GPU takes them at once.)
             step = INFERENCE_MICRO_BATCH
@@ -515,7 +513,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
     def run_blocks(self, side: ImageSide, point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two-way blocks: tokens (B, N, C) and image side (B, h*w, C) before the final attention."""
         queries, keys = point_embedding, side.image
-        one_prompt = point_embedding.shape[0] == 1 and not torch.is_grad_enabled()
+        one_prompt = point_embedding.shape[0] == 1
         projected = side.first_block if one_prompt else None
         pe_projections = side.pe_projections if one_prompt else None
         for i, layer in enumerate(self.layers):
@@ -527,7 +525,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
                 keys_with_pe=side.first_keys_with_pe if i == 0 else None,
                 projected=projected if i == 0 else None,
                 projected_pe=pe_projections[i - 1] if pe_projections is not None and i > 0 else None,
-                keys_owned=i > 0 and not torch.is_grad_enabled(),  # the previous block's fresh output
+                keys_owned=i > 0,  # the previous block's fresh output
             )
         return queries, keys
 
@@ -544,7 +542,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
         row is independent of the others, so any subset of tokens (with its PE rows) can go through it."""
         q = queries + query_pe
         attention = self.final_attn_token_to_image
-        if keys_with_pe is None and side is not None and side.pe_projections and keys.shape[0] == 1 and not torch.is_grad_enabled():
+        if keys_with_pe is None and side is not None and side.pe_projections and keys.shape[0] == 1:
             return self.norm_final_attn(queries + attention.attend_to_image_and_pe(q, keys, side.pe_projections[-1].keys_t))
         if keys_with_pe is None:
             keys_with_pe = keys + side.pe
