@@ -9,8 +9,9 @@ go to oneDNN in PyTorch; here they skip a few copies and get the same fusions, e
 (the decoder's tokens) through a small layer, which run as float32 products of the same values
 (_small_bfloat16_linear).
 
-`linear` is for the engine's inference (no autograd, no tracing: training and ONNX export run the plain
-modules); other devices and tiny float32 products (where MKL's small-matrix path is quicker) take F.linear.
+`linear` is for the engine's inference on a CPU (no autograd, no tracing: training and ONNX export run
+the plain modules); tiny float32 products (where MKL's small-matrix path is quicker) take F.linear. An
+engine built for another device binds `plain_linear` instead (segany.engine.paths).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import kept_until_changed
-from .twin import register
+from .twin import UNBOUND, register
 
 
 # Switch for comparisons (tests, benchmarks): False sends every product to F.linear.
@@ -64,7 +65,7 @@ def onednn_usable(dtype: torch.dtype) -> bool:
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    if not ENABLED or not x.is_cpu or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
+    if not ENABLED or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
@@ -115,6 +116,25 @@ def linear(
     return y if residual is None else residual + y
 
 
+def plain_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """linear() through F.linear alone: what an engine built for a device other than a CPU binds."""
+    if activation not in (None,) + ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
+    if x.dtype != weight.dtype and x.is_floating_point():
+        y = plain_linear(x.to(weight.dtype), weight, bias, activation).to(x.dtype)
+        return y if residual is None else residual + y
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
 def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return (
         x.dtype is torch.bfloat16
@@ -123,7 +143,6 @@ def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         and isinstance(weight, nn.Parameter)
         and weight.numel() <= SMALL_WEIGHT
         and (bias is None or bias.dtype is torch.bfloat16)
-        and x.is_cpu
         and x.numel() < SMALL_BFLOAT16_ROWS * x.shape[-1]
     )
 
@@ -154,6 +173,16 @@ def matmul_weight(x: torch.Tensor, weight: torch.Tensor, arrange: Callable[[torc
     return (x.float() @ arrange(w32)).to(x.dtype)
 
 
+def plain_matmul_weight(x: torch.Tensor, weight: torch.Tensor, arrange: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x @ arrange(weight) as it is (an engine built for a device other than a CPU)."""
+    return x @ arrange(weight)
+
+
+def no_float32_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """float32_weight_for where the products run as they are (a device other than a CPU)."""
+    return None
+
+
 def float32_weight_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
     """For the other products of a few bfloat16 rows x with a small layer's weight (per-head views of
     it: the decoder's attention folded into its tokens), a float32 copy of the weight to compute them
@@ -171,10 +200,13 @@ def fusable_activation(act: nn.Module) -> Optional[str]:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose inference products go through `linear`."""
+    """nn.Linear (same parameters, same state-dict keys) whose inference products go through the
+    engine's bound product (linear on a CPU, plain_linear elsewhere)."""
+
+    paths = UNBOUND
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.paths.linear(x, self.weight, self.bias)
 
 
 register(nn.Linear, Linear)
