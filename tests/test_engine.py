@@ -120,6 +120,66 @@ def test_engine_entry_points_run_without_autograd(tiny_sam):
         assert torch.equal(got, expected)
 
 
+def test_the_engine_binds_its_paths_when_it_is_built(tiny_sam, monkeypatch):
+    """A CPU build binds the CPU paths (oneDNN products, the compiled kernels where they loaded; in the
+    fast mode the bfloat16 upscaling's kernel and its folded norm), a build without the kernels the
+    PyTorch ones, any other device plain PyTorch; the choices are stored on the modules then."""
+    from segany.engine import image_encoder, kernels, native
+    from segany.engine.paths import EnginePaths, bind
+
+    def choices(engine):
+        dec, enc = engine.net.mask_decoder, engine.net.image_encoder
+        return dict(
+            linear=dec.transformer.layers[0].mlp.lin1.paths.linear,
+            native=dec.paths.native,
+            upscaling="native_upscaling" in vars(dec.output_upscaling) and dec.output_upscaling.native_upscaling,
+            folded=dec.output_upscaling.in_bfloat16,
+            image_update=dec.transformer.native_image_updates,
+            rel_pos=vars(enc.blocks[0].attn)["rel_pos_attention"],
+        )
+
+    loaded = native.library() is not None
+    fast = choices(SamEngine(tiny_sam, "fast"))
+    assert fast == dict(
+        linear=kernels.linear, native=native.library(), upscaling=loaded, folded=True, image_update=loaded,
+        rel_pos=image_encoder.rel_pos_attention_chunked,
+    )
+    exact = choices(SamEngine(tiny_sam, "exact"))
+    assert exact["linear"] is kernels.linear and not exact["upscaling"] and not exact["folded"] and not exact["image_update"]
+    monkeypatch.setattr(native, "library", lambda: None)  # (as SEGANY_NATIVE=0)
+    off = choices(SamEngine(tiny_sam, "fast"))
+    assert off["native"] is None and not off["upscaling"] and off["folded"] and not off["image_update"]
+    monkeypatch.undo()
+    gpu = SamEngine(tiny_sam, "fast")
+    bind(gpu.net, EnginePaths.build("cuda"))  # (what a CUDA build binds; nothing runs here)
+    assert choices(gpu) == dict(
+        linear=kernels.plain_linear, native=None, upscaling=False, folded=True, image_update=False,
+        rel_pos=image_encoder.rel_pos_attention_fused,
+    )
+
+
+def test_the_plain_pytorch_paths_agree_with_the_plain_modules(tiny_sam):
+    """The paths a GPU build binds (plain PyTorch: whole batches, one fused attention, F.linear), run
+    here on the CPU: the same outputs as the plain definition."""
+    from segany.engine.paths import EnginePaths, bind
+
+    torch.manual_seed(13)
+    engine = SamEngine(tiny_sam, "exact")
+    bind(engine.net, EnginePaths.plain("cpu"))
+    engine.paths = EnginePaths.plain("cpu")
+    images = torch.randn(1, 3, 1024, 1024)
+    points = (torch.rand(4, 2, 2) * 1024, torch.ones(4, 2, dtype=torch.int))
+    with torch.no_grad():
+        expected = tiny_sam.encode(images)
+        got = engine.encode(images)
+        torch.testing.assert_close(got["image_embeddings"], expected["image_embeddings"], atol=1e-4, rtol=0)
+        for multimask in (True, False):
+            low, iou = engine.decode(expected, points, None, None, multimask, cache={})
+            plain_low, plain_iou = tiny_sam.decode(expected, points, None, None, multimask)
+            torch.testing.assert_close(low, plain_low, atol=1e-4, rtol=0)
+            torch.testing.assert_close(iou, plain_iou, atol=1e-5, rtol=0)
+
+
 def test_the_engine_leaves_the_model_unchanged(tiny_sam):
     model = copy.deepcopy(tiny_sam)
     before = {k: v.clone() for k, v in model.state_dict().items()}

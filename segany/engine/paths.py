@@ -41,20 +41,34 @@ class EnginePaths:
 
     @staticmethod
     def build(device: Any) -> "EnginePaths":
+        """The paths for `device`: on a CPU the CPU paths, with the compiled kernels where they load."""
         device = torch.device(device)
-        cpu = device.type == "cpu"
+        if device.type != "cpu":
+            return EnginePaths.plain(device)
         return EnginePaths(
             device=device,
-            cpu=cpu,
-            native=native.library() if cpu else None,
-            linear=kernels.linear if cpu else kernels.plain_linear,
-            matmul_weight=kernels.matmul_weight if cpu else kernels.plain_matmul_weight,
-            float32_weight_for=kernels.float32_weight_for if cpu else kernels.no_float32_weight,
+            cpu=True,
+            native=native.library(),
+            linear=kernels.linear,
+            matmul_weight=kernels.matmul_weight,
+            float32_weight_for=kernels.float32_weight_for,
+        )
+
+    @staticmethod
+    def plain(device: Any) -> "EnginePaths":
+        """Plain PyTorch, what a GPU (any device but a CPU) runs; on a CPU too, for tests of those paths."""
+        return EnginePaths(
+            device=torch.device(device),
+            cpu=False,
+            native=None,
+            linear=kernels.plain_linear,
+            matmul_weight=kernels.plain_matmul_weight,
+            float32_weight_for=kernels.no_float32_weight,
         )
 
     def __reduce__(self):
         # (a loaded library cannot be pickled: an unpickled engine chooses again where it lands)
-        return EnginePaths.build, (self.device,)
+        return (EnginePaths.build, (self.device,)) if self.cpu else (EnginePaths.plain, (self.device,))
 
 
 def bind(net: nn.Module, paths: EnginePaths) -> nn.Module:

@@ -34,18 +34,26 @@ class SamEngine:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.model = model
         self.mode = mode
+        self.dtype = FAST_DTYPE if mode == "fast" else torch.float32
+        self._build()
+
+    def _build(self) -> None:
         # The paths, chosen once for the model's device (segany.engine.paths): a CPU build binds the
         # CPU paths and the compiled kernels where they loaded, any other device plain PyTorch.
-        self.paths = EnginePaths.build(model.device)
-        self.net = twin(model, paths=self.paths)
-        self.dtype = FAST_DTYPE if mode == "fast" else torch.float32
-        if mode == "fast":
+        self.paths = EnginePaths.build(self.model.device)
+        self.net = twin(self.model, paths=self.paths)
+        if self.mode == "fast":
             convert_twin(self.net, self.dtype)
             bind(self.net, self.paths)  # the modules that choose by their weights' dtype choose again
         # The fast mode's resize of masks to the image on a CPU: compiled where the kernels loaded,
         # else OpenCV; elsewhere, and in the exact mode, the released two steps.
         self.resize_on_cpu = self.fast and self.paths.cpu
         self.resize_natively = self._resize_with_kernels if self.paths.native is not None else self._no_kernels
+
+    def _for_the_model(self) -> None:
+        """An engine is built for its model's device: for a model moved since, it is built again."""
+        if self.model.device != self.paths.device:
+            self._build()
 
     # ------------------------------------------------------------ what callers read
 
@@ -69,6 +77,7 @@ class SamEngine:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Preprocessed (B, 3, S, S) images -> float32 image features (see Sam.encode)."""
+        self._for_the_model()
         features = self.net.encode(cast_floats(images, self.dtype))
         return cast_floats(features, torch.float32)
 
@@ -85,6 +94,7 @@ class SamEngine:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the model's input frame -> float32 low-res logits (B, C, 256, 256) and IoU (B, C).
         `cache`: a dict kept with these features, where the decoder's image side is prepared once."""
+        self._for_the_model()
         if "hq_token_only" not in options and hasattr(self.model, "hq_token_only"):
             # HQ-SAM's model-wide default, read from the model as it is now (set after the engine was built).
             options["hq_token_only"] = self.model.hq_token_only
@@ -102,6 +112,7 @@ class SamEngine:
         """Low-res logits (..., 256, 256) -> logits at the original image size, or with `threshold` the
         masks logits > threshold. The fast mode resizes on a CPU through the compiled kernel where it is
         available (the released two steps' composite), else with OpenCV; the exact mode as released."""
+        self._for_the_model()
         size = self.image_size
         if self.resize_on_cpu and low_res_region(low_res.shape[-2:], size, input_size) is not None:
             args = (low_res, input_size, original_size, size, threshold)
@@ -147,6 +158,7 @@ class SamEngine:
         full decode. On a GPU the whole batch is decoded at once and the passing outputs picked."""
         if not self.can_decode_above:
             raise ValueError("decode_above needs the plain SAM mask decoder")
+        self._for_the_model()
         if not self.paths.cpu:
             low, iou = self.decode(features, (coords, labels), None, None, True, cache=cache)
             iou = iou.float()
