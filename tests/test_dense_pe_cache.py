@@ -18,9 +18,14 @@ def test_dense_pe_cached_and_invalidated():
     assert torch.equal(second, enc.pe_layer((8, 8)).unsqueeze(0))
 
 
-def test_dense_pe_not_cached_in_training():
-    enc = PromptEncoder(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128)).train()
-    assert enc.get_dense_pe() is not enc.get_dense_pe()
+def test_plain_prompt_encoder_recomputes_the_dense_pe():
+    """Training runs the plain definition: its dense PE is computed on every call;
+    only the engine's twin keeps it."""
+    from segany.modeling.prompt_encoder import PromptEncoder as Plain
+
+    enc = Plain(embed_dim=32, image_embedding_size=(8, 8), input_image_size=(128, 128)).train()
+    first = enc.get_dense_pe()
+    assert first is not enc.get_dense_pe()
 
 
 def test_model_built_in_inference_mode_decodes():

@@ -73,6 +73,113 @@ def test_the_definition_imports_nothing_above_it():
     assert not offences, offences
 
 
+ENGINE = Path(segany.__file__).parent / "engine"
+
+# The engine is for inference: its modules never ask whether autograd, tracing or an export is running
+# (training runs the plain modules or segany.engine.training's twin, export the plain modules).
+NOT_IN_THE_ENGINE = [
+    r"is_grad_enabled",
+    r"is_exporting",
+    r"is_in_onnx_export",
+    r"is_tracing",
+    r"is_scripting",
+    r"\.requires_grad\b(?!_)",
+]
+
+
+def _engine_inference_files():
+    return sorted(p for p in ENGINE.glob("**/*.py") if p.name != "training.py")  # (the training twin is for autograd)
+
+
+def test_the_engine_tests_no_grad_mode_or_export():
+    offences = []
+    for path in _engine_inference_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            offences += [f"{path.name}:{number}: {line.strip()}" for p in NOT_IN_THE_ENGINE if re.search(p, code)]
+    assert not offences, "\n".join(offences)
+
+
+def test_engine_entry_points_run_without_autograd(tiny_sam):
+    """SamEngine's steps run outside autograd whatever the caller's grad mode: the same outputs as
+    under no_grad, nothing attached to a graph."""
+    torch.manual_seed(12)
+    engine = SamEngine(tiny_sam, "exact")
+    images = torch.randn(1, 3, 1024, 1024)
+    points = (torch.rand(2, 1, 2) * 1024, torch.ones(2, 1, dtype=torch.int))
+    with torch.no_grad():
+        features = engine.encode(images)
+        low, iou = engine.decode(features, points, None, None, True)
+        full = engine.upscale(low, (1024, 1024), (700, 900))
+    with torch.enable_grad():
+        features_again = engine.encode(images.requires_grad_())
+        low_again, iou_again = engine.decode(features_again, points, None, None, True)
+        full_again = engine.upscale(low_again, (1024, 1024), (700, 900))
+    for got, expected in ((features_again["image_embeddings"], features["image_embeddings"]), (low_again, low), (iou_again, iou), (full_again, full)):
+        assert not got.requires_grad and got.grad_fn is None
+        assert torch.equal(got, expected)
+
+
+def test_the_engine_binds_its_paths_when_it_is_built(tiny_sam, monkeypatch):
+    """A CPU build binds the CPU paths (oneDNN products, the compiled kernels where they loaded; in the
+    fast mode the bfloat16 upscaling's kernel and its folded norm), a build without the kernels the
+    PyTorch ones, any other device plain PyTorch; the choices are stored on the modules then."""
+    from segany.engine import image_encoder, kernels, native
+    from segany.engine.paths import EnginePaths, bind
+
+    def choices(engine):
+        dec, enc = engine.net.mask_decoder, engine.net.image_encoder
+        return dict(
+            linear=dec.transformer.layers[0].mlp.lin1.paths.linear,
+            native=dec.paths.native,
+            upscaling="native_upscaling" in vars(dec.output_upscaling) and dec.output_upscaling.native_upscaling,
+            folded=dec.output_upscaling.in_bfloat16,
+            image_update=dec.transformer.native_image_updates,
+            rel_pos=vars(enc.blocks[0].attn)["rel_pos_attention"],
+        )
+
+    loaded = native.library() is not None
+    fast = choices(SamEngine(tiny_sam, "fast"))
+    assert fast == dict(
+        linear=kernels.linear, native=native.library(), upscaling=loaded, folded=True, image_update=loaded,
+        rel_pos=image_encoder.rel_pos_attention_chunked,
+    )
+    exact = choices(SamEngine(tiny_sam, "exact"))
+    assert exact["linear"] is kernels.linear and not exact["upscaling"] and not exact["folded"] and not exact["image_update"]
+    monkeypatch.setattr(native, "library", lambda: None)  # (as SEGANY_NATIVE=0)
+    off = choices(SamEngine(tiny_sam, "fast"))
+    assert off["native"] is None and not off["upscaling"] and off["folded"] and not off["image_update"]
+    monkeypatch.undo()
+    gpu = SamEngine(tiny_sam, "fast")
+    bind(gpu.net, EnginePaths.build("cuda"))  # (what a CUDA build binds; nothing runs here)
+    assert choices(gpu) == dict(
+        linear=kernels.plain_linear, native=None, upscaling=False, folded=True, image_update=False,
+        rel_pos=image_encoder.rel_pos_attention_fused,
+    )
+
+
+def test_the_plain_pytorch_paths_agree_with_the_plain_modules(tiny_sam):
+    """The paths a GPU build binds (plain PyTorch: whole batches, one fused attention, F.linear), run
+    here on the CPU: the same outputs as the plain definition."""
+    from segany.engine.paths import EnginePaths, bind
+
+    torch.manual_seed(13)
+    engine = SamEngine(tiny_sam, "exact")
+    bind(engine.net, EnginePaths.plain("cpu"))
+    engine.paths = EnginePaths.plain("cpu")
+    images = torch.randn(1, 3, 1024, 1024)
+    points = (torch.rand(4, 2, 2) * 1024, torch.ones(4, 2, dtype=torch.int))
+    with torch.no_grad():
+        expected = tiny_sam.encode(images)
+        got = engine.encode(images)
+        torch.testing.assert_close(got["image_embeddings"], expected["image_embeddings"], atol=1e-4, rtol=0)
+        for multimask in (True, False):
+            low, iou = engine.decode(expected, points, None, None, multimask, cache={})
+            plain_low, plain_iou = tiny_sam.decode(expected, points, None, None, multimask)
+            torch.testing.assert_close(low, plain_low, atol=1e-4, rtol=0)
+            torch.testing.assert_close(iou, plain_iou, atol=1e-5, rtol=0)
+
+
 def test_the_engine_leaves_the_model_unchanged(tiny_sam):
     model = copy.deepcopy(tiny_sam)
     before = {k: v.clone() for k, v in model.state_dict().items()}

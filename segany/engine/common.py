@@ -9,14 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import common as plain
-from .kernels import (
-    float32_copy,
-    float32_weight_for,
-    fusable_activation,
-    is_exporting,
-    linear,
-)
-from .twin import register
+from .kernels import float32_copy, fusable_activation, linear
+from .twin import UNBOUND, register
 
 
 class MLPBlock(plain.MLPBlock):
@@ -24,18 +18,15 @@ class MLPBlock(plain.MLPBlock):
 
     # Inference over more positions than this runs in row chunks (see forward).
     CHUNK_ROWS = 1024
+    paths = UNBOUND
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """lin2(act(lin1(x))), plus `residual` when given (added as each chunk is computed)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if torch.is_grad_enabled() or rows <= 2 * self.CHUNK_ROWS or is_exporting() or not x.is_cpu:
-            dtype = self.lin1.weight.dtype
-            if x.dtype != dtype and not torch.is_grad_enabled() and self.lin2.weight.dtype == dtype:
-                # Weights in another dtype than the input (the fast mode's float32 tokens through a
-                # bfloat16 MLP): one cast each way around the whole block.
-                y = self.lin2(self.act(self.lin1(x.to(dtype)))).to(x.dtype)
-            else:
-                y = self.lin2(self.act(self.lin1(x)))
+        if rows <= 2 * self.CHUNK_ROWS or not self.paths.cpu:
+            # In the weights' dtype, one cast each way around the whole block (the fast mode's float32
+            # tokens through a bfloat16 MLP; no-ops where the dtypes agree).
+            y = self.lin2(self.act(self.lin1(x.to(self.lin1.weight.dtype)))).to(x.dtype)
             return y if residual is None else residual + y
         # Row chunks keep the (rows, mlp_dim) hidden activations small: for a 64x64 image they are
         # 50 MB (vit_b), and an allocation that size is fresh zeroed pages from the OS in every block
@@ -57,12 +48,14 @@ class MLPBlock(plain.MLPBlock):
 class MLP(plain.MLP):
     """Plain MLP with ReLU between layers (hypernetwork heads, IoU head)."""
 
+    paths = UNBOUND
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = self.num_layers - 1
         dtype = x.dtype
         # A few bfloat16 rows (the IoU token) run the whole MLP as float32 products of the same values,
         # cast once each way (see kernels.float32_weight_for).
-        in_float32 = float32_weight_for(x, self.layers[0].weight) is not None
+        in_float32 = self.paths.float32_weight_for(x, self.layers[0].weight) is not None
         if in_float32:
             x = x.float()
         for i, layer in enumerate(self.layers):

@@ -3,9 +3,9 @@
 A convolution followed by a GELU, or by a residual add, runs as one oneDNN primitive with the GELU
 (or the add) as its post-op: the output is written once, while it is still in cache, instead of being
 read and written again by a separate pass. Results equal F.conv2d followed by the operation up to
-float rounding (oneDNN's own GELU and summation order). `conv2d` is used where nothing needs
-gradients and nothing is traced; training, export and other devices take F.conv2d and the operation
-after it.
+float rounding (oneDNN's own GELU and summation order). `conv2d` is for the engine's inference on a
+CPU (no autograd, no tracing: training and export run the plain modules; an engine built for another
+device runs the plain modules' convolutions, segany.engine.paths).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .kernels import ACTIVATIONS, ONEDNN_DTYPES, is_exporting, onednn_supports
+from .kernels import ACTIVATIONS, ONEDNN_DTYPES, onednn_supports
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,13 +43,11 @@ def fused_conv_usable(dtype: torch.dtype) -> bool:
 
 
 def _fusable(x: torch.Tensor, weight: torch.Tensor, residual: Optional[torch.Tensor]) -> bool:
-    if not x.is_cpu or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or x.dim() != 4:
+    if x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype or x.dim() != 4:
         return False
     if residual is not None and (residual.dtype != x.dtype or residual.dim() != 4):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    return not is_exporting() and fused_conv_usable(x.dtype)
+    return fused_conv_usable(x.dtype)
 
 
 def conv2d(

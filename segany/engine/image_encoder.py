@@ -13,15 +13,17 @@ from ..modeling.image_encoder import (
     decomposed_rel_pos_bias,
     decomposed_rel_pos_terms,
     relative_position_table,
-    window_partition,
-    window_unpartition,
 )
-from .kernels import is_exporting, linear
-from .twin import register
+from .kernels import linear
+from .twin import UNBOUND, chosen_at_build, register
 
 
 class Attention(plain.Attention):
     """Multi-head self-attention with optional decomposed relative-position bias."""
+
+    paths = UNBOUND
+    # On a CPU in chunks and bands; elsewhere one fused kernel (see rel_pos_attention_fused).
+    rel_pos_attention = chosen_at_build(lambda _, paths: rel_pos_attention_chunked if paths.cpu else rel_pos_attention_fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(x))
@@ -32,19 +34,10 @@ class Attention(plain.Attention):
         q, k, v = self.heads(x)  # each B*heads, H*W, head_dim
         if not self.use_rel_pos:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        elif (torch.is_grad_enabled() and (q.requires_grad or self.rel_pos_h.requires_grad)) or is_exporting():
-            # Training (and export): fused attention with the materialised bias as the additive mask
-            # (4-D, so the fused kernels apply); differentiable and one graph node.
-            bias = decomposed_rel_pos_bias(q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
-            x = F.scaled_dot_product_attention(
-                *(t.view(b, self.num_heads, h * w, -1) for t in (q, k, v)),
-                attn_mask=bias.view(b, self.num_heads, h * w, h * w),
-                scale=self.scale,
-            )
         else:
-            # Inference (nothing to differentiate): the bias is never materialised whole (a global
-            # block's is 800 MB for vit_b, 1 GB for vit_h); see rel_pos_attention_chunked.
-            x = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
+            # The bias is never materialised whole (a global block's is 800 MB for vit_b, 1 GB for
+            # vit_h); see rel_pos_attention_chunked.
+            x = self.rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (h, w), self.scale)
         return x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
 
     def mix_windowed(self, x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -57,7 +50,7 @@ class Attention(plain.Attention):
         b, h, w, c = x.shape
         ws, heads = window_size, self.num_heads
         n_h, n_w = -(-h // ws), -(-w // ws)
-        product = linear(x, self.qkv.weight, self.qkv.bias).view(b, h, w, 3, heads, -1)
+        product = self.paths.linear(x, self.qkv.weight, self.qkv.bias).view(b, h, w, 3, heads, -1)
         head_dim = product.shape[-1]
         windows = product.new_empty(3, b, n_h, n_w, heads, ws, ws, head_dim)
         grid = windows.permute(0, 1, 2, 5, 3, 6, 4, 7)  # 3, B, n_h, ws (y), n_w, ws (x), heads, head_dim
@@ -111,11 +104,6 @@ def rel_pos_attention_chunked(
     Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded).
     """
     bh, n, _ = q.shape
-    if not q.is_cpu:
-        # On a GPU one fused kernel over every window and head is what is fast (the chunks and bands
-        # below are for a CPU's caches): the bias materialised as its additive mask, as in training.
-        bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size, size).to(q.dtype)
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
     if n >= GLOBAL_ROWS:
         return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale)
     h, w = size
@@ -129,6 +117,21 @@ def rel_pos_attention_chunked(
         rel_w = rel_w.float().reshape(-1, n, 1, w)
         attend_with_rel_pos(q[part], k[part], v[part], rel_h, rel_w, scale, out[part])
     return out
+
+
+def rel_pos_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: Tuple[int, int],
+    scale: float,
+) -> torch.Tensor:
+    """rel_pos_attention_chunked for a GPU: one fused kernel over every window and head is what is fast
+    there (the chunks and bands are for a CPU's caches), the bias materialised as its additive mask."""
+    bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size, size).to(q.dtype)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
 
 
 def attend_with_rel_pos(
@@ -207,21 +210,19 @@ def window_regions(h: int, w: int, window_size: int):
 class Block(plain.Block):
     """Pre-norm transformer block; window_size 0 means global attention."""
 
+    paths = UNBOUND
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
         x = self.norm1(x)
-        if self.window_size > 0 and not (torch.is_grad_enabled() or is_exporting()):
+        if self.window_size > 0:
             x = self.attn.mix_windowed(x, self.window_size)
-        elif self.window_size > 0:
-            h, w = x.shape[1], x.shape[2]
-            x, pad_hw = window_partition(x, self.window_size)
-            x = window_unpartition(self.attn.mix(x), self.window_size, pad_hw, (h, w))
         else:
             x = self.attn.mix(x)
         # The output projection acts on each position alone: applied after un-partitioning it skips
         # the padding positions, and the residual is added as it is computed.
         proj = self.attn.proj
-        x = linear(x, proj.weight, proj.bias, residual=shortcut)
+        x = self.paths.linear(x, proj.weight, proj.bias, residual=shortcut)
         return self.mlp(self.norm2(x), residual=x)
 
 

@@ -9,8 +9,9 @@ go to oneDNN in PyTorch; here they skip a few copies and get the same fusions, e
 (the decoder's tokens) through a small layer, which run as float32 products of the same values
 (_small_bfloat16_linear).
 
-`linear` is used where nothing needs gradients and nothing is traced; training, export, other devices
-and tiny float32 products (where MKL's small-matrix path is quicker) take F.linear.
+`linear` is for the engine's inference on a CPU (no autograd, no tracing: training and ONNX export run
+the plain modules); tiny float32 products (where MKL's small-matrix path is quicker) take F.linear. An
+engine built for another device binds `plain_linear` instead (segany.engine.paths).
 """
 from __future__ import annotations
 
@@ -22,30 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import kept_until_changed
-from .twin import register
-
-
-def is_exporting() -> bool:
-    """Tracing or ONNX export: inference-only shortcuts that write into slices are not recorded faithfully.
-    (Asked once per product or so: the ONNX flags are read without torch.onnx.is_in_onnx_export's
-    imports on every call, which cost more than the check.)"""
-    return torch.jit.is_tracing() or _onnx_exporting()()
-
-
-@functools.lru_cache(maxsize=None)
-def _onnx_exporting() -> Callable[[], bool]:
-    """A check of the exporters' flags, as torch.onnx.is_in_onnx_export reads them; that function
-    itself where this PyTorch keeps them elsewhere."""
-    try:
-        from torch.onnx._internal.exporter import _flags
-        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-
-        flags = (_flags, GLOBALS)
-        if not all(hasattr(f, a) for f, a in zip(flags, ("_is_onnx_exporting", "in_onnx_export"))):
-            raise ImportError("moved")
-    except ImportError:
-        return torch.onnx.is_in_onnx_export
-    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+from .twin import UNBOUND, register
 
 
 # Switch for comparisons (tests, benchmarks): False sends every product to F.linear.
@@ -87,15 +65,13 @@ def onednn_usable(dtype: torch.dtype) -> bool:
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    if not ENABLED or not x.is_cpu or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
+    if not ENABLED or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
         return False
     if bias is not None and bias.dtype != x.dtype:
         return False
     if x.dtype == torch.float32 and x.numel() * weight.shape[0] < MIN_FLOAT32_MACS:
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    return onednn_usable(x.dtype)  # (the caller has checked that nothing is being exported)
+    return onednn_usable(x.dtype)
 
 
 def linear(
@@ -119,9 +95,8 @@ def linear(
         # the product runs in the layer's dtype, the result comes back in the input's.
         y = linear(x.to(weight.dtype), weight, bias, activation).to(x.dtype)
         return y if residual is None else residual + y
-    exporting = is_exporting()
-    small = not exporting and _small_bfloat16_product(x, weight, bias)
-    if small or exporting or not _use_onednn(x, weight, bias):
+    small = _small_bfloat16_product(x, weight, bias)
+    if small or not _use_onednn(x, weight, bias):
         y = _small_bfloat16_linear(x, weight, bias) if small else F.linear(x, weight, bias)
         if activation == "gelu":
             y = F.gelu(y)
@@ -141,6 +116,25 @@ def linear(
     return y if residual is None else residual + y
 
 
+def plain_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """linear() through F.linear alone: what an engine built for a device other than a CPU binds."""
+    if activation not in (None,) + ACTIVATIONS:
+        raise ValueError(f"unsupported activation {activation!r}; expected one of {ACTIVATIONS}")
+    if x.dtype != weight.dtype and x.is_floating_point():
+        y = plain_linear(x.to(weight.dtype), weight, bias, activation).to(x.dtype)
+        return y if residual is None else residual + y
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    return y if residual is None else residual + y
+
+
 def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     return (
         x.dtype is torch.bfloat16
@@ -149,10 +143,8 @@ def _small_bfloat16_product(x: torch.Tensor, weight: torch.Tensor, bias: Optiona
         and isinstance(weight, nn.Parameter)
         and weight.numel() <= SMALL_WEIGHT
         and (bias is None or bias.dtype is torch.bfloat16)
-        and x.is_cpu
         and x.numel() < SMALL_BFLOAT16_ROWS * x.shape[-1]
-        and not torch.is_grad_enabled()
-    )  # (the caller has checked that nothing is being exported)
+    )
 
 
 def _small_bfloat16_linear(x: torch.Tensor, weight: nn.Parameter, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -181,13 +173,23 @@ def matmul_weight(x: torch.Tensor, weight: torch.Tensor, arrange: Callable[[torc
     return (x.float() @ arrange(w32)).to(x.dtype)
 
 
+def plain_matmul_weight(x: torch.Tensor, weight: torch.Tensor, arrange: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x @ arrange(weight) as it is (an engine built for a device other than a CPU)."""
+    return x @ arrange(weight)
+
+
+def no_float32_weight(x: torch.Tensor, weight: torch.Tensor) -> None:
+    """float32_weight_for where the products run as they are (a device other than a CPU)."""
+    return None
+
+
 def float32_weight_for(x: torch.Tensor, weight: torch.Tensor) -> Optional[torch.Tensor]:
     """For the other products of a few bfloat16 rows x with a small layer's weight (per-head views of
     it: the decoder's attention folded into its tokens), a float32 copy of the weight to compute them
     with (x.float(), the result rounded back to bfloat16), as _small_bfloat16_linear does and for the
     same reason (a bfloat16 batched product of a few rows ran 2-3x slower here); None where the
-    product should run as it is (float32, training, export, larger operands)."""
-    if _small_bfloat16_product(x, weight, None) and not is_exporting():
+    product should run as it is (float32, larger operands)."""
+    if _small_bfloat16_product(x, weight, None):
         return float32_copy(weight)
     return None
 
@@ -198,10 +200,13 @@ def fusable_activation(act: nn.Module) -> Optional[str]:
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose inference products go through `linear`."""
+    """nn.Linear (same parameters, same state-dict keys) whose inference products go through the
+    engine's bound product (linear on a CPU, plain_linear elsewhere)."""
+
+    paths = UNBOUND
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.paths.linear(x, self.weight, self.bias)
 
 
 register(nn.Linear, Linear)

@@ -13,11 +13,10 @@ from torch import nn
 
 from ..modeling import mask_decoder as plain
 from ..modeling.common import LayerNorm2d
-from . import native
 from .cache import kept_until_changed
-from .kernels import fusable_activation, is_exporting, linear
+from .kernels import fusable_activation, linear
 from .transformer import ImageSide
-from .twin import register
+from .twin import UNBOUND, chosen_at_build, register
 
 
 def conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
@@ -71,6 +70,12 @@ class MaskUpscaling(plain.MaskUpscaling):
     BAND_PIXELS = 1024
     ROWS_PER_BAND: Optional[int] = None  # fixed rows per band instead (tests)
 
+    paths = UNBOUND
+    # Chosen by the weights' dtype (the fast mode's bulk) when the engine is built: a bfloat16 upscaling
+    # folds its layer norm into the first convolution and, where the kernels loaded, runs compiled.
+    in_bfloat16 = chosen_at_build(lambda m, paths: m[0].weight.dtype == torch.bfloat16)
+    native_upscaling = chosen_at_build(lambda m, paths: paths.native is not None and m[0].weight.dtype == torch.bfloat16)
+
     def _band_rows(self, x: torch.Tensor) -> int:
         if self.ROWS_PER_BAND is not None:
             return self.ROWS_PER_BAND
@@ -92,8 +97,6 @@ class MaskUpscaling(plain.MaskUpscaling):
         def build() -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
             return [conv_transpose_2x2_matrix(convs[0]), conv_transpose_2x2_matrix(convs[1], second_dx_first)]
 
-        if torch.is_grad_enabled():
-            return build()
         params = [p for conv in convs for p in conv.parameters()]
         return kept_until_changed(self, f"_matrix_cache_{int(second_dx_first)}", params, build)
 
@@ -161,22 +164,19 @@ class MaskUpscaling(plain.MaskUpscaling):
         b, h, w, _ = x.shape
         t = hyper.shape[1]
         rows_in, cols_in = (h, w) if region is None else (min(h, int(region[0])), min(w, int(region[1])))
-        autograd_or_export = torch.is_grad_enabled() or is_exporting()
-        if autograd_or_export or not x.is_cpu:  # one band, one shuffle
+        if not self.paths.cpu:  # one band, one shuffle
             # (the bands below are for a CPU's caches; a GPU runs the whole at once)
             hyper = hyper.to(x.dtype)
             logits = self._band_logits(x, hyper).view(b, t, h, w, 2, 2, 2, 2)
             logits = logits.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, t, 4 * h, 4 * w)
-            if autograd_or_export:
-                return logits
-            logits = logits.float()  # inference on a GPU: what the banded path returns
+            logits = logits.float()  # what the banded path returns
             if region is not None:
                 logits[..., 4 * rows_in :, :] = 0
                 logits[..., :, 4 * cols_in :] = 0
             return logits
         new_out = torch.zeros if (rows_in, cols_in) != (h, w) else torch.empty
         out = new_out(b, t, 4 * h, 4 * w, dtype=torch.float32, device=x.device)
-        packed = self._native_weights() if x.dtype == torch.bfloat16 else None
+        packed = self._native_weights() if self.native_upscaling else None
         if packed is not None:
             self._native_masks_into(out, x, hyper, rows_in, cols_in, packed)
             return out
@@ -199,7 +199,7 @@ class MaskUpscaling(plain.MaskUpscaling):
 
     def _native_weights(self) -> Optional[Tuple[torch.Tensor, ...]]:
         """The weights packed for the kernel (see csrc/decoder_bf16.c), kept until they change; None
-        where the kernel cannot run: no compiled kernel here, or a structure other than SAM's
+        where the kernel cannot run: a structure other than SAM's
         (ConvT 2x2/2 to C/4 channels, LayerNorm2d, exact GELU, ConvT 2x2/2 to C/8, GELU; C/4 = 64)."""
         up1, norm, act1, up2, act2 = self
         convs_ok = all(
@@ -217,8 +217,6 @@ class MaskUpscaling(plain.MaskUpscaling):
         if not (convs_ok and gelus_ok and type(norm) is LayerNorm2d):
             return None
         if up1.out_channels != 64 or up2.in_channels != 64 or up2.out_channels != 32 or up1.in_channels % 2:
-            return None
-        if native.library() is None:
             return None
         params = [up1.weight, up1.bias, norm.weight, norm.bias, up2.weight, up2.bias]
 
@@ -253,7 +251,7 @@ class MaskUpscaling(plain.MaskUpscaling):
         threads = torch.get_num_threads()
         for i in range(b):
             side = x[i].contiguous()
-            native.library().segany_upscale_logits_bf16(
+            self.paths.native.segany_upscale_logits_bf16(
                 side.data_ptr(), h, w, c, rows_in, cols_in,
                 w1p.data_ptr(), b1.data_ptr(), gain.data_ptr(), beta.data_ptr(), float(self[1].eps),
                 w2p.data_ptr(), b2x.data_ptr(), hyper_x[i].data_ptr(), hyper.shape[1], out[i].data_ptr(), threads,
@@ -274,7 +272,7 @@ class MaskUpscaling(plain.MaskUpscaling):
         r, w, c = x.shape
         n = r * w
         c1, c2 = up1.out_channels, up2.out_channels
-        folded = self._folded_norm() if x.dtype == torch.bfloat16 else None
+        folded = self._folded_norm() if self.in_bfloat16 else None
         if folded is None:
             y1 = linear(x.reshape(n, c), w1, b1).view(n * 4, -1)  # sub-pixels (r, w, dy1, dx1), C/4
             spare, y1 = y1, F.layer_norm(y1, (c1,), norm.weight, norm.bias, norm.eps)
@@ -299,7 +297,7 @@ class MaskUpscaling(plain.MaskUpscaling):
             _activate_in_place(act2, y2)
         halves = y2.view(n * 8, 2, c2)  # rows (r, dy1, w, dx1, dx2), dy2, C/8
         logits = scratch[:, :, : 8 * n]  # dy2, T, (r, dy1, w, dx1, dx2)
-        if halves.dtype == torch.float32:  # one batched product: MKL reads the strided halves as they are
+        if not self.in_bfloat16:  # float32: one batched product, MKL reads the strided halves as they are
             torch.matmul(hyper, halves.permute(1, 2, 0), out=logits)
         else:  # bfloat16 batched products copy strided operands first; two products do not
             for dy2 in range(2):
@@ -340,6 +338,8 @@ def _batch_rows(x: torch.Tensor, start: int, size: int, batch: int) -> torch.Ten
 
 
 class MaskDecoder(plain.MaskDecoder):
+    paths = UNBOUND
+
     @property
     def token_dtype(self) -> torch.dtype:
         """The dtype the tokens' side (output and prompt tokens, attention projections, heads) runs in."""
@@ -421,7 +421,7 @@ class MaskDecoder(plain.MaskDecoder):
         """Each mask token through its own MLP: (B, T, C) -> (B, T, C/8). `which`: the mask tokens that
         mask_tokens_out holds (all by default), whose MLPs to use."""
         mlps = self.output_hypernetworks_mlps
-        if torch.is_grad_enabled() or is_exporting() or any(mlp.sigmoid_output for mlp in mlps):
+        if any(mlp.sigmoid_output for mlp in mlps):
             hyper: List[torch.Tensor] = [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(mlps[which])]
             return torch.stack(hyper, dim=1)  # B, T, C/8
         # At inference the T MLPs run as one batched product per layer (12 small products were 12
@@ -465,13 +465,12 @@ class MaskDecoder(plain.MaskDecoder):
         """Mask logits (B, T', 4h, 4w) of the mask tokens `mask_tokens` selects (all T by default: only
         these are upscaled) and the IoU predictions of all T."""
         batch = sparse_prompt_embeddings.shape[0]
-        inference = not torch.is_grad_enabled() and not is_exporting()
-        if image_side is None and inference and image_embeddings.shape[0] == 1:
+        if image_side is None and image_embeddings.shape[0] == 1:
             dense = dense_prompt_embeddings
             if dense.shape[0] == 1 or dense.stride(0) == 0:  # one image side for every prompt: prepare it once
                 # (its projections pay for themselves from about three prompts on)
                 image_side = self.shared_image_side(image_embeddings, image_pe, dense, project=batch >= 3)
-        if batch > INFERENCE_MICRO_BATCH and inference and sparse_prompt_embeddings.is_cpu:
+        if batch > INFERENCE_MICRO_BATCH and self.paths.cpu:
             # Each prompt carries its own (h*w, C) image side through the transformer and the upscaling;
             # on a CPU these are memory-bound, and one prompt's working set fits in cache where 64 do not:
             # prompts one at a time run faster per prompt than in one batch (same results).

@@ -13,13 +13,11 @@ class PromptEncoder(plain.PromptEncoder):
     def get_dense_pe(self) -> torch.Tensor:
         """Positional encoding of the image embedding grid, (1, C, 64, 64).
 
-        It depends only on the (fixed) Fourier matrix, so outside training it is computed once and kept
-        (its sin/cos over 4096 cells otherwise cost as much as a small decoder pass); the key includes the
-        matrix's version counter, so loading new weights recomputes it.
+        It depends only on the (fixed) Fourier matrix, so it is computed once and kept (its sin/cos over
+        4096 cells otherwise cost as much as a small decoder pass); the key includes the matrix's version
+        counter, so loading new weights recomputes it.
         """
         gaussian = self.pe_layer.positional_encoding_gaussian_matrix
-        if self.training or torch.is_grad_enabled():
-            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         size = tuple(self.image_embedding_size)
         return kept_until_changed(
             self, f"_dense_pe_{size}", [gaussian], lambda: self.pe_layer(self.image_embedding_size).unsqueeze(0)
@@ -44,8 +42,8 @@ class PromptEncoder(plain.PromptEncoder):
         return embedding
 
     def _type_table(self) -> torch.Tensor:
-        """(5, C): zeros, not-a-point, negative, positive, zeros (see _embed_points); outside autograd
-        kept until one of them changes."""
+        """(5, C): zeros, not-a-point, negative, positive, zeros (see _embed_points); kept until one of
+        them changes."""
         negative, positive = self.point_embeddings[0].weight, self.point_embeddings[1].weight
         not_a_point = self.not_a_point_embed.weight
 
@@ -53,8 +51,6 @@ class PromptEncoder(plain.PromptEncoder):
             zero = torch.zeros_like(negative)
             return torch.cat([zero, not_a_point, negative, positive, zero])
 
-        if torch.is_grad_enabled():
-            return build()
         return kept_until_changed(self, "_type_table_cache", [negative, positive, not_a_point], build)
 
 

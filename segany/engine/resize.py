@@ -3,6 +3,7 @@ compiled composite of the released two bilinear steps (csrc/decoder_bf16.c). The
 exact mode keeps Sam.postprocess_masks."""
 from __future__ import annotations
 
+import ctypes
 import functools
 import threading
 from typing import Optional, Tuple
@@ -62,15 +63,29 @@ def upscale_logits_native(
     image_size: int,
     threshold: Optional[float] = None,
 ) -> Optional[torch.Tensor]:
+    """resize_natively with this process's kernels, for callers outside an engine: None where they did
+    not load here, or low_res is not on a CPU."""
+    lib = native.library()
+    if lib is None or low_res.device.type != "cpu":
+        return None
+    return resize_natively(lib, low_res, input_size, original_size, image_size, threshold)
+
+
+def resize_natively(
+    lib: ctypes.CDLL,
+    low_res: torch.Tensor,
+    input_size: Tuple[int, int],
+    original_size: Tuple[int, int],
+    image_size: int,
+    threshold: Optional[float] = None,
+) -> Optional[torch.Tensor]:
     """Sam.postprocess_masks (and the threshold, if given) through segany's compiled kernel: the two
     bilinear steps as their composite, three low-res taps per output row and column (weights from
     the released steps' own sample positions, see _composite_taps), with no full-size intermediate;
-    values within float32 rounding of the two steps'. None where the kernel is not available here or
-    does not apply (an image narrower than the low-res map's region: more than 16 low-res columns
+    values within float32 rounding of the two steps'. low_res on a CPU, `lib` the loaded kernels
+    (segany.engine.native; an engine passes those it was built with). None where the kernel does not
+    apply (an image narrower than the low-res map's region: more than 16 low-res columns
     under 16 output columns), for the caller's other path."""
-    lib = native.library()
-    if lib is None or low_res.device.type != "cpu" or low_res.requires_grad:
-        return None
     low_h, low_w = low_res.shape[-2:]
     if low_w > 1024 or low_res_region((low_h, low_w), image_size, input_size) is None:
         return None

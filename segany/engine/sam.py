@@ -125,7 +125,7 @@ class Sam(plain.Sam):
         cached: `cache` serves the plain decoder)."""
         sparse, dense = self.prompt_encoder(points=points, boxes=boxes, masks=masks)
         image_embeddings, image_pe = features["image_embeddings"], self.prompt_encoder.get_dense_pe()
-        if cache is not None and masks is None and not decoder_inputs and not torch.is_grad_enabled():
+        if cache is not None and masks is None and not decoder_inputs:
             side = self.cached_image_side(cache, image_embeddings, image_pe, dense)
             if side is not None:  # the decoder reads the prepared side instead of these two
                 decoder_inputs["image_side"] = side

@@ -16,7 +16,8 @@ from torch import nn
 # The engine modules register themselves with the twin on import.
 from . import common, hq_sam, image_encoder, mask_decoder, prompt_encoder, sam, tiny_vit, transformer  # noqa: F401
 from .precision import FAST_DTYPE, cast_floats, convert_twin, model_mode
-from .resize import upscale_logits_native, upscale_logits_opencv
+from .paths import EnginePaths, bind
+from .resize import resize_natively, upscale_logits_opencv
 from .sam import low_res_region
 from .twin import twin
 
@@ -33,10 +34,26 @@ class SamEngine:
             raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         self.model = model
         self.mode = mode
-        self.net = twin(model)
         self.dtype = FAST_DTYPE if mode == "fast" else torch.float32
-        if mode == "fast":
+        self._build()
+
+    def _build(self) -> None:
+        # The paths, chosen once for the model's device (segany.engine.paths): a CPU build binds the
+        # CPU paths and the compiled kernels where they loaded, any other device plain PyTorch.
+        self.paths = EnginePaths.build(self.model.device)
+        self.net = twin(self.model, paths=self.paths)
+        if self.mode == "fast":
             convert_twin(self.net, self.dtype)
+            bind(self.net, self.paths)  # the modules that choose by their weights' dtype choose again
+        # The fast mode's resize of masks to the image on a CPU: compiled where the kernels loaded,
+        # else OpenCV; elsewhere, and in the exact mode, the released two steps.
+        self.resize_on_cpu = self.fast and self.paths.cpu
+        self.resize_natively = self._resize_with_kernels if self.paths.native is not None else self._no_kernels
+
+    def _for_the_model(self) -> None:
+        """An engine is built for its model's device: for a model moved since, it is built again."""
+        if self.model.device != self.paths.device:
+            self._build()
 
     # ------------------------------------------------------------ what callers read
 
@@ -60,6 +77,7 @@ class SamEngine:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Preprocessed (B, 3, S, S) images -> float32 image features (see Sam.encode)."""
+        self._for_the_model()
         features = self.net.encode(cast_floats(images, self.dtype))
         return cast_floats(features, torch.float32)
 
@@ -76,12 +94,14 @@ class SamEngine:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompts in the model's input frame -> float32 low-res logits (B, C, 256, 256) and IoU (B, C).
         `cache`: a dict kept with these features, where the decoder's image side is prepared once."""
+        self._for_the_model()
         if "hq_token_only" not in options and hasattr(self.model, "hq_token_only"):
             # HQ-SAM's model-wide default, read from the model as it is now (set after the engine was built).
             options["hq_token_only"] = self.model.hq_token_only
         out = self.net.decode(features, points, boxes, masks, multimask_output, cache=cache, **options)
         return cast_floats(out, torch.float32) if self.fast else out
 
+    @torch.no_grad()
     def upscale(
         self,
         low_res: torch.Tensor,
@@ -92,14 +112,21 @@ class SamEngine:
         """Low-res logits (..., 256, 256) -> logits at the original image size, or with `threshold` the
         masks logits > threshold. The fast mode resizes on a CPU through the compiled kernel where it is
         available (the released two steps' composite), else with OpenCV; the exact mode as released."""
+        self._for_the_model()
         size = self.image_size
-        resizable = low_res_region(low_res.shape[-2:], size, input_size) is not None
-        if self.fast and low_res.device.type == "cpu" and not low_res.requires_grad and resizable:
+        if self.resize_on_cpu and low_res_region(low_res.shape[-2:], size, input_size) is not None:
             args = (low_res, input_size, original_size, size, threshold)
-            resized = upscale_logits_native(*args)
+            resized = self.resize_natively(*args)  # (None where the kernel does not apply to these sizes)
             return resized if resized is not None else upscale_logits_opencv(*args)
         full = self.net.postprocess_masks(low_res, input_size, original_size)
         return full if threshold is None else full > threshold
+
+    def _resize_with_kernels(self, *args: Any) -> Optional[torch.Tensor]:
+        return resize_natively(self.paths.native, *args)
+
+    @staticmethod
+    def _no_kernels(*args: Any) -> None:
+        return None
 
     # ------------------------------------------------------------ everything mode
 
@@ -131,7 +158,8 @@ class SamEngine:
         full decode. On a GPU the whole batch is decoded at once and the passing outputs picked."""
         if not self.can_decode_above:
             raise ValueError("decode_above needs the plain SAM mask decoder")
-        if coords.device.type != "cpu":
+        self._for_the_model()
+        if not self.paths.cpu:
             low, iou = self.decode(features, (coords, labels), None, None, True, cache=cache)
             iou = iou.float()
             flat = iou.flatten()

@@ -24,8 +24,8 @@ from ..modeling import tiny_vit as plain
 from .cache import kept_until_changed
 from .conv import conv2d
 from .image_encoder import window_regions
-from .kernels import is_exporting, linear
-from .twin import register
+from .kernels import linear
+from .twin import UNBOUND, chosen_at_build, register
 
 # Logits of windowed attention computed at once (1 MB in float32: they stay in cache).
 WINDOW_CHUNK_ELEMENTS = 1 << 18
@@ -37,16 +37,13 @@ BAND_ELEMENTS = 1 << 21
 MLP_CHUNK_ROWS = 1024
 
 
-def _inference(*tensors: torch.Tensor) -> bool:
-    """Nothing to differentiate or trace, on a CPU: the engine's fused paths apply."""
-    return not torch.is_grad_enabled() and not is_exporting() and all(t.is_cpu for t in tensors)
-
-
 def _is_exact_gelu(act: nn.Module) -> bool:
     return type(act) is nn.GELU and act.approximate == "none"
 
 
 class ConvBN(plain.ConvBN):
+    paths = UNBOUND
+
     def folded(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The convolution's weight and bias with the BatchNorm folded in (computed in float32, in the
         weights' dtype), kept until any of the weights changes."""
@@ -65,7 +62,9 @@ class ConvBN(plain.ConvBN):
         self, x: torch.Tensor, activation: Optional[str] = None, residual: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """activation(conv-BN(x)), or conv-BN(x) + residual."""
-        if self.training or not _inference(x) or x.dtype != self.c.weight.dtype:
+        # (self.training: the mode of the model the twin was built from; a BatchNorm in training
+        # mode normalises by the batch's statistics, which no folded weight holds)
+        if self.training or not self.paths.cpu:
             y = super().forward(x)
             if activation == "gelu":
                 y = F.gelu(y)
@@ -82,17 +81,19 @@ class Stem(plain.Stem):
         return second(x)
 
 
-def _gelu_in_place(y: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten.gelu_(y) if _inference(y) else F.gelu(y)
+def _gelu_in_place(y: torch.Tensor, cpu: bool) -> torch.Tensor:
+    return torch.ops.aten.gelu_(y) if cpu else F.gelu(y)
 
 
 class MBConv(plain.MBConv):
+    paths = UNBOUND
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, C, H, W (channels-last)
         b, c, h, w = x.shape
         hidden = self.conv1.c.out_channels
         band = max(1, BAND_ELEMENTS // (hidden * w))
         depthwise = self.conv2.c
-        if band >= h or depthwise.stride != (1, 1) or not _inference(x) or x.dim() != 4:
+        if band >= h or depthwise.stride != (1, 1) or not self.paths.cpu or x.dim() != 4:
             return self.band(x, x, 0, h)
         # In bands of rows: each band's hidden map from its rows and the depthwise kernel's halo.
         x = x.contiguous(memory_format=torch.channels_last)  # a band of rows is then one block of memory
@@ -113,7 +114,7 @@ class MBConv(plain.MBConv):
         if (a0, a1) != (r0, r1):
             y = y[:, :, r0 - a0 : r0 - a0 + r1 - r0]
         # oneDNN takes no GELU after a fused add: the last GELU is one in-place pass
-        return _gelu_in_place(self.conv3(y, residual=shortcut))
+        return _gelu_in_place(self.conv3(y, residual=shortcut), self.paths.cpu)
 
 
 class PatchMerging(plain.PatchMerging):
@@ -124,11 +125,15 @@ class PatchMerging(plain.PatchMerging):
 
 
 class WindowAttention(plain.WindowAttention):
+    paths = UNBOUND
+    # bfloat16 on a CPU: the windows' attention in chunks (attend); float32 or elsewhere: PyTorch's fused kernel.
+    chunked_attention = chosen_at_build(lambda m, paths: paths.cpu and m.qkv.weight.dtype != torch.float32)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B*nW, N, C
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)  # each B*nW, heads, N, head_dim
-        if not _inference(q) or q.dtype == torch.float32:
+        if not self.chunked_attention:
             bias = self.attention_biases[:, self.bias_index]  # heads, N, N
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.head_dim**-0.5)
         else:
@@ -191,12 +196,14 @@ class WindowAttention(plain.WindowAttention):
 
 
 class FeedForward(plain.FeedForward):
+    paths = UNBOUND
+
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """fc2(GELU(fc1(norm(x)))), plus `residual` when given (added as the product is written)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if rows <= 2 * MLP_CHUNK_ROWS or not _inference(x):
-            hidden = linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")  # fc1, then GELU
-            return linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
+        if rows <= 2 * MLP_CHUNK_ROWS or not self.paths.cpu:
+            hidden = self.paths.linear(self.norm(x), self.fc1.weight, self.fc1.bias, activation="gelu")  # fc1, then GELU
+            return self.paths.linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
         # Row chunks: the (rows, 4C) hidden activations stay small (see MLPBlock in engine/common.py).
         flat = self.norm(x).reshape(rows, x.shape[-1])
         flat_residual = None if residual is None else residual.reshape(rows, self.fc2.out_features)
@@ -210,8 +217,10 @@ class FeedForward(plain.FeedForward):
 
 
 class TinyViTBlock(plain.TinyViTBlock):
+    paths = UNBOUND
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, H, W, C
-        if not _inference(x):
+        if not self.paths.cpu:
             return super().forward(x)
         x = self.attn.attend_windows(x.contiguous(), self.window)
         # A contiguous (B, H, W, C) map is a channels-last (B, C, H, W) one: no copy either way.
@@ -220,6 +229,7 @@ class TinyViTBlock(plain.TinyViTBlock):
 
 
 class TinyViT(plain.TinyViT):
+    paths = UNBOUND
     # Channels-last from the start: the convolutions run faster on it and the attention stages'
     # (B, H, W, C) view of it needs no copy.
 
@@ -246,7 +256,7 @@ class TinyViT(plain.TinyViT):
         plain_convs = all(
             c.dilation == (1, 1) and c.padding_mode == "zeros" and not isinstance(c.padding, str) for c in layers[::2]
         )
-        if kinds != [nn.Conv2d, plain_common.LayerNorm2d] * 2 or not plain_convs or not _inference(x):
+        if kinds != [nn.Conv2d, plain_common.LayerNorm2d] * 2 or not plain_convs or not self.paths.cpu:
             return self.neck(x)
         x = x.contiguous(memory_format=torch.channels_last)
         for conv, norm in zip(layers[::2], layers[1::2]):

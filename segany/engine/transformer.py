@@ -14,23 +14,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..modeling import transformer as plain
-from . import native
-from .kernels import is_exporting, linear, matmul_weight
-from .twin import register
+from .twin import UNBOUND, chosen_at_build, register
 
 
 def _cast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """x in like's dtype. In the fast mode the tokens' side runs in float32 and the image side in
     bfloat16: their products run in the image side's dtype, and what they give the tokens comes back
     to float32 (see segany.engine.precision)."""
-    return x if x.dtype == like.dtype else x.to(like.dtype)
+    return x.to(like.dtype)  # (x itself where the dtypes agree)
 
 
-def _image_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def _image_norm(norm: nn.LayerNorm, x: torch.Tensor, cpu: bool) -> torch.Tensor:
     """norm(x) for the image side. In the fast mode that side is bfloat16 and the norm's weights
     float32: PyTorch's CPU kernel takes the two as they are (statistics and affine in float32); its
-    CUDA kernel wants one dtype, so there the weights are cast to the side's."""
-    if norm.weight is None or x.dtype == norm.weight.dtype or x.is_cpu:
+    CUDA kernel wants one dtype, so elsewhere the weights are cast to the side's (no-ops where the
+    dtypes agree)."""
+    if cpu or norm.weight is None:
         return norm(x)
     bias = None if norm.bias is None else norm.bias.to(x.dtype)
     return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), bias, norm.eps)
@@ -82,6 +81,8 @@ class ImageSide:
 class Attention(plain.Attention):
     """Multi-head attention whose internal width can be downsampled (256 -> 128 for cross-attention)."""
 
+    paths = UNBOUND
+
     def _scaled_heads(self, x: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         """proj(x) per head (B, H, N, d), times the attention's 1/sqrt(d): the scale applied to the few
         tokens' side of a product with the image instead of to its (H, N, h*w) logits (a power of two
@@ -99,7 +100,7 @@ class Attention(plain.Attention):
     def _fold_weight_into(self, heads: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         """The rows of _fold_into alone: rows . x = heads . (x W^T) per head."""
         *lead, n_heads, n, head_dim = heads.shape
-        rows = matmul_weight(heads, proj.weight, lambda w: w.view(n_heads, head_dim, -1))
+        rows = self.paths.matmul_weight(heads, proj.weight, lambda w: w.view(n_heads, head_dim, -1))
         return rows.reshape(*lead, n_heads * n, -1)
 
     def _values_out(self, mixed: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class Attention(plain.Attention):
         (P x) W_v^T + b_v per head (the rows of P sum to 1), heads recombined: (B, Nq, C)."""
         heads, head_dim = self.num_heads, self.internal_dim // self.num_heads
         mixed = _cast(mixed, self.v_proj.weight)
-        out = matmul_weight(mixed, self.v_proj.weight, lambda w: w.view(heads, head_dim, -1).transpose(1, 2))
+        out = self.paths.matmul_weight(mixed, self.v_proj.weight, lambda w: w.view(heads, head_dim, -1).transpose(1, 2))
         out = out + self.v_proj.bias.view(heads, 1, head_dim)
         return self.out_proj(self._recombine_heads(out))
 
@@ -153,12 +154,12 @@ class Attention(plain.Attention):
         q_k, q_bias = self._fold_into(q_heads, self.k_proj)  # B, H*Nq, C and B, H*Nq, 1
         q_k = _cast(q_k, k)
         if k.shape[0] == 1:  # one image for every prompt: one product for all of them
-            logits = linear(q_k.reshape(-1, dim), k[0]).view(q.shape[0], heads * n_q, -1)
+            logits = self.paths.linear(q_k.reshape(-1, dim), k[0]).view(q.shape[0], heads * n_q, -1)
         else:
             logits = q_k @ k.transpose(1, 2)  # B, H*Nq, Nk
         probs = (logits + _cast(q_bias, logits)).softmax(-1)
         if v.shape[0] == 1:
-            mixed = linear(probs.reshape(-1, probs.shape[-1]), v[0].t()).view(batch, heads, n_q, dim)
+            mixed = self.paths.linear(probs.reshape(-1, probs.shape[-1]), v[0].t()).view(batch, heads, n_q, dim)
         else:
             mixed = (probs @ v).view(batch, heads, n_q, dim)  # B, H, Nq, C
         return self._values_out(mixed)
@@ -177,7 +178,7 @@ class Attention(plain.Attention):
             logits = (q[0] @ k_q.reshape(batch * heads * n_k, dim).t()).view(-1, batch, heads * n_k)
             logits = logits.permute(1, 2, 0)  # B, H*Nk, Nq
         elif batch == 1:  # 2-D products: bfloat16 batched products of transposed views copy them first
-            logits = linear(k_q[0], q[0])[None]  # 1, H*Nk, Nq
+            logits = self.paths.linear(k_q[0], q[0])[None]  # 1, H*Nk, Nq
         else:
             logits = k_q @ q.transpose(1, 2)  # B, H*Nk, Nq
         return self._mix_into_image(logits.add_(q_bias), v_heads, residual)
@@ -186,7 +187,7 @@ class Attention(plain.Attention):
         """The tokens' values (B, H, Nk, d), each head's through its slice of out_proj (H, d, C):
         (B, H, Nk, C), without the bias."""
         dim, heads = self.embedding_dim, v_heads.shape[1]
-        return matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, -1).permute(1, 2, 0))
+        return self.paths.matmul_weight(v_heads, self.out_proj.weight, lambda w: w.view(dim, heads, -1).permute(1, 2, 0))
 
     def _mix_into_image(
         self, logits: torch.Tensor, v_heads: torch.Tensor, residual: Optional[torch.Tensor], in_place: bool = False
@@ -251,7 +252,7 @@ class Attention(plain.Attention):
 
     def project_pe(self, pe: torch.Tensor, proj: nn.Linear) -> torch.Tensor:
         """proj(pe) for pe (1, N, C), per head: (H, d, N)."""
-        return self._separate_heads(linear(pe, proj.weight, proj.bias))[0].transpose(1, 2).contiguous()
+        return self._separate_heads(self.paths.linear(pe, proj.weight, proj.bias))[0].transpose(1, 2).contiguous()
 
     def attend_to_image_and_pe(self, q: torch.Tensor, image: torch.Tensor, pe_keys_t: torch.Tensor) -> torch.Tensor:
         """One prompt's tokens q (1, Nq, C) attending to keys image + PE and values image (1, N, C), with
@@ -259,10 +260,10 @@ class Attention(plain.Attention):
         heads, n_q, dim = self.num_heads, q.shape[1], self.embedding_dim
         q_heads = self._scaled_heads(q, self.q_proj)[0]  # H, Nq, d
         q_k = self._fold_weight_into(q_heads, self.k_proj)  # H*Nq, C
-        logits = linear(_cast(q_k, image), image[0]).view(heads, n_q, -1)  # H, Nq, N
+        logits = self.paths.linear(_cast(q_k, image), image[0]).view(heads, n_q, -1)  # H, Nq, N
         logits = logits.baddbmm_(_cast(q_heads, logits), pe_keys_t)  # + the PE's part and the bias's
         probs = logits.softmax(-1)
-        mixed = linear(probs.view(heads * n_q, -1), image[0].t()).view(1, heads, n_q, dim)  # 1, H, Nq, C
+        mixed = self.paths.linear(probs.view(heads * n_q, -1), image[0].t()).view(1, heads, n_q, dim)  # 1, H, Nq, C
         return self._values_out(mixed)
 
     def attend_from_image_and_pe(
@@ -275,7 +276,7 @@ class Attention(plain.Attention):
         k_heads = self._scaled_heads(k, self.k_proj)  # 1, H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         k_q = self._fold_weight_into(k_heads[0], self.q_proj)  # H*Nk, C
-        logits = linear(_cast(k_q, image), image[0]).view(heads, n_k, -1)  # H, Nk, N
+        logits = self.paths.linear(_cast(k_q, image), image[0]).view(heads, n_k, -1)  # H, Nk, N
         logits = logits.baddbmm_(_cast(k_heads[0], logits), pe_queries_t)  # + the PE's part and the bias's
         return self._mix_into_image(logits.view(1, heads * n_k, -1), v_heads, image, in_place=in_place)
 
@@ -302,15 +303,10 @@ class Attention(plain.Attention):
         the tokens, as in attend_from_image_and_pe), else the whole projection (the first block's
         kept queries, as in attend_from_projected). None where the kernel does not apply."""
         heads, n_k, dim = self.num_heads, k.shape[1], self.embedding_dim
-        lib = native.library()
-        if lib is None or n_k > self.MAX_NATIVE_TOKENS or k.shape[0] != 1:
+        if n_k > self.MAX_NATIVE_TOKENS or k.shape[0] != 1:
             return None
         gain, beta = norm.weight, norm.bias
-        if gain is None or beta is None or gain.dtype != torch.float32 or beta.dtype != torch.float32:
-            return None
         query_weight = self.q_proj.weight
-        if fold_image and query_weight.dtype != torch.float32:
-            return None
         k_heads = self._scaled_heads(k, self.k_proj)[0].float().contiguous()  # H, Nk, d
         v_heads = self._separate_heads(self.v_proj(v))
         # (+ the output bias / heads on every head's values, as in _mix_into_image)
@@ -319,7 +315,7 @@ class Attention(plain.Attention):
         # (contiguous operands held in locals for the call's duration)
         query_weight = query_weight.detach().contiguous() if fold_image else None
         gain, beta = gain.detach().contiguous(), beta.detach().contiguous()
-        lib.segany_image_to_tokens_bf16(
+        self.paths.native.segany_image_to_tokens_bf16(
             image.data_ptr(), image.shape[1], dim, pixels.data_ptr(), pixels.shape[1], k_heads.data_ptr(),
             None if query_weight is None else query_weight.data_ptr(), values.data_ptr(), n_k,
             gain.data_ptr(), beta.data_ptr(), float(norm.eps), out.data_ptr(), torch.get_num_threads(),
@@ -333,23 +329,33 @@ def pixel_major(heads_t: torch.Tensor) -> torch.Tensor:
     return heads_t.permute(2, 0, 1).reshape(n, h * d).contiguous()
 
 
-def native_image_update_usable(attention: "Attention", image: torch.Tensor) -> bool:
-    """Whether the compiled image update (csrc/decoder_bf16.c) can run this attention on this image
-    side: bfloat16 on a CPU at inference, SAM's 8 heads, and the kernel built here."""
+def native_image_update_usable(transformer: "TwoWayTransformer", paths) -> bool:
+    """Whether the compiled image update (csrc/decoder_bf16.c) runs a transformer's image-to-token
+    attentions (chosen when the engine is built): a bfloat16 image side (the fast mode's bulk: its MLPs
+    are converted with it, MaskDecoder.bulk_modules) on a CPU with the kernels loaded, SAM's 8 heads,
+    float32 norms after them and float32 query projections (the tokens' side)."""
+    blocks = list(transformer.layers)
+    attention = blocks[0].cross_attn_image_to_token
     return (
-        image.dtype == torch.bfloat16
-        and image.is_cpu
-        and not torch.is_grad_enabled()
+        paths.native is not None
+        and blocks[0].mlp.lin1.weight.dtype == torch.bfloat16
         and attention.num_heads == 8
         and attention.embedding_dim % 64 == 0
         and attention.embedding_dim <= 1024
         and attention.internal_dim % 2 == 0
-        and not is_exporting()
-        and native.library() is not None
+        and all(
+            b.norm4.weight is not None
+            and b.norm4.bias is not None
+            and b.norm4.weight.dtype == b.norm4.bias.dtype == torch.float32
+            and b.cross_attn_image_to_token.q_proj.weight.dtype == torch.float32
+            for b in blocks
+        )
     )
 
 
 class TwoWayAttentionBlock(plain.TwoWayAttentionBlock):
+    paths = UNBOUND
+
     def forward(
         self,
         queries: torch.Tensor,
@@ -393,7 +399,7 @@ class TwoWayAttentionBlock(plain.TwoWayAttentionBlock):
             )
         else:
             attn = self.cross_attn_image_to_token(q=k, k=q, v=queries, residual=keys)
-        return queries, _image_norm(self.norm4, attn)
+        return queries, _image_norm(self.norm4, attn, self.paths.cpu)
 
     def _native_image_update(
         self,
@@ -409,7 +415,7 @@ class TwoWayAttentionBlock(plain.TwoWayAttentionBlock):
         kept = projected if projected is not None else projected_pe
         if kept is None or kept.queries_pixels is None or keys.shape[0] != 1:
             return None
-        if keys.dtype != torch.bfloat16 or not keys.is_contiguous() or kept.queries_pixels.dtype != torch.bfloat16:
+        if not keys.is_contiguous():  # (the kept projections exist where the kernel was chosen: bfloat16)
             return None
         out = keys if keys_owned and projected is None else torch.empty_like(keys)
         return self.cross_attn_image_to_token.native_image_update(
@@ -436,6 +442,10 @@ INFERENCE_MICRO_BATCH = 1
 
 
 class TwoWayTransformer(plain.TwoWayTransformer):
+    paths = UNBOUND
+    # The compiled image-to-token update (see native_image_update_usable).
+    native_image_updates = chosen_at_build(lambda m, paths: native_image_update_usable(m, paths))
+
     def forward(
         self,
         image_embedding: torch.Tensor,
@@ -467,12 +477,12 @@ class TwoWayTransformer(plain.TwoWayTransformer):
             return ImageSide(image, image_pe, None, size)
         image = image.contiguous()  # channels-last once
         side = ImageSide(image, image_pe, image + image_pe, size)
-        if project and not torch.is_grad_enabled():
+        if project:
             side.first_block = self.layers[0].project(side.image, side.first_keys_with_pe)
             final = self.final_attn_token_to_image
             side.pe_projections = [layer.project_pe(image_pe) for layer in self.layers[1:]]
             side.pe_projections.append(ProjectedPE(keys_t=final.project_pe(image_pe, final.k_proj)))
-            if native_image_update_usable(self.layers[0].cross_attn_image_to_token, image):
+            if self.native_image_updates:
                 # The compiled image update reads each pixel's query projection as one row.
                 side.first_block.queries_pixels = pixel_major(side.first_block.queries_t)
                 for kept in side.pe_projections[:-1]:
@@ -493,7 +503,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
             # The first tokens in order are a view; any other choice is gathered (index tensor made once).
             prefix = outputs == list(range(len(outputs)))
             outputs = len(outputs) if prefix else torch.as_tensor(outputs, device=point_embedding.device)
-        if side.shared and batch > INFERENCE_MICRO_BATCH and not torch.is_grad_enabled() and point_embedding.is_cpu:
+        if side.shared and batch > INFERENCE_MICRO_BATCH and self.paths.cpu:
             # One prompt at a time keeps each prompt's (h*w, C) image side in cache (memory-bound on a
             # CPU): faster per prompt than a whole batch, same results. (A GPU takes them at once.)
             step = INFERENCE_MICRO_BATCH
@@ -515,7 +525,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
     def run_blocks(self, side: ImageSide, point_embedding: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """The two-way blocks: tokens (B, N, C) and image side (B, h*w, C) before the final attention."""
         queries, keys = point_embedding, side.image
-        one_prompt = point_embedding.shape[0] == 1 and not torch.is_grad_enabled()
+        one_prompt = point_embedding.shape[0] == 1
         projected = side.first_block if one_prompt else None
         pe_projections = side.pe_projections if one_prompt else None
         for i, layer in enumerate(self.layers):
@@ -527,7 +537,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
                 keys_with_pe=side.first_keys_with_pe if i == 0 else None,
                 projected=projected if i == 0 else None,
                 projected_pe=pe_projections[i - 1] if pe_projections is not None and i > 0 else None,
-                keys_owned=i > 0 and not torch.is_grad_enabled(),  # the previous block's fresh output
+                keys_owned=i > 0,  # the previous block's fresh output
             )
         return queries, keys
 
@@ -544,7 +554,7 @@ class TwoWayTransformer(plain.TwoWayTransformer):
         row is independent of the others, so any subset of tokens (with its PE rows) can go through it."""
         q = queries + query_pe
         attention = self.final_attn_token_to_image
-        if keys_with_pe is None and side is not None and side.pe_projections and keys.shape[0] == 1 and not torch.is_grad_enabled():
+        if keys_with_pe is None and side is not None and side.pe_projections and keys.shape[0] == 1:
             return self.norm_final_attn(queries + attention.attend_to_image_and_pe(q, keys, side.pe_projections[-1].keys_t))
         if keys_with_pe is None:
             keys_with_pe = keys + side.pe
