@@ -17,6 +17,7 @@ from ..modeling.image_encoder import (
     window_unpartition,
 )
 from .kernels import is_exporting, linear
+from .rel_pos_softmax import rel_pos_softmax_
 from .twin import register
 
 
@@ -145,11 +146,14 @@ def attend_with_rel_pos(
     onto float32 logits (whatever q's dtype), softmax in float32, the products in q's dtype.
     One head (2-D q, k, v): both products through kernels.linear (v^T as the weight)."""
     if q.dim() == 2:
-        logits = linear(q * scale, k).float()  # Nq, N (q scaled first, as released)
+        logits = linear(q * scale, k)  # Nq, N (q scaled first, as released)
     else:
-        logits = torch.matmul(q * scale, k.transpose(-2, -1)).float()
-    logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
-    probs = logits.softmax(-1).to(v.dtype)
+        logits = torch.matmul(q * scale, k.transpose(-2, -1))
+    if not rel_pos_softmax_(logits, rel_h, rel_w):  # the bias and softmax in one pass, in place
+        logits = logits.float()
+        logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
+        logits = logits.softmax(-1)
+    probs = logits.to(v.dtype)
     if q.dim() == 2:
         out.copy_(linear(probs, v.t()))
     else:
