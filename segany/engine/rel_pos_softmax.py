@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ..modeling.image_encoder import decomposed_rel_pos_terms
 from . import native
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ def library() -> Optional[ctypes.CDLL]:
         lib.segany_attention_abi.argtypes = []
         lib.segany_rel_pos_softmax.restype = None
         lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
+        lib.segany_rel_pos_attention_bf16.restype = None
+        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, p, p, p, l, i, i, i, i, i]
         if lib.segany_attention_abi() != ABI:
             raise RuntimeError("the compiled kernel does not match this version of segany")
         return lib
@@ -85,3 +88,68 @@ def rel_pos_softmax_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Ten
         int(logits.dtype == torch.bfloat16), torch.get_num_threads(),
     )
     return True
+
+
+# head sizes the fused attention kernel takes (SAM's ViT-B/L: 64, ViT-H: 80)
+FUSED_HEAD_DIMS = (16, 32, 48, 64, 80)
+
+
+def rel_pos_attention_bf16(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+) -> Optional[torch.Tensor]:
+    """softmax((q * scale) k^T + rel_h + rel_w) v for bfloat16 q, k, v (BH, N, C) on a k_h x k_w grid of
+    N = k_h * k_w positions, rel_h (BH, N, k_h) and rel_w (BH, N, k_w) float32: one kernel call over
+    every head (or window x head), a tile of query rows at a time (csrc/attention_softmax.c). The
+    logits are float32 sums of bfloat16 products (not rounded to bfloat16 as a separate product's
+    output would be), bias and softmax in float32, probabilities rounded to bfloat16 for the product
+    with v. None where the kernel cannot run it (the caller keeps its PyTorch path)."""
+    bh, n, d = q.shape
+    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    if (
+        n == 0
+        or n != k_h * k_w
+        or d not in FUSED_HEAD_DIMS
+        or any(t.dtype != torch.bfloat16 or t.shape != q.shape or not t.is_cpu or t.requires_grad for t in (q, k, v))
+        or rel_h.dtype != torch.float32
+        or rel_w.dtype != torch.float32
+        or rel_h.numel() != bh * n * k_h
+        or rel_w.numel() != bh * n * k_w
+        or library() is None
+    ):
+        return None
+    key_blocks = -(-n // 32) * 2
+    pairs = -(-n // 2)
+    # k by pairs of channels within blocks of 16 keys, v by pairs of keys: the layouts vdpbf16ps reads
+    kp = q.new_zeros(bh, key_blocks * 16, d)
+    kp[:, :n] = k
+    kp = kp.view(bh, key_blocks, 16, d // 2, 2).transpose(2, 3).contiguous()
+    vp = q.new_zeros(bh, pairs * 2, d)
+    vp[:, :n] = v
+    vp = vp.view(bh, pairs, 2, d).transpose(2, 3).contiguous()
+    q = (q * scale).contiguous()  # scaled in bfloat16 first, as released
+    rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
+    out = torch.empty_like(q)
+    library().segany_rel_pos_attention_bf16(
+        q.data_ptr(), kp.data_ptr(), vp.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), out.data_ptr(),
+        bh, n, d, k_h, k_w, torch.get_num_threads(),
+    )
+    return out
+
+
+def rel_pos_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: tuple,
+    scale: float,
+) -> Optional[torch.Tensor]:
+    """Self-attention of bfloat16 q, k, v (BH, N, C) over a size = (h, w) grid with the decomposed
+    rel-pos bias of the tables rel_pos_h, rel_pos_w, through rel_pos_attention_bf16 (the bias's two
+    factors computed from q in float32); None where that kernel cannot run it."""
+    if q.dtype != torch.bfloat16 or library() is None or q.requires_grad:
+        return None
+    bh, n, _ = q.shape
+    rel_h, rel_w = decomposed_rel_pos_terms(q.float(), rel_pos_h.float(), rel_pos_w.float(), size, size)
+    return rel_pos_attention_bf16(q, k, v, rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1), scale)

@@ -97,3 +97,136 @@ void segany_rel_pos_softmax(void *logits, long rows, long stride, int k_h, int k
     free(buf);
   }
 }
+
+/* ---------------------------------------------------------------------------------------------------
+ * Attention with the decomposed rel-pos bias in one kernel (bfloat16 operands, float32 accumulation),
+ * a tile of query rows at a time: the tile's logits (q k^T, float32) stay in a per-thread buffer, get
+ * their bias and softmax there, and are multiplied with v as bfloat16 probabilities, so the N x N
+ * logits never go through memory and one parallel region covers every head (and window).
+ *
+ * q: bh x n x d bfloat16, already scaled; kp: k packed by pairs, bh x kb x (d/2) x 16 x 2 (kb key
+ * blocks of 16, zero rows past n, kb even); vp: v packed by pairs, bh x (n+1)/2 x d x 2 (a zero row
+ * past an odd n); rel_h: bh x n x k_h, rel_w: bh x n x k_w float32 (n = k_h * k_w); out: bh x n x d
+ * bfloat16. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
+ */
+#define TILE_ROWS 8
+
+static inline __m512bh pair_at(const uint16_t *p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+/* logits[r][j] = q[r] . k[j] for the tile's rows and every key block (two blocks at a time). */
+static void tile_logits(const uint16_t *q, int rows, int d, const uint16_t *kp, int kb, float *s, long s_stride) {
+  const int pairs = d / 2;
+  for (int b = 0; b < kb; b += 2) {
+    const uint16_t *k0 = kp + (long)b * pairs * 32, *k1 = k0 + (long)pairs * 32;
+    __m512 acc[TILE_ROWS][2];
+    for (int r = 0; r < TILE_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; p++) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(k0 + p * 32);
+      __m512bh w1 = (__m512bh)_mm512_loadu_si512(k1 + p * 32);
+      for (int r = 0; r < TILE_ROWS; r++) {
+        if (r < rows) {
+          __m512bh x = pair_at(q + (long)r * d + 2 * p);
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
+        }
+      }
+    }
+    for (int r = 0; r < rows; r++) {
+      _mm512_storeu_ps(s + r * s_stride + b * 16, acc[r][0]);
+      _mm512_storeu_ps(s + r * s_stride + b * 16 + 16, acc[r][1]);
+    }
+  }
+}
+
+/* out[r] = p[r] . v for 4 rows (probabilities as bfloat16 pairs), nv = d / 16 output vectors. */
+static inline void tile_values(const uint16_t *p, long p_stride, int rows, const uint16_t *vp, int n_pairs, int nv,
+                               const float *inv, uint16_t *out, int d) {
+  __m512 acc[4][5];
+  for (int r = 0; r < 4; r++)
+    for (int c = 0; c < 5; c++) acc[r][c] = _mm512_setzero_ps();
+  for (int t = 0; t < n_pairs; t++) {
+    const uint16_t *vt = vp + (long)t * d * 2;
+    __m512bh w[5];
+    for (int c = 0; c < nv; c++) w[c] = (__m512bh)_mm512_loadu_si512(vt + c * 32);
+    for (int r = 0; r < 4; r++) {
+      if (r < rows) {
+        __m512bh x = pair_at(p + r * p_stride + 2 * t);
+        for (int c = 0; c < nv; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, w[c]);
+      }
+    }
+  }
+  for (int r = 0; r < rows; r++)
+    for (int c = 0; c < nv; c++)
+      _mm256_storeu_si256((__m256i *)(out + (long)r * d + c * 16), to_bf16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));
+}
+
+void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, const float *rel_h,
+                                   const float *rel_w, uint16_t *out, long bh, int n, int d, int k_h, int k_w,
+                                   int num_threads) {
+  const int kb = ((n + 31) / 32) * 2;
+  const int n_pairs = (n + 1) / 2;
+  const long s_stride = (long)kb * 16;
+  const long p_stride = (long)n_pairs * 2;
+  const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
+  const int nv = d / 16;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
+    uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
+    float inv[TILE_ROWS];
+#pragma omp for schedule(static)
+    for (long task = 0; task < bh * tiles; task++) {
+      const long h = task / tiles;
+      const int r0 = (int)(task % tiles) * TILE_ROWS;
+      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
+      tile_logits(q + (h * n + r0) * d, rows, d, kp + h * (long)kb * 16 * d, kb, s, s_stride);
+      for (int r = 0; r < rows; r++) {
+        float *row = s + r * s_stride;
+        uint16_t *prow = p + r * p_stride;
+        const float *rh = rel_h + (h * n + r0 + r) * k_h, *rw = rel_w + (h * n + r0 + r) * k_w;
+        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+        for (int y = 0; y < k_h; y++) {
+          __m512 hv = _mm512_set1_ps(rh[y]);
+          for (int x = 0; x < k_w; x += 16) {
+            __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
+            float *at = row + y * k_w + x;
+            __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, at), hv), _mm512_maskz_loadu_ps(m, rw + x));
+            _mm512_mask_storeu_ps(at, m, v);
+            vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+          }
+        }
+        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
+          _mm512_storeu_ps(row + i, e);
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        const float sum = _mm512_reduce_add_ps(vsum);
+        /* probabilities rounded to bfloat16 as PyTorch's path rounds them (normalised first) */
+        __m512 scale = _mm512_set1_ps(1.0f / sum);
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(_mm512_mul_ps(_mm512_loadu_ps(row + i), scale)));
+        }
+        if (n & 1) prow[n] = 0;
+        inv[r] = 1.0f;
+      }
+      for (int r = 0; r < rows; r += 4) {
+        const int rr = rows - r < 4 ? rows - r : 4;
+        uint16_t *o = out + (h * n + r0 + r) * d;
+        if (nv == 4)
+          tile_values(p + r * p_stride, p_stride, rr, vp + h * (long)n_pairs * d * 2, n_pairs, 4, inv + r, o, d);
+        else
+          tile_values(p + r * p_stride, p_stride, rr, vp + h * (long)n_pairs * d * 2, n_pairs, nv, inv + r, o, d);
+      }
+    }
+    free(s);
+    free(p);
+  }
+}
