@@ -117,51 +117,107 @@ static inline __m512bh pair_at(const uint16_t *p) {
   return (__m512bh)_mm512_set1_epi32(v);
 }
 
-/* logits[r][j] = q[r] . k[j] for the tile's rows and every key block (two blocks at a time). */
-static void tile_logits(const uint16_t *q, int rows, int d, const uint16_t *kp, int kb, float *s, long s_stride) {
-  const int pairs = d / 2;
-  for (int b = 0; b < kb; b += 2) {
-    const uint16_t *k0 = kp + (long)b * pairs * 32, *k1 = k0 + (long)pairs * 32;
-    __m512 acc[TILE_ROWS][2];
-    for (int r = 0; r < TILE_ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int p = 0; p < pairs; p++) {
-      __m512bh w0 = (__m512bh)_mm512_loadu_si512(k0 + p * 32);
-      __m512bh w1 = (__m512bh)_mm512_loadu_si512(k1 + p * 32);
-      for (int r = 0; r < TILE_ROWS; r++) {
-        if (r < rows) {
-          __m512bh x = pair_at(q + (long)r * d + 2 * p);
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);
-        }
-      }
-    }
-    for (int r = 0; r < rows; r++) {
-      _mm512_storeu_ps(s + r * s_stride + b * 16, acc[r][0]);
-      _mm512_storeu_ps(s + r * s_stride + b * 16 + 16, acc[r][1]);
-    }
+/* logits[r][j] = q[r] . k[j] for ROWS rows and every key block (two blocks at a time), written to s
+ * (row stride s_stride). With rh/rw (a key grid whose rows are whole multiples of 16 keys, as the
+ * global blocks' 64 x 64) the bias is added as the logits are stored, (logit + rel_h) + rel_w as
+ * PyTorch's path adds it, and each row's maximum is kept in vmax. */
+#define DEFINE_TILE_LOGITS(NAME, ROWS)                                                                       \
+  static void NAME(const uint16_t *q, int d, const uint16_t *kp, int kb, float *s, long s_stride,              \
+                   const float *rh, const float *rw, int k_h, int k_w, __m512 *vmax) {                          \
+    const int pairs = d / 2;                                                                                   \
+    for (int b = 0; b < kb; b += 2) {                                                                          \
+      const uint16_t *k0 = kp + (long)b * pairs * 32, *k1 = k0 + (long)pairs * 32;                             \
+      __m512 acc[ROWS][2];                                                                                     \
+      for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                              \
+      for (int p = 0; p < pairs; p++) {                                                                        \
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(k0 + p * 32);                                              \
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(k1 + p * 32);                                              \
+        for (int r = 0; r < ROWS; r++) {                                                                       \
+          __m512bh x = pair_at(q + (long)r * d + 2 * p);                                                       \
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);                                                      \
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);                                                      \
+        }                                                                                                      \
+      }                                                                                                        \
+      if (rh) {                                                                                                \
+        const int j = b * 16, y = j / k_w, x = j % k_w; /* both blocks on key row y (k_w % 32 == 0) */        \
+        if (y < k_h) {                                                                                         \
+          __m512 w0 = _mm512_loadu_ps(rw + x), w1 = _mm512_loadu_ps(rw + x + 16);                             \
+          for (int r = 0; r < ROWS; r++) {                                                                     \
+            __m512 h = _mm512_set1_ps(rh[(long)r * k_h + y]);                                                  \
+            __m512 wr0 = _mm512_loadu_ps(rw + (long)r * k_w + x), wr1 = _mm512_loadu_ps(rw + (long)r * k_w + x + 16); \
+            acc[r][0] = _mm512_add_ps(_mm512_add_ps(acc[r][0], h), wr0);                                       \
+            acc[r][1] = _mm512_add_ps(_mm512_add_ps(acc[r][1], h), wr1);                                       \
+            vmax[r] = _mm512_max_ps(vmax[r], _mm512_max_ps(acc[r][0], acc[r][1]));                             \
+          }                                                                                                    \
+          (void)w0; (void)w1;                                                                                  \
+        }                                                                                                      \
+      }                                                                                                        \
+      for (int r = 0; r < ROWS; r++) {                                                                         \
+        _mm512_storeu_ps(s + r * s_stride + b * 16, acc[r][0]);                                                \
+        _mm512_storeu_ps(s + r * s_stride + b * 16 + 16, acc[r][1]);                                           \
+      }                                                                                                        \
+    }                                                                                                          \
   }
-}
+DEFINE_TILE_LOGITS(tile_logits_full, TILE_ROWS)
+DEFINE_TILE_LOGITS(tile_logits_1, 1)
 
-/* out[r] = p[r] . v for 4 rows (probabilities as bfloat16 pairs), nv = d / 16 output vectors. */
-static inline void tile_values(const uint16_t *p, long p_stride, int rows, const uint16_t *vp, int n_pairs, int nv,
-                               const float *inv, uint16_t *out, int d) {
-  __m512 acc[4][5];
-  for (int r = 0; r < 4; r++)
-    for (int c = 0; c < 5; c++) acc[r][c] = _mm512_setzero_ps();
-  for (int t = 0; t < n_pairs; t++) {
-    const uint16_t *vt = vp + (long)t * d * 2;
-    __m512bh w[5];
-    for (int c = 0; c < nv; c++) w[c] = (__m512bh)_mm512_loadu_si512(vt + c * 32);
-    for (int r = 0; r < 4; r++) {
-      if (r < rows) {
-        __m512bh x = pair_at(p + r * p_stride + 2 * t);
-        for (int c = 0; c < nv; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, w[c]);
-      }
+/* out[r] = (p[r] . v) * inv[r] for ROWS rows (p: bfloat16 pairs), NV = d / 16 output vectors. */
+#define DEFINE_TILE_VALUES(NAME, ROWS, NV)                                                                     \
+  static void NAME(const uint16_t *p, long p_stride, const uint16_t *vp, int n_pairs, const float *inv,        \
+                   uint16_t *out, int d) {                                                                     \
+    __m512 acc[ROWS][NV];                                                                                      \
+    for (int r = 0; r < ROWS; r++)                                                                             \
+      for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();                                            \
+    for (int t = 0; t < n_pairs; t++) {                                                                        \
+      const uint16_t *vt = vp + (long)t * d * 2;                                                               \
+      __m512bh w[NV];                                                                                          \
+      for (int c = 0; c < NV; c++) w[c] = (__m512bh)_mm512_loadu_si512(vt + c * 32);                          \
+      for (int r = 0; r < ROWS; r++) {                                                                         \
+        __m512bh x = pair_at(p + r * p_stride + 2 * t);                                                        \
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, w[c]);                        \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int r = 0; r < ROWS; r++)                                                                             \
+      for (int c = 0; c < NV; c++)                                                                             \
+        _mm256_storeu_si256((__m256i *)(out + (long)r * d + c * 16),                                           \
+                            to_bf16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));                        \
+  }
+DEFINE_TILE_VALUES(tile_values_4x4, 4, 4)
+DEFINE_TILE_VALUES(tile_values_1x4, 1, 4)
+DEFINE_TILE_VALUES(tile_values_4x5, 4, 5)
+DEFINE_TILE_VALUES(tile_values_1x5, 1, 5)
+DEFINE_TILE_VALUES(tile_values_4x3, 4, 3)
+DEFINE_TILE_VALUES(tile_values_1x3, 1, 3)
+DEFINE_TILE_VALUES(tile_values_4x2, 4, 2)
+DEFINE_TILE_VALUES(tile_values_1x2, 1, 2)
+DEFINE_TILE_VALUES(tile_values_4x1, 4, 1)
+DEFINE_TILE_VALUES(tile_values_1x1, 1, 1)
+
+static void tile_values(const uint16_t *p, long p_stride, int rows, const uint16_t *vp, int n_pairs, int nv,
+                        const float *inv, uint16_t *out, int d) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const uint16_t *pr = p + r * p_stride;
+    uint16_t *o = out + (long)r * d;
+    switch (nv) {
+      case 4: tile_values_4x4(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 5: tile_values_4x5(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 3: tile_values_4x3(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 2: tile_values_4x2(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      default: tile_values_4x1(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
     }
   }
-  for (int r = 0; r < rows; r++)
-    for (int c = 0; c < nv; c++)
-      _mm256_storeu_si256((__m256i *)(out + (long)r * d + c * 16), to_bf16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));
+  for (; r < rows; r++) {
+    const uint16_t *pr = p + r * p_stride;
+    uint16_t *o = out + (long)r * d;
+    switch (nv) {
+      case 4: tile_values_1x4(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 5: tile_values_1x5(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 3: tile_values_1x3(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 2: tile_values_1x2(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      default: tile_values_1x1(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+    }
+  }
 }
 
 void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, const float *rel_h,
@@ -173,6 +229,7 @@ void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const 
   const long p_stride = (long)n_pairs * 2;
   const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
   const int nv = d / 16;
+  const int bias_at_store = k_w % 32 == 0;
 #pragma omp parallel num_threads(num_threads)
   {
     float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
@@ -183,48 +240,47 @@ void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const 
       const long h = task / tiles;
       const int r0 = (int)(task % tiles) * TILE_ROWS;
       const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
-      tile_logits(q + (h * n + r0) * d, rows, d, kp + h * (long)kb * 16 * d, kb, s, s_stride);
+      const float *rh = rel_h + (h * n + r0) * k_h, *rw = rel_w + (h * n + r0) * k_w;
+      const uint16_t *kh = kp + h * (long)kb * 16 * d;
+      __m512 vmax[TILE_ROWS];
+      for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
+      if (rows == TILE_ROWS) {
+        tile_logits_full(q + (h * n + r0) * d, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, rw, k_h, k_w, vmax);
+      } else {
+        for (int r = 0; r < rows; r++)
+          tile_logits_1(q + (h * n + r0 + r) * d, d, kh, kb, s + r * s_stride, s_stride, bias_at_store ? rh + r * k_h : NULL,
+                        rw + r * k_w, k_h, k_w, vmax + r);
+      }
       for (int r = 0; r < rows; r++) {
         float *row = s + r * s_stride;
         uint16_t *prow = p + r * p_stride;
-        const float *rh = rel_h + (h * n + r0 + r) * k_h, *rw = rel_w + (h * n + r0 + r) * k_w;
-        __m512 vmax = _mm512_set1_ps(-__builtin_inff());
-        for (int y = 0; y < k_h; y++) {
-          __m512 hv = _mm512_set1_ps(rh[y]);
-          for (int x = 0; x < k_w; x += 16) {
-            __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
-            float *at = row + y * k_w + x;
-            __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, at), hv), _mm512_maskz_loadu_ps(m, rw + x));
-            _mm512_mask_storeu_ps(at, m, v);
-            vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+        if (!bias_at_store) {
+          const float *rhr = rh + r * k_h, *rwr = rw + r * k_w;
+          for (int y = 0; y < k_h; y++) {
+            __m512 hv = _mm512_set1_ps(rhr[y]);
+            for (int x = 0; x < k_w; x += 16) {
+              __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
+              float *at = row + y * k_w + x;
+              __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, at), hv), _mm512_maskz_loadu_ps(m, rwr + x));
+              _mm512_mask_storeu_ps(at, m, v);
+              vmax[r] = _mm512_mask_max_ps(vmax[r], m, vmax[r], v);
+            }
           }
         }
-        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+        /* exp(logit - max) rounded to bfloat16 for the product with v; the row's sum (of the float32
+         * values) divides the product's result */
+        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[r]));
         __m512 vsum = _mm512_setzero_ps();
         for (int i = 0; i < n; i += 16) {
           __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
           __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
-          _mm512_storeu_ps(row + i, e);
           vsum = _mm512_add_ps(vsum, e);
-        }
-        const float sum = _mm512_reduce_add_ps(vsum);
-        /* probabilities rounded to bfloat16 as PyTorch's path rounds them (normalised first) */
-        __m512 scale = _mm512_set1_ps(1.0f / sum);
-        for (int i = 0; i < n; i += 16) {
-          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(_mm512_mul_ps(_mm512_loadu_ps(row + i), scale)));
+          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(e));
         }
         if (n & 1) prow[n] = 0;
-        inv[r] = 1.0f;
+        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
       }
-      for (int r = 0; r < rows; r += 4) {
-        const int rr = rows - r < 4 ? rows - r : 4;
-        uint16_t *o = out + (h * n + r0 + r) * d;
-        if (nv == 4)
-          tile_values(p + r * p_stride, p_stride, rr, vp + h * (long)n_pairs * d * 2, n_pairs, 4, inv + r, o, d);
-        else
-          tile_values(p + r * p_stride, p_stride, rr, vp + h * (long)n_pairs * d * 2, n_pairs, nv, inv + r, o, d);
-      }
+      tile_values(p, p_stride, rows, vp + h * (long)n_pairs * d * 2, n_pairs, nv, inv, out + (h * n + r0) * d, d);
     }
     free(s);
     free(p);
