@@ -106,8 +106,8 @@ void segany_rel_pos_softmax(void *logits, long rows, long stride, int k_h, int k
  *
  * q: bh x n x d bfloat16, already scaled; kp: k packed by pairs, bh x kb x (d/2) x 16 x 2 (kb key
  * blocks of 16, zero rows past n, kb even); vp: v packed by pairs, bh x (n+1)/2 x d x 2 (a zero row
- * past an odd n); rel_h: bh x n x k_h, rel_w: bh x n x k_w float32 (n = k_h * k_w); out: bh x n x d
- * bfloat16. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
+ * past an odd n); rel_h: bh x n x k_h, rel_w: bh x n x k_w float32 (n = k_h * k_w); out: bfloat16,
+ * head h's row r at out + h * o_head + r * o_row. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
  */
 #define TILE_ROWS 8
 
@@ -164,7 +164,7 @@ DEFINE_TILE_LOGITS(tile_logits_1, 1)
 /* out[r] = (p[r] . v) * inv[r] for ROWS rows (p: bfloat16 pairs), NV = d / 16 output vectors. */
 #define DEFINE_TILE_VALUES(NAME, ROWS, NV)                                                                     \
   static void NAME(const uint16_t *p, long p_stride, const uint16_t *vp, int n_pairs, const float *inv,        \
-                   uint16_t *out, int d) {                                                                     \
+                   uint16_t *out, long o_row, int d) {                                                         \
     __m512 acc[ROWS][NV];                                                                                      \
     for (int r = 0; r < ROWS; r++)                                                                             \
       for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();                                            \
@@ -179,7 +179,7 @@ DEFINE_TILE_LOGITS(tile_logits_1, 1)
     }                                                                                                          \
     for (int r = 0; r < ROWS; r++)                                                                             \
       for (int c = 0; c < NV; c++)                                                                             \
-        _mm256_storeu_si256((__m256i *)(out + (long)r * d + c * 16),                                           \
+        _mm256_storeu_si256((__m256i *)(out + (long)r * o_row + c * 16),                                       \
                             to_bf16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));                        \
   }
 DEFINE_TILE_VALUES(tile_values_4x4, 4, 4)
@@ -194,35 +194,35 @@ DEFINE_TILE_VALUES(tile_values_4x1, 4, 1)
 DEFINE_TILE_VALUES(tile_values_1x1, 1, 1)
 
 static void tile_values(const uint16_t *p, long p_stride, int rows, const uint16_t *vp, int n_pairs, int nv,
-                        const float *inv, uint16_t *out, int d) {
+                        const float *inv, uint16_t *out, long o_row, int d) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
     const uint16_t *pr = p + r * p_stride;
-    uint16_t *o = out + (long)r * d;
+    uint16_t *o = out + (long)r * o_row;
     switch (nv) {
-      case 4: tile_values_4x4(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      case 5: tile_values_4x5(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      case 3: tile_values_4x3(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      case 2: tile_values_4x2(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      default: tile_values_4x1(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 4: tile_values_4x4(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 5: tile_values_4x5(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 3: tile_values_4x3(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 2: tile_values_4x2(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      default: tile_values_4x1(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
     }
   }
   for (; r < rows; r++) {
     const uint16_t *pr = p + r * p_stride;
-    uint16_t *o = out + (long)r * d;
+    uint16_t *o = out + (long)r * o_row;
     switch (nv) {
-      case 4: tile_values_1x4(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      case 5: tile_values_1x5(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      case 3: tile_values_1x3(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      case 2: tile_values_1x2(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
-      default: tile_values_1x1(pr, p_stride, vp, n_pairs, inv + r, o, d); break;
+      case 4: tile_values_1x4(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 5: tile_values_1x5(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 3: tile_values_1x3(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 2: tile_values_1x2(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      default: tile_values_1x1(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
     }
   }
 }
 
 void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, const float *rel_h,
-                                   const float *rel_w, uint16_t *out, long bh, int n, int d, int k_h, int k_w,
-                                   int num_threads) {
+                                   const float *rel_w, uint16_t *out, long o_head, long o_row, long bh, int n, int d,
+                                   int k_h, int k_w, int num_threads) {
   const int kb = ((n + 31) / 32) * 2;
   const int n_pairs = (n + 1) / 2;
   const long s_stride = (long)kb * 16;
@@ -280,7 +280,7 @@ void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const 
         if (n & 1) prow[n] = 0;
         inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
       }
-      tile_values(p, p_stride, rows, vp + h * (long)n_pairs * d * 2, n_pairs, nv, inv, out + (h * n + r0) * d, d);
+      tile_values(p, p_stride, rows, vp + h * (long)n_pairs * d * 2, n_pairs, nv, inv, out + h * o_head + r0 * o_row, o_row, d);
     }
     free(s);
     free(p);
