@@ -92,46 +92,42 @@ def test_attention_paths_equal_with_and_without_the_kernel(dtype, q_size, global
         assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1.5e-2
 
 
-def attention_in_float64(q, k, v, rel_h, rel_w, q_size, scale):
+def attention_in_float64(q, k, v, rel_pos_h, rel_pos_w, q_size, scale):
     """The released formula from the same bfloat16 values, in float64 (q scaled in bfloat16 first)."""
-    bh, n, _ = q.shape
-    logits = (q * scale).double() @ k.double().transpose(1, 2)
-    logits = logits.view(bh, n, *q_size) + rel_h.double().view(bh, n, -1, 1) + rel_w.double().view(bh, n, 1, -1)
-    return logits.view(bh, n, n).softmax(-1) @ v.double()
+    from segany.modeling.image_encoder import decomposed_rel_pos_bias
+
+    bias = decomposed_rel_pos_bias(q.double(), rel_pos_h.double(), rel_pos_w.double(), q_size, q_size)
+    logits = (q * scale).double() @ k.double().transpose(1, 2) + bias
+    return logits.softmax(-1) @ v.double()
 
 
 @needs_kernel
-@pytest.mark.parametrize("q_size,bh,d", [((14, 14), 7, 64), ((9, 13), 3, 80), ((5, 7), 4, 16), ((1, 1), 2, 64), ((33, 2), 1, 32)])
+@pytest.mark.parametrize(
+    "q_size,bh,d", [((14, 14), 7, 64), ((9, 13), 3, 80), ((5, 7), 4, 16), ((1, 1), 2, 64), ((33, 2), 1, 32), ((32, 64), 2, 64)]
+)
 def test_fused_attention_kernel_against_float64(q_size, bh, d):
-    """rel_pos_attention_bf16 against the formula in float64: within bfloat16 rounding of the
+    """rel_pos_attention_fused against the formula in float64: within bfloat16 rounding of the
     probabilities and the output (~0.2% relative L2, better than the PyTorch path whose logits are
     rounded to bfloat16 too), on odd grids, key counts that are not a multiple of 16 or 2, head sizes
-    64 and 80 (ViT-H)."""
-    from segany.modeling.image_encoder import decomposed_rel_pos_terms
-
+    64 and 80 (ViT-H), and a grid whose rows are whole blocks of 32 keys (the bias added at store)."""
     generator = torch.Generator().manual_seed(d + q_size[0])
     n = q_size[0] * q_size[1]
     q, k, v = (torch.randn(bh, n, d, generator=generator).bfloat16() for _ in range(3))
-    tables = [torch.randn(2 * s - 1, d, generator=generator) for s in q_size]
-    rel_h, rel_w = decomposed_rel_pos_terms(q.float(), *tables, q_size, q_size)
-    rel_h, rel_w = rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1)
-    got = rps.rel_pos_attention_bf16(q, k, v, rel_h, rel_w, d**-0.5)
+    tables = [(torch.randn(2 * s - 1, d, generator=generator) * 0.3).bfloat16() for s in q_size]
+    got = rps.rel_pos_attention_fused(q, k, v, *tables, q_size, d**-0.5)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
-    expected = attention_in_float64(q, k, v, rel_h, rel_w, q_size, d**-0.5)
+    expected = attention_in_float64(q, k, v, *tables, q_size, d**-0.5)
     assert ((got.double() - expected).norm() / expected.norm()).item() < 5e-3
-    fused = rps.rel_pos_attention_fused(q, k, v, *(t.bfloat16() for t in tables), q_size, d**-0.5)
-    assert torch.equal(fused, rps.rel_pos_attention_bf16(
-        q, k, v, *(t.reshape(bh, n, -1) for t in decomposed_rel_pos_terms(q.float(), *(t.bfloat16().float() for t in tables), q_size, q_size)), d**-0.5))
 
 
 def test_fused_attention_declines_what_it_cannot_run():
     """float32 (exact mode), head sizes it has no tiles for, a grid that is not N positions, gradients."""
+    tables = torch.randn(5, 64), torch.randn(7, 64)
     q = torch.randn(2, 12, 64)
-    rel_h, rel_w = torch.randn(2, 12, 3), torch.randn(2, 12, 4)
-    assert rps.rel_pos_attention_bf16(q, q, q, rel_h, rel_w, 0.1) is None
+    assert rps.rel_pos_attention_fused(q, q, q, *tables, (3, 4), 0.1) is None
     odd = torch.randn(2, 12, 24).bfloat16()
-    assert rps.rel_pos_attention_bf16(odd, odd, odd, rel_h, rel_w, 0.1) is None
+    assert rps.rel_pos_attention_fused(odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
     b = q.bfloat16()
-    assert rps.rel_pos_attention_bf16(b, b, b, rel_h, rel_w[..., :3], 0.1) is None
+    assert rps.rel_pos_attention_fused(b, b, b, *tables, (3, 5), 0.1) is None
     g = b.clone().requires_grad_()
-    assert rps.rel_pos_attention_fused(g, g, g, torch.randn(5, 64), torch.randn(7, 64), (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_fused(g, g, g, *tables, (3, 4), 0.1) is None

@@ -15,11 +15,11 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
-from ..modeling.image_encoder import decomposed_rel_pos_terms
+from ..modeling.image_encoder import relative_position_table
 from . import native
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def library() -> Optional[ctypes.CDLL]:
         lib.segany_rel_pos_softmax.restype = None
         lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
         lib.segany_rel_pos_attention_bf16.restype = None
-        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, p, p, p, l, l, l, i, i, i, i, i]
+        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, p, p, p, p, l, l, l, i, i, i, i, i]
         if lib.segany_attention_abi() != ABI:
             raise RuntimeError("the compiled kernel does not match this version of segany")
         return lib
@@ -94,26 +94,31 @@ def rel_pos_softmax_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Ten
 FUSED_HEAD_DIMS = (16, 32, 48, 64, 80)
 
 
-def rel_pos_attention_bf16(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, scale: float
+def rel_pos_attention_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: Tuple[int, int],
+    scale: float,
 ) -> Optional[torch.Tensor]:
-    """softmax((q * scale) k^T + rel_h + rel_w) v for bfloat16 q, k, v (BH, N, C) on a k_h x k_w grid of
-    N = k_h * k_w positions, rel_h (BH, N, k_h) and rel_w (BH, N, k_w) float32: one kernel call over
-    every head (or window x head), a tile of query rows at a time (csrc/attention_softmax.c). The
-    logits are float32 sums of bfloat16 products (not rounded to bfloat16 as a separate product's
-    output would be), bias and softmax in float32, probabilities rounded to bfloat16 for the product
-    with v. None where the kernel cannot run it (the caller keeps its PyTorch path)."""
+    """softmax((q * scale) k^T + bias) v with MViTv2's decomposed rel-pos bias of the tables rel_pos_h,
+    rel_pos_w, for bfloat16 q, k, v (BH, N, C), queries and keys on one size = (h, w) grid: one kernel
+    call over every head (or window x head), a tile of query rows at a time (csrc/attention_softmax.c).
+    The bias factors (q against the gathered tables) and the logits are float32 sums of bfloat16
+    products, never rounded to bfloat16 nor written to memory; bias and softmax in float32; the
+    probabilities rounded to bfloat16 for the product with v. None where the kernel cannot run it (the
+    caller keeps its PyTorch path). The result is (BH, N, C), stored position-major (N, BH, C)."""
     bh, n, d = q.shape
-    k_h, k_w = rel_h.shape[-1], rel_w.shape[-1]
+    h, w = size
     if (
         n == 0
-        or n != k_h * k_w
+        or n != h * w
         or d not in FUSED_HEAD_DIMS
         or any(t.dtype != torch.bfloat16 or t.shape != q.shape or not t.is_cpu or t.requires_grad for t in (q, k, v))
-        or rel_h.dtype != torch.float32
-        or rel_w.dtype != torch.float32
-        or rel_h.numel() != bh * n * k_h
-        or rel_w.numel() != bh * n * k_w
+        or rel_pos_h.shape[-1] != d
+        or rel_pos_w.shape[-1] != d
         or library() is None
     ):
         return None
@@ -127,31 +132,24 @@ def rel_pos_attention_bf16(
     if n != pairs * 2:
         v = torch.cat([v, v.new_zeros(bh, 1, d)], 1)
     vp = v.view(bh, pairs, 2, d).transpose(2, 3).contiguous()
-    q = (q * scale).contiguous()  # scaled in bfloat16 first, as released
-    rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
+    table_h = _packed_table(relative_position_table(h, h, rel_pos_h.detach().float()))
+    table_w = _packed_table(relative_position_table(w, w, rel_pos_w.detach().float()))
+    q = q.contiguous()
+    scaled = (q * scale).contiguous()  # scaled in bfloat16 first, as released
     # written position-major (N, BH, C): merging the heads afterwards is then a view, not a copy
     out = q.new_empty(n, bh, d)
     library().segany_rel_pos_attention_bf16(
-        q.data_ptr(), kp.data_ptr(), vp.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), out.data_ptr(),
-        d, bh * d, bh, n, d, k_h, k_w, torch.get_num_threads(),
+        q.data_ptr(), scaled.data_ptr(), kp.data_ptr(), vp.data_ptr(), table_h.data_ptr(), table_w.data_ptr(),
+        out.data_ptr(), d, bh * d, bh, n, d, h, w, torch.get_num_threads(),
     )
     return out.transpose(0, 1)
 
 
-def rel_pos_attention_fused(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    size: tuple,
-    scale: float,
-) -> Optional[torch.Tensor]:
-    """Self-attention of bfloat16 q, k, v (BH, N, C) over a size = (h, w) grid with the decomposed
-    rel-pos bias of the tables rel_pos_h, rel_pos_w, through rel_pos_attention_bf16 (the bias's two
-    factors computed from q in float32); None where that kernel cannot run it."""
-    if q.dtype != torch.bfloat16 or library() is None or q.requires_grad:
-        return None
-    bh, n, _ = q.shape
-    rel_h, rel_w = decomposed_rel_pos_terms(q.float(), rel_pos_h.float(), rel_pos_w.float(), size, size)
-    return rel_pos_attention_bf16(q, k, v, rel_h.reshape(bh, n, -1), rel_w.reshape(bh, n, -1), scale)
+def _packed_table(table: torch.Tensor) -> torch.Tensor:
+    """A gathered rel-pos table (q_size, k_size, C) in bfloat16, k_size padded with zeros to blocks of
+    16 and packed by channel pairs: (q_size, blocks, C/2, 16, 2)."""
+    q_size, k_size, c = table.shape
+    blocks = -(-k_size // 16)
+    padded = table.new_zeros(q_size, blocks * 16, c)
+    padded[:, :k_size] = table
+    return padded.to(torch.bfloat16).view(q_size, blocks, 16, c // 2, 2).transpose(2, 3).contiguous()

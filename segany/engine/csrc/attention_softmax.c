@@ -104,10 +104,13 @@ void segany_rel_pos_softmax(void *logits, long rows, long stride, int k_h, int k
  * their bias and softmax there, and are multiplied with v as bfloat16 probabilities, so the N x N
  * logits never go through memory and one parallel region covers every head (and window).
  *
- * q: bh x n x d bfloat16, already scaled; kp: k packed by pairs, bh x kb x (d/2) x 16 x 2 (kb key
- * blocks of 16, zero rows past n, kb even); vp: v packed by pairs, bh x (n+1)/2 x d x 2 (a zero row
- * past an odd n); rel_h: bh x n x k_h, rel_w: bh x n x k_w float32 (n = k_h * k_w); out: bfloat16,
- * head h's row r at out + h * o_head + r * o_row. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
+ * q_raw: bh x n x d bfloat16 and q: the same scaled (as released, in bfloat16); kp: k packed by pairs,
+ * bh x kb x (d/2) x 16 x 2 (kb key blocks of 16, zero rows past n, kb even); vp: v packed by pairs,
+ * bh x (n+1)/2 x d x 2 (a zero row past an odd n); table_h: the rel-pos table of each query row y,
+ * k_h x ceil(k_h/16) x (d/2) x 16 x 2 (zero past k_h), table_w the same for each query column x;
+ * queries and keys on one k_h x k_w grid (n = k_h * k_w). The bias factors rel_h[y'] = q_raw . table_h[y][y']
+ * and rel_w[x'] = q_raw . table_w[x][x'] (MViTv2's decomposition) are computed per query row here.
+ * out: bfloat16, head h's row r at out + h * o_head + r * o_row. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
  */
 #define TILE_ROWS 8
 
@@ -123,7 +126,8 @@ static inline __m512bh pair_at(const uint16_t *p) {
  * PyTorch's path adds it, and each row's maximum is kept in vmax. */
 #define DEFINE_TILE_LOGITS(NAME, ROWS)                                                                       \
   static void NAME(const uint16_t *q, int d, const uint16_t *kp, int kb, float *s, long s_stride,              \
-                   const float *rh, const float *rw, int k_h, int k_w, __m512 *vmax) {                          \
+                   const float *rh, long rh_stride, const float *rw, long rw_stride, int k_h, int k_w,           \
+                   __m512 *vmax) {                                                                             \
     const int pairs = d / 2;                                                                                   \
     for (int b = 0; b < kb; b += 2) {                                                                          \
       const uint16_t *k0 = kp + (long)b * pairs * 32, *k1 = k0 + (long)pairs * 32;                             \
@@ -141,15 +145,13 @@ static inline __m512bh pair_at(const uint16_t *p) {
       if (rh) {                                                                                                \
         const int j = b * 16, y = j / k_w, x = j % k_w; /* both blocks on key row y (k_w % 32 == 0) */        \
         if (y < k_h) {                                                                                         \
-          __m512 w0 = _mm512_loadu_ps(rw + x), w1 = _mm512_loadu_ps(rw + x + 16);                             \
           for (int r = 0; r < ROWS; r++) {                                                                     \
-            __m512 h = _mm512_set1_ps(rh[(long)r * k_h + y]);                                                  \
-            __m512 wr0 = _mm512_loadu_ps(rw + (long)r * k_w + x), wr1 = _mm512_loadu_ps(rw + (long)r * k_w + x + 16); \
+            __m512 h = _mm512_set1_ps(rh[r * rh_stride + y]);                                                  \
+            __m512 wr0 = _mm512_loadu_ps(rw + r * rw_stride + x), wr1 = _mm512_loadu_ps(rw + r * rw_stride + x + 16); \
             acc[r][0] = _mm512_add_ps(_mm512_add_ps(acc[r][0], h), wr0);                                       \
             acc[r][1] = _mm512_add_ps(_mm512_add_ps(acc[r][1], h), wr1);                                       \
             vmax[r] = _mm512_max_ps(vmax[r], _mm512_max_ps(acc[r][0], acc[r][1]));                             \
           }                                                                                                    \
-          (void)w0; (void)w1;                                                                                  \
         }                                                                                                      \
       }                                                                                                        \
       for (int r = 0; r < ROWS; r++) {                                                                         \
@@ -220,8 +222,24 @@ static void tile_values(const uint16_t *p, long p_stride, int rows, const uint16
   }
 }
 
-void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const uint16_t *vp, const float *rel_h,
-                                   const float *rel_w, uint16_t *out, long o_head, long o_row, long bh, int n, int d,
+/* dst[j] = q . table[j] for the nb * 16 rows of a packed table (nb x pairs x 16 x 2): one query's
+ * rel-pos factor (its q against the table of its own coordinate), float32 sums of bfloat16 products. */
+static void rel_terms(const uint16_t *q, const uint16_t *table, int nb, int pairs, float *dst) {
+  for (int b = 0; b < nb; b++) {
+    const uint16_t *t = table + (long)b * pairs * 32;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 2 <= pairs; p += 2) {
+      acc0 = _mm512_dpbf16_ps(acc0, pair_at(q + 2 * p), (__m512bh)_mm512_loadu_si512(t + p * 32));
+      acc1 = _mm512_dpbf16_ps(acc1, pair_at(q + 2 * p + 2), (__m512bh)_mm512_loadu_si512(t + p * 32 + 32));
+    }
+    if (p < pairs) acc0 = _mm512_dpbf16_ps(acc0, pair_at(q + 2 * p), (__m512bh)_mm512_loadu_si512(t + p * 32));
+    _mm512_storeu_ps(dst + b * 16, _mm512_add_ps(acc0, acc1));
+  }
+}
+
+void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *q, const uint16_t *kp, const uint16_t *vp,
+                                   const uint16_t *table_h, const uint16_t *table_w, uint16_t *out, long o_head, long o_row, long bh, int n, int d,
                                    int k_h, int k_w, int num_threads) {
   const int kb = ((n + 31) / 32) * 2;
   const int n_pairs = (n + 1) / 2;
@@ -230,8 +248,11 @@ void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const 
   const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
   const int nv = d / 16;
   const int bias_at_store = k_w % 32 == 0;
+  const int nbh = (k_h + 15) / 16, nbw = (k_w + 15) / 16;
 #pragma omp parallel num_threads(num_threads)
   {
+    float *rel_h = (float *)aligned_alloc(64, TILE_ROWS * nbh * 16 * sizeof(float));
+    float *rel_w = (float *)aligned_alloc(64, TILE_ROWS * nbw * 16 * sizeof(float));
     float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
     uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
     float inv[TILE_ROWS];
@@ -240,22 +261,29 @@ void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const 
       const long h = task / tiles;
       const int r0 = (int)(task % tiles) * TILE_ROWS;
       const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
-      const float *rh = rel_h + (h * n + r0) * k_h, *rw = rel_w + (h * n + r0) * k_w;
+      const float *rh = rel_h, *rw = rel_w;
+      for (int r = 0; r < rows; r++) {
+        const int i = r0 + r;
+        const uint16_t *qi = q_raw + (h * n + i) * d;
+        rel_terms(qi, table_h + (long)(i / k_w) * nbh * 16 * d, nbh, d / 2, rel_h + r * nbh * 16);
+        rel_terms(qi, table_w + (long)(i % k_w) * nbw * 16 * d, nbw, d / 2, rel_w + r * nbw * 16);
+      }
       const uint16_t *kh = kp + h * (long)kb * 16 * d;
       __m512 vmax[TILE_ROWS];
       for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
       if (rows == TILE_ROWS) {
-        tile_logits_full(q + (h * n + r0) * d, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, rw, k_h, k_w, vmax);
+        tile_logits_full(q + (h * n + r0) * d, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, nbh * 16, rw, nbw * 16,
+                         k_h, k_w, vmax);
       } else {
         for (int r = 0; r < rows; r++)
-          tile_logits_1(q + (h * n + r0 + r) * d, d, kh, kb, s + r * s_stride, s_stride, bias_at_store ? rh + r * k_h : NULL,
-                        rw + r * k_w, k_h, k_w, vmax + r);
+          tile_logits_1(q + (h * n + r0 + r) * d, d, kh, kb, s + r * s_stride, s_stride,
+                        bias_at_store ? rh + r * nbh * 16 : NULL, 0, rw + r * nbw * 16, 0, k_h, k_w, vmax + r);
       }
       for (int r = 0; r < rows; r++) {
         float *row = s + r * s_stride;
         uint16_t *prow = p + r * p_stride;
         if (!bias_at_store) {
-          const float *rhr = rh + r * k_h, *rwr = rw + r * k_w;
+          const float *rhr = rh + r * nbh * 16, *rwr = rw + r * nbw * 16;
           for (int y = 0; y < k_h; y++) {
             __m512 hv = _mm512_set1_ps(rhr[y]);
             for (int x = 0; x < k_w; x += 16) {
@@ -284,5 +312,7 @@ void segany_rel_pos_attention_bf16(const uint16_t *q, const uint16_t *kp, const 
     }
     free(s);
     free(p);
+    free(rel_h);
+    free(rel_w);
   }
 }
