@@ -48,7 +48,7 @@ def library() -> Optional[ctypes.CDLL]:
         lib.segany_rel_pos_softmax.restype = None
         lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
         lib.segany_rel_pos_attention_bf16.restype = None
-        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, p, p, p, p, l, l, l, i, i, i, i, i]
+        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, ctypes.c_float, p, p, p, l, l, l, i, i, i, i, i]
         if lib.segany_attention_abi() != ABI:
             raise RuntimeError("the compiled kernel does not match this version of segany")
         return lib
@@ -122,24 +122,13 @@ def rel_pos_attention_fused(
         or library() is None
     ):
         return None
-    key_blocks = -(-n // 32) * 2
-    pairs = -(-n // 2)
-    # k by pairs of channels within blocks of 16 keys, v by pairs of keys: the layouts vdpbf16ps reads
-    # (zero keys past n where n is not a whole number of blocks)
-    if n != key_blocks * 16:
-        k = torch.cat([k, k.new_zeros(bh, key_blocks * 16 - n, d)], 1)
-    kp = k.view(bh, key_blocks, 16, d // 2, 2).transpose(2, 3).contiguous()
-    if n != pairs * 2:
-        v = torch.cat([v, v.new_zeros(bh, 1, d)], 1)
-    vp = v.view(bh, pairs, 2, d).transpose(2, 3).contiguous()
     table_h = _packed_table(relative_position_table(h, h, rel_pos_h.detach().float()))
     table_w = _packed_table(relative_position_table(w, w, rel_pos_w.detach().float()))
-    q = q.contiguous()
-    scaled = (q * scale).contiguous()  # scaled in bfloat16 first, as released
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # written position-major (N, BH, C): merging the heads afterwards is then a view, not a copy
     out = q.new_empty(n, bh, d)
     library().segany_rel_pos_attention_bf16(
-        q.data_ptr(), scaled.data_ptr(), kp.data_ptr(), vp.data_ptr(), table_h.data_ptr(), table_w.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), scale, table_h.data_ptr(), table_w.data_ptr(),
         out.data_ptr(), d, bh * d, bh, n, d, h, w, torch.get_num_threads(),
     )
     return out.transpose(0, 1)

@@ -104,9 +104,10 @@ void segany_rel_pos_softmax(void *logits, long rows, long stride, int k_h, int k
  * their bias and softmax there, and are multiplied with v as bfloat16 probabilities, so the N x N
  * logits never go through memory and one parallel region covers every head (and window).
  *
- * q_raw: bh x n x d bfloat16 and q: the same scaled (as released, in bfloat16); kp: k packed by pairs,
- * bh x kb x (d/2) x 16 x 2 (kb key blocks of 16, zero rows past n, kb even); vp: v packed by pairs,
- * bh x (n+1)/2 x d x 2 (a zero row past an odd n); table_h: the rel-pos table of each query row y,
+ * q, k, v: bh x n x d bfloat16, contiguous; q is scaled by `scale` here as released (in float32,
+ * rounded to bfloat16). Each thread packs the k and v of the head it works on into the layouts
+ * vdpbf16ps reads: k by channel pairs within blocks of 16 keys (kb x (d/2) x 16 x 2, zero keys past n,
+ * kb even), v by pairs of keys ((n+1)/2 x d x 2, a zero key past an odd n). table_h: the rel-pos table of each query row y,
  * k_h x ceil(k_h/16) x (d/2) x 16 x 2 (zero past k_h), table_w the same for each query column x;
  * queries and keys on one k_h x k_w grid (n = k_h * k_w). The bias factors rel_h[y'] = q_raw . table_h[y][y']
  * and rel_w[x'] = q_raw . table_w[x][x'] (MViTv2's decomposition) are computed per query row here.
@@ -238,7 +239,39 @@ static void rel_terms(const uint16_t *q, const uint16_t *table, int nb, int pair
   }
 }
 
-void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *q, const uint16_t *kp, const uint16_t *vp,
+static void pack_keys(const uint16_t *k, int n, int d, int kb, uint16_t *kp) {
+  const int pairs = d / 2;
+  const uint32_t *src = (const uint32_t *)k;
+  uint32_t *dst = (uint32_t *)kp;
+  for (int b = 0; b < kb; b++)
+    for (int p = 0; p < pairs; p++)
+      for (int jj = 0; jj < 16; jj++) {
+        const int j = b * 16 + jj;
+        dst[((long)b * pairs + p) * 16 + jj] = j < n ? src[(long)j * pairs + p] : 0u;
+      }
+}
+
+static void pack_values(const uint16_t *v, int n, int d, uint16_t *vp) {
+  /* pair t: v[2t][c], v[2t+1][c] interleaved, 16 columns per vector */
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36,
+                                      4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const int n_pairs = (n + 1) / 2;
+  for (int t = 0; t < n_pairs; t++) {
+    const uint16_t *a = v + (long)(2 * t) * d;
+    uint16_t *dst = vp + (long)t * d * 2;
+    for (int c0 = 0; c0 < d; c0 += 32) {
+      const int cols = d - c0 < 32 ? d - c0 : 32;
+      const __mmask32 m = cols == 32 ? 0xffffffffu : ((1u << cols) - 1);
+      __m512i x = _mm512_maskz_loadu_epi16(m, a + c0);
+      __m512i y = 2 * t + 1 < n ? _mm512_maskz_loadu_epi16(m, a + d + c0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * c0, _mm512_permutex2var_epi16(x, lo, y));
+      if (cols > 16) _mm512_storeu_si512(dst + 2 * c0 + 32, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *k, const uint16_t *v, float scale,
                                    const uint16_t *table_h, const uint16_t *table_w, uint16_t *out, long o_head, long o_row, long bh, int n, int d,
                                    int k_h, int k_w, int num_threads) {
   const int kb = ((n + 31) / 32) * 2;
@@ -255,6 +288,10 @@ void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *q, con
     float *rel_w = (float *)aligned_alloc(64, TILE_ROWS * nbw * 16 * sizeof(float));
     float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
     uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
+    uint16_t *kp = (uint16_t *)aligned_alloc(64, (long)kb * 16 * d * sizeof(uint16_t));
+    uint16_t *vp = (uint16_t *)aligned_alloc(64, (long)n_pairs * 2 * d * sizeof(uint16_t));
+    uint16_t *qs = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * d * sizeof(uint16_t) + 63) / 64) * 64);
+    long packed = -1;
     float inv[TILE_ROWS];
 #pragma omp for schedule(static)
     for (long task = 0; task < bh * tiles; task++) {
@@ -262,21 +299,31 @@ void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *q, con
       const int r0 = (int)(task % tiles) * TILE_ROWS;
       const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
       const float *rh = rel_h, *rw = rel_w;
+      if (h != packed) {
+        pack_keys(k + h * n * (long)d, n, d, kb, kp);
+        pack_values(v + h * n * (long)d, n, d, vp);
+        packed = h;
+      }
+      for (int i = 0; i < rows * d; i += 16) {
+        const __mmask16 m = rows * d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (rows * d - i)) - 1);
+        __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q_raw + (h * n + r0) * d + i)), 16));
+        _mm256_mask_storeu_epi16(qs + i, m, to_bf16(_mm512_mul_ps(x, _mm512_set1_ps(scale))));
+      }
       for (int r = 0; r < rows; r++) {
         const int i = r0 + r;
         const uint16_t *qi = q_raw + (h * n + i) * d;
         rel_terms(qi, table_h + (long)(i / k_w) * nbh * 16 * d, nbh, d / 2, rel_h + r * nbh * 16);
         rel_terms(qi, table_w + (long)(i % k_w) * nbw * 16 * d, nbw, d / 2, rel_w + r * nbw * 16);
       }
-      const uint16_t *kh = kp + h * (long)kb * 16 * d;
+      const uint16_t *kh = kp;
       __m512 vmax[TILE_ROWS];
       for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
       if (rows == TILE_ROWS) {
-        tile_logits_full(q + (h * n + r0) * d, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, nbh * 16, rw, nbw * 16,
+        tile_logits_full(qs, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, nbh * 16, rw, nbw * 16,
                          k_h, k_w, vmax);
       } else {
         for (int r = 0; r < rows; r++)
-          tile_logits_1(q + (h * n + r0 + r) * d, d, kh, kb, s + r * s_stride, s_stride,
+          tile_logits_1(qs + r * d, d, kh, kb, s + r * s_stride, s_stride,
                         bias_at_store ? rh + r * nbh * 16 : NULL, 0, rw + r * nbw * 16, 0, k_h, k_w, vmax + r);
       }
       for (int r = 0; r < rows; r++) {
@@ -308,11 +355,14 @@ void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *q, con
         if (n & 1) prow[n] = 0;
         inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
       }
-      tile_values(p, p_stride, rows, vp + h * (long)n_pairs * d * 2, n_pairs, nv, inv, out + h * o_head + r0 * o_row, o_row, d);
+      tile_values(p, p_stride, rows, vp, n_pairs, nv, inv, out + h * o_head + r0 * o_row, o_row, d);
     }
     free(s);
     free(p);
     free(rel_h);
     free(rel_w);
+    free(kp);
+    free(vp);
+    free(qs);
   }
 }
