@@ -41,15 +41,9 @@ static inline __m512 load16(const void *base, long i, __mmask16 m, int bf16) {
   return _mm512_maskz_loadu_ps(m, (const float *)base + i);
 }
 
-/* float32 -> bfloat16, round to nearest even (PyTorch's conversion; NaN stays NaN). */
-static inline __m256i to_bf16(__m512 v) {
-  __m512i b = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x400000));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
-}
+/* float32 -> bfloat16, round to nearest even as PyTorch's conversion (vcvtneps2bf16; a NaN stays NaN,
+ * float32 subnormals - probabilities below 1e-38 - become 0) */
+static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
 
 /* logits: rows x (k_h * k_w), row-major, row stride `stride` elements, float32 (bf16 = 0) or bfloat16
  * (bf16 = 1); rel_h: rows x k_h and rel_w: rows x k_w, float32, contiguous. Each row becomes
