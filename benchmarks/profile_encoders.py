@@ -79,7 +79,7 @@ def _named_native_kernels():
 
     from segany.engine import image_encoder as ie
 
-    originals = {name: getattr(ie, name) for name in ("rel_pos_attention_fused", "rel_pos_softmax_")}
+    originals = {name: getattr(ie, name) for name in ("rel_pos_attention_native", "rel_pos_softmax_")}
 
     def named(name, fn):
         def call(*args, **kwargs):

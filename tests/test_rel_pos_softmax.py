@@ -84,7 +84,7 @@ def test_attention_paths_equal_with_and_without_the_kernel(dtype, q_size, global
     with torch.inference_mode():
         got = ie.rel_pos_attention_chunked(q, k, v, rel_pos_h, rel_pos_w, q_size, c**-0.5)
         monkeypatch.setattr(ie, "rel_pos_softmax_", lambda *a: False)
-        monkeypatch.setattr(ie, "rel_pos_attention_fused", lambda *a: None)
+        monkeypatch.setattr(ie, "rel_pos_attention_native", lambda *a: None)
         expected = ie.rel_pos_attention_chunked(q, k, v, rel_pos_h, rel_pos_w, q_size, c**-0.5)
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
@@ -106,7 +106,7 @@ def attention_in_float64(q, k, v, rel_pos_h, rel_pos_w, q_size, scale):
     "q_size,bh,d", [((14, 14), 7, 64), ((9, 13), 3, 80), ((5, 7), 4, 16), ((1, 1), 2, 64), ((33, 2), 1, 32), ((32, 64), 2, 64)]
 )
 def test_fused_attention_kernel_against_float64(q_size, bh, d):
-    """rel_pos_attention_fused against the formula in float64: within bfloat16 rounding of the
+    """rel_pos_attention_native against the formula in float64: within bfloat16 rounding of the
     probabilities and the output (~0.2% relative L2, better than the PyTorch path whose logits are
     rounded to bfloat16 too), on odd grids, key counts that are not a multiple of 16 or 2, head sizes
     64 and 80 (ViT-H), and a grid whose rows are whole blocks of 32 keys (the bias added at store)."""
@@ -114,7 +114,7 @@ def test_fused_attention_kernel_against_float64(q_size, bh, d):
     n = q_size[0] * q_size[1]
     q, k, v = (torch.randn(bh, n, d, generator=generator).bfloat16() for _ in range(3))
     tables = [(torch.randn(2 * s - 1, d, generator=generator) * 0.3).bfloat16() for s in q_size]
-    got = rps.rel_pos_attention_fused(q, k, v, *tables, q_size, d**-0.5)
+    got = rps.rel_pos_attention_native(q, k, v, *tables, q_size, d**-0.5)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     expected = attention_in_float64(q, k, v, *tables, q_size, d**-0.5)
     assert ((got.double() - expected).norm() / expected.norm()).item() < 5e-3
@@ -124,10 +124,10 @@ def test_fused_attention_declines_what_it_cannot_run():
     """float32 (exact mode), head sizes it has no tiles for, a grid that is not N positions, gradients."""
     tables = torch.randn(5, 64), torch.randn(7, 64)
     q = torch.randn(2, 12, 64)
-    assert rps.rel_pos_attention_fused(q, q, q, *tables, (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_native(q, q, q, *tables, (3, 4), 0.1) is None
     odd = torch.randn(2, 12, 24).bfloat16()
-    assert rps.rel_pos_attention_fused(odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_native(odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
     b = q.bfloat16()
-    assert rps.rel_pos_attention_fused(b, b, b, *tables, (3, 5), 0.1) is None
+    assert rps.rel_pos_attention_native(b, b, b, *tables, (3, 5), 0.1) is None
     g = b.clone().requires_grad_()
-    assert rps.rel_pos_attention_fused(g, g, g, *tables, (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_native(g, g, g, *tables, (3, 4), 0.1) is None

@@ -17,7 +17,7 @@ from ..modeling.image_encoder import (
     window_unpartition,
 )
 from .kernels import is_exporting, linear
-from .rel_pos_softmax import rel_pos_attention_fused, rel_pos_softmax_
+from .rel_pos_softmax import rel_pos_attention_native, rel_pos_softmax_
 from .twin import register
 
 
@@ -117,9 +117,9 @@ def rel_pos_attention_chunked(
         # below are for a CPU's caches): the bias materialised as its additive mask, as in training.
         bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size, size).to(q.dtype)
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
-    fused = rel_pos_attention_fused(q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16: one kernel
-    if fused is not None:
-        return fused
+    native = rel_pos_attention_native(q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16: one kernel
+    if native is not None:
+        return native
     if n >= GLOBAL_ROWS:
         return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale)
     h, w = size

@@ -94,7 +94,7 @@ def rel_pos_softmax_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Ten
 FUSED_HEAD_DIMS = (16, 32, 48, 64, 80)
 
 
-def rel_pos_attention_fused(
+def rel_pos_attention_native(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
