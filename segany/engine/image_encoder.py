@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .rel_pos_softmax import rel_pos_attention_native, rel_pos_softmax_  # noqa: I001 (compiled kernels)
 from ..modeling import image_encoder as plain
 from ..modeling.image_encoder import (
     decomposed_rel_pos_bias,
@@ -17,7 +18,6 @@ from ..modeling.image_encoder import (
     window_unpartition,
 )
 from .kernels import is_exporting, linear
-from .rel_pos_softmax import rel_pos_attention_native, rel_pos_softmax_
 from .twin import register
 
 
@@ -111,15 +111,15 @@ def rel_pos_attention_chunked(
     materialised as its mask, and closer to float32 in bfloat16 (docs/benchmarks.md).
     Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded).
     """
+    native = rel_pos_attention_native(q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16 on a CPU: one kernel
+    if native is not None:
+        return native
     bh, n, _ = q.shape
     if not q.is_cpu:
         # On a GPU one fused kernel over every window and head is what is fast (the chunks and bands
         # below are for a CPU's caches): the bias materialised as its additive mask, as in training.
         bias = decomposed_rel_pos_bias(q, rel_pos_h, rel_pos_w, size, size).to(q.dtype)
         return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
-    native = rel_pos_attention_native(q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16: one kernel
-    if native is not None:
-        return native
     if n >= GLOBAL_ROWS:
         return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale)
     h, w = size
