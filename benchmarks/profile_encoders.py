@@ -13,6 +13,7 @@ bench_peers.py). Benchmark only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import statistics
 import sys
@@ -70,6 +71,31 @@ def part_of(name: str) -> str:
     return "other"
 
 
+@contextlib.contextmanager
+def _named_native_kernels():
+    """segany's compiled attention kernels (called through ctypes, invisible to torch.profiler) as named
+    profiler ranges, so that their time is counted as attention rather than lost."""
+    from torch.profiler import record_function
+
+    from segany.engine import image_encoder as ie
+
+    originals = {name: getattr(ie, name) for name in ("rel_pos_attention_native", "rel_pos_softmax_")}
+
+    def named(name, fn):
+        def call(*args, **kwargs):
+            with record_function(f"segany::{name}"):
+                return fn(*args, **kwargs)
+        return call
+
+    for name, fn in originals.items():
+        setattr(ie, name, named(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(ie, name, fn)
+
+
 def profile_segany(model: str, mode: str, weights: Path, reps: int, threads: int) -> dict:
     import segany
     from torch.profiler import ProfilerActivity, profile
@@ -80,9 +106,12 @@ def profile_segany(model: str, mode: str, weights: Path, reps: int, threads: int
     image = pb.load_image()
     with torch.inference_mode():
         predictor.set_image(image)  # warm-up
-        x = predictor.model.preprocess(predictor.transform.apply_image_torch(
-            torch.as_tensor(image).permute(2, 0, 1)[None].float()))
-        encoder = sam.image_encoder
+        engine = predictor.segmenter.engine
+        # the engine's twin of the encoder (what set_image runs: bfloat16 weights in fast mode), not
+        # the plain definition sam.image_encoder, which holds no speed paths
+        encoder = engine.net.image_encoder
+        x = engine.preprocess(predictor.transform.apply_image_torch(
+            torch.as_tensor(image).permute(2, 0, 1)[None].float())).to(engine.dtype)
 
         # parts: wall time of each top-level child of the encoder, by forward hooks
         parts = defaultdict(list)
@@ -105,7 +134,7 @@ def profile_segany(model: str, mode: str, weights: Path, reps: int, threads: int
             h.remove()
 
         kinds = defaultdict(float)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU]) as prof, _named_native_kernels():
             for _ in range(reps):
                 encoder(x)
     ops = {}

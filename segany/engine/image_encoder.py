@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .rel_pos_softmax import rel_pos_attention_native, rel_pos_softmax_  # noqa: I001 (compiled kernels)
 from ..modeling import image_encoder as plain
 from ..modeling.image_encoder import (
     decomposed_rel_pos_bias,
@@ -103,6 +104,9 @@ def rel_pos_attention_chunked(
     materialised as its mask, and closer to float32 in bfloat16 (docs/benchmarks.md).
     Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded).
     """
+    native = rel_pos_attention_native(q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16 on a CPU: one kernel
+    if native is not None:
+        return native
     bh, n, _ = q.shape
     if n >= GLOBAL_ROWS:
         return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale)
@@ -148,11 +152,14 @@ def attend_with_rel_pos(
     onto float32 logits (whatever q's dtype), softmax in float32, the products in q's dtype.
     One head (2-D q, k, v): both products through kernels.linear (v^T as the weight)."""
     if q.dim() == 2:
-        logits = linear(q * scale, k).float()  # Nq, N (q scaled first, as released)
+        logits = linear(q * scale, k)  # Nq, N (q scaled first, as released)
     else:
-        logits = torch.matmul(q * scale, k.transpose(-2, -1)).float()
-    logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
-    probs = logits.softmax(-1).to(v.dtype)
+        logits = torch.matmul(q * scale, k.transpose(-2, -1))
+    if not rel_pos_softmax_(logits, rel_h, rel_w):  # the bias and softmax in one pass, in place
+        logits = logits.float()
+        logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
+        logits = logits.softmax(-1)
+    probs = logits.to(v.dtype)
     if q.dim() == 2:
         out.copy_(linear(probs, v.t()))
     else:

@@ -66,20 +66,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SEGANY_NATIVE_CACHE") or Path(platformdirs.user_cache_dir("segany")) / "native")
 
 
-def _build(compiler: str) -> Path:
-    """Compile SOURCE (if this source, compiler and flags have not been compiled before) and return
+def _build(compiler: str, source: Path = SOURCE) -> Path:
+    """Compile `source` (if this source, compiler and flags have not been compiled before) and return
     the library's path. The library is written to a temporary name and renamed into place, so a
     concurrent or interrupted build never leaves a half-written file under the final name."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
-    target = cache_dir() / f"decoder_bf16-{key}.so"
+    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)

@@ -1,0 +1,362 @@
+/* segany's CPU kernel for the image encoder's attention: the decomposed relative-position bias and the
+ * softmax in one pass over the logits, float32 or bfloat16, on AVX-512.
+ *
+ * SAM's attention logits get a bias that is the sum of two small factors: for a query row and a key at
+ * (y, x) on the keys' k_h x k_w grid, rel_h[row][y] + rel_w[row][x]. Run through PyTorch as separate
+ * operations, a band of logits goes through memory five times (the product's bfloat16 output widened to
+ * float32, the two broadcast adds, the softmax, the probabilities narrowed to bfloat16); for a global
+ * block (4096 x 4096 logits per head) those passes cost more than the products themselves. Here each row
+ * is read once, biased, normalised in float32 in a row buffer that stays in L1/L2, and written back in
+ * place as probabilities in the logits' dtype. Arithmetic order as PyTorch's path: (logit + rel_h) +
+ * rel_w in float32, then softmax with the row's maximum subtracted. Loaded by segany/engine/attention.py.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int segany_attention_abi(void) { return 1; }
+
+static inline __m512 exp_ps(__m512 a) { /* exp(a) for a <= 0 (Cephes' expf, about 1 ulp) */
+  a = _mm512_max_ps(a, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(a, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), a);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load16(const void *base, long i, __mmask16 m, int bf16) {
+  if (bf16) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)base + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, (const float *)base + i);
+}
+
+/* float32 -> bfloat16, round to nearest even as PyTorch's conversion (vcvtneps2bf16; a NaN stays NaN,
+ * float32 subnormals - probabilities below 1e-38 - become 0) */
+static inline __m256i to_bf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+
+/* logits: rows x (k_h * k_w), row-major, row stride `stride` elements, float32 (bf16 = 0) or bfloat16
+ * (bf16 = 1); rel_h: rows x k_h and rel_w: rows x k_w, float32, contiguous. Each row becomes
+ * softmax(logits + rel_h[row][y] + rel_w[row][x]) in place. */
+void segany_rel_pos_softmax(void *logits, long rows, long stride, int k_h, int k_w, const float *rel_h,
+                            const float *rel_w, int bf16, int num_threads) {
+  const long n = (long)k_h * k_w;
+  const long padded = (n + 15) & ~15L;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float *buf = (float *)aligned_alloc(64, padded * sizeof(float) + 64);
+#pragma omp for schedule(static)
+    for (long r = 0; r < rows; r++) {
+      char *row = (char *)logits + r * stride * (bf16 ? 2 : 4);
+      const float *rh = rel_h + r * k_h, *rw = rel_w + r * k_w;
+      __m512 vmax = _mm512_set1_ps(-__builtin_inff());
+      for (int y = 0; y < k_h; y++) {
+        __m512 h = _mm512_set1_ps(rh[y]);
+        for (int x = 0; x < k_w; x += 16) {
+          __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
+          __m512 v = _mm512_add_ps(_mm512_add_ps(load16(row, (long)y * k_w + x, m, bf16), h),
+                                   _mm512_maskz_loadu_ps(m, rw + x));
+          _mm512_mask_storeu_ps(buf + (long)y * k_w + x, m, v);
+          vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+        }
+      }
+      __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+      __m512 vsum = _mm512_setzero_ps();
+      for (long i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_load_ps(buf + i), mx)));
+        _mm512_store_ps(buf + i, e);
+        vsum = _mm512_add_ps(vsum, e);
+      }
+      __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vsum));
+      for (long i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        __m512 p = _mm512_mul_ps(_mm512_load_ps(buf + i), inv);
+        if (bf16)
+          _mm256_mask_storeu_epi16((uint16_t *)row + i, m, to_bf16(p));
+        else
+          _mm512_mask_storeu_ps((float *)row + i, m, p);
+      }
+    }
+    free(buf);
+  }
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Attention with the decomposed rel-pos bias in one kernel (bfloat16 operands, float32 accumulation),
+ * a tile of query rows at a time: the tile's logits (q k^T, float32) stay in a per-thread buffer, get
+ * their bias and softmax there, and are multiplied with v as bfloat16 probabilities, so the N x N
+ * logits never go through memory and one parallel region covers every head (and window).
+ *
+ * q, k, v: bh x n x d bfloat16, contiguous; q is scaled by `scale` here as released (in float32,
+ * rounded to bfloat16). Each thread packs the k and v of the head it works on into the layouts
+ * vdpbf16ps reads: k by channel pairs within blocks of 16 keys (kb x (d/2) x 16 x 2, zero keys past n,
+ * kb even), v by pairs of keys ((n+1)/2 x d x 2, a zero key past an odd n). table_h: the rel-pos table of each query row y,
+ * k_h x ceil(k_h/16) x (d/2) x 16 x 2 (zero past k_h), table_w the same for each query column x;
+ * queries and keys on one k_h x k_w grid (n = k_h * k_w). The bias factors rel_h[y'] = q_raw . table_h[y][y']
+ * and rel_w[x'] = q_raw . table_w[x][x'] (MViTv2's decomposition) are computed per query row here.
+ * out: bfloat16, head h's row r at out + h * o_head + r * o_row. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
+ */
+#define TILE_ROWS 8
+
+static inline __m512bh pair_at(const uint16_t *p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return (__m512bh)_mm512_set1_epi32(v);
+}
+
+/* logits[r][j] = q[r] . k[j] for ROWS rows and every key block (two blocks at a time), written to s
+ * (row stride s_stride). With rh/rw (a key grid whose rows are whole multiples of 16 keys, as the
+ * global blocks' 64 x 64) the bias is added as the logits are stored, (logit + rel_h) + rel_w as
+ * PyTorch's path adds it, and each row's maximum is kept in vmax. */
+#define DEFINE_TILE_LOGITS(NAME, ROWS)                                                                       \
+  static void NAME(const uint16_t *q, int d, const uint16_t *kp, int kb, float *s, long s_stride,              \
+                   const float *rh, long rh_stride, const float *rw, long rw_stride, int k_h, int k_w,           \
+                   __m512 *vmax) {                                                                             \
+    const int pairs = d / 2;                                                                                   \
+    for (int b = 0; b < kb; b += 2) {                                                                          \
+      const uint16_t *k0 = kp + (long)b * pairs * 32, *k1 = k0 + (long)pairs * 32;                             \
+      __m512 acc[ROWS][2];                                                                                     \
+      for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                              \
+      for (int p = 0; p < pairs; p++) {                                                                        \
+        __m512bh w0 = (__m512bh)_mm512_loadu_si512(k0 + p * 32);                                              \
+        __m512bh w1 = (__m512bh)_mm512_loadu_si512(k1 + p * 32);                                              \
+        for (int r = 0; r < ROWS; r++) {                                                                       \
+          __m512bh x = pair_at(q + (long)r * d + 2 * p);                                                       \
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x, w0);                                                      \
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x, w1);                                                      \
+        }                                                                                                      \
+      }                                                                                                        \
+      if (rh) {                                                                                                \
+        const int j = b * 16, y = j / k_w, x = j % k_w; /* both blocks on key row y (k_w % 32 == 0) */        \
+        if (y < k_h) {                                                                                         \
+          for (int r = 0; r < ROWS; r++) {                                                                     \
+            __m512 h = _mm512_set1_ps(rh[r * rh_stride + y]);                                                  \
+            __m512 wr0 = _mm512_loadu_ps(rw + r * rw_stride + x), wr1 = _mm512_loadu_ps(rw + r * rw_stride + x + 16); \
+            acc[r][0] = _mm512_add_ps(_mm512_add_ps(acc[r][0], h), wr0);                                       \
+            acc[r][1] = _mm512_add_ps(_mm512_add_ps(acc[r][1], h), wr1);                                       \
+            vmax[r] = _mm512_max_ps(vmax[r], _mm512_max_ps(acc[r][0], acc[r][1]));                             \
+          }                                                                                                    \
+        }                                                                                                      \
+      }                                                                                                        \
+      for (int r = 0; r < ROWS; r++) {                                                                         \
+        _mm512_storeu_ps(s + r * s_stride + b * 16, acc[r][0]);                                                \
+        _mm512_storeu_ps(s + r * s_stride + b * 16 + 16, acc[r][1]);                                           \
+      }                                                                                                        \
+    }                                                                                                          \
+  }
+DEFINE_TILE_LOGITS(tile_logits_full, TILE_ROWS)
+DEFINE_TILE_LOGITS(tile_logits_1, 1)
+
+/* out[r] = (p[r] . v) * inv[r] for ROWS rows (p: bfloat16 pairs), NV = d / 16 output vectors. */
+#define DEFINE_TILE_VALUES(NAME, ROWS, NV)                                                                     \
+  static void NAME(const uint16_t *p, long p_stride, const uint16_t *vp, int n_pairs, const float *inv,        \
+                   uint16_t *out, long o_row, int d) {                                                         \
+    __m512 acc[ROWS][NV];                                                                                      \
+    for (int r = 0; r < ROWS; r++)                                                                             \
+      for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();                                            \
+    for (int t = 0; t < n_pairs; t++) {                                                                        \
+      const uint16_t *vt = vp + (long)t * d * 2;                                                               \
+      __m512bh w[NV];                                                                                          \
+      for (int c = 0; c < NV; c++) w[c] = (__m512bh)_mm512_loadu_si512(vt + c * 32);                          \
+      for (int r = 0; r < ROWS; r++) {                                                                         \
+        __m512bh x = pair_at(p + r * p_stride + 2 * t);                                                        \
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], x, w[c]);                        \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int r = 0; r < ROWS; r++)                                                                             \
+      for (int c = 0; c < NV; c++)                                                                             \
+        _mm256_storeu_si256((__m256i *)(out + (long)r * o_row + c * 16),                                       \
+                            to_bf16(_mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))));                        \
+  }
+DEFINE_TILE_VALUES(tile_values_4x4, 4, 4)
+DEFINE_TILE_VALUES(tile_values_1x4, 1, 4)
+DEFINE_TILE_VALUES(tile_values_4x5, 4, 5)
+DEFINE_TILE_VALUES(tile_values_1x5, 1, 5)
+DEFINE_TILE_VALUES(tile_values_4x3, 4, 3)
+DEFINE_TILE_VALUES(tile_values_1x3, 1, 3)
+DEFINE_TILE_VALUES(tile_values_4x2, 4, 2)
+DEFINE_TILE_VALUES(tile_values_1x2, 1, 2)
+DEFINE_TILE_VALUES(tile_values_4x1, 4, 1)
+DEFINE_TILE_VALUES(tile_values_1x1, 1, 1)
+
+static void tile_values(const uint16_t *p, long p_stride, int rows, const uint16_t *vp, int n_pairs, int nv,
+                        const float *inv, uint16_t *out, long o_row, int d) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const uint16_t *pr = p + r * p_stride;
+    uint16_t *o = out + (long)r * o_row;
+    switch (nv) {
+      case 4: tile_values_4x4(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 5: tile_values_4x5(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 3: tile_values_4x3(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 2: tile_values_4x2(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      default: tile_values_4x1(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+    }
+  }
+  for (; r < rows; r++) {
+    const uint16_t *pr = p + r * p_stride;
+    uint16_t *o = out + (long)r * o_row;
+    switch (nv) {
+      case 4: tile_values_1x4(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 5: tile_values_1x5(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 3: tile_values_1x3(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      case 2: tile_values_1x2(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+      default: tile_values_1x1(pr, p_stride, vp, n_pairs, inv + r, o, o_row, d); break;
+    }
+  }
+}
+
+/* dst[j] = q . table[j] for the nb * 16 rows of a packed table (nb x pairs x 16 x 2): one query's
+ * rel-pos factor (its q against the table of its own coordinate), float32 sums of bfloat16 products. */
+static void rel_terms(const uint16_t *q, const uint16_t *table, int nb, int pairs, float *dst) {
+  for (int b = 0; b < nb; b++) {
+    const uint16_t *t = table + (long)b * pairs * 32;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int p = 0;
+    for (; p + 2 <= pairs; p += 2) {
+      acc0 = _mm512_dpbf16_ps(acc0, pair_at(q + 2 * p), (__m512bh)_mm512_loadu_si512(t + p * 32));
+      acc1 = _mm512_dpbf16_ps(acc1, pair_at(q + 2 * p + 2), (__m512bh)_mm512_loadu_si512(t + p * 32 + 32));
+    }
+    if (p < pairs) acc0 = _mm512_dpbf16_ps(acc0, pair_at(q + 2 * p), (__m512bh)_mm512_loadu_si512(t + p * 32));
+    _mm512_storeu_ps(dst + b * 16, _mm512_add_ps(acc0, acc1));
+  }
+}
+
+static void pack_keys(const uint16_t *k, int n, int d, int kb, uint16_t *kp) {
+  const int pairs = d / 2;
+  const uint32_t *src = (const uint32_t *)k;
+  uint32_t *dst = (uint32_t *)kp;
+  for (int b = 0; b < kb; b++)
+    for (int p = 0; p < pairs; p++)
+      for (int jj = 0; jj < 16; jj++) {
+        const int j = b * 16 + jj;
+        dst[((long)b * pairs + p) * 16 + jj] = j < n ? src[(long)j * pairs + p] : 0u;
+      }
+}
+
+static void pack_values(const uint16_t *v, int n, int d, uint16_t *vp) {
+  /* pair t: v[2t][c], v[2t+1][c] interleaved, 16 columns per vector */
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36,
+                                      4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const int n_pairs = (n + 1) / 2;
+  for (int t = 0; t < n_pairs; t++) {
+    const uint16_t *a = v + (long)(2 * t) * d;
+    uint16_t *dst = vp + (long)t * d * 2;
+    for (int c0 = 0; c0 < d; c0 += 32) {
+      const int cols = d - c0 < 32 ? d - c0 : 32;
+      const __mmask32 m = cols == 32 ? 0xffffffffu : ((1u << cols) - 1);
+      __m512i x = _mm512_maskz_loadu_epi16(m, a + c0);
+      __m512i y = 2 * t + 1 < n ? _mm512_maskz_loadu_epi16(m, a + d + c0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * c0, _mm512_permutex2var_epi16(x, lo, y));
+      if (cols > 16) _mm512_storeu_si512(dst + 2 * c0 + 32, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *k, const uint16_t *v, float scale,
+                                   const uint16_t *table_h, const uint16_t *table_w, uint16_t *out, long o_head, long o_row, long bh, int n, int d,
+                                   int k_h, int k_w, int num_threads) {
+  const int kb = ((n + 31) / 32) * 2;
+  const int n_pairs = (n + 1) / 2;
+  const long s_stride = (long)kb * 16;
+  const long p_stride = (long)n_pairs * 2;
+  const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
+  const int nv = d / 16;
+  const int bias_at_store = k_w % 32 == 0;
+  const int nbh = (k_h + 15) / 16, nbw = (k_w + 15) / 16;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float *rel_h = (float *)aligned_alloc(64, TILE_ROWS * nbh * 16 * sizeof(float));
+    float *rel_w = (float *)aligned_alloc(64, TILE_ROWS * nbw * 16 * sizeof(float));
+    float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
+    uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
+    uint16_t *kp = (uint16_t *)aligned_alloc(64, (long)kb * 16 * d * sizeof(uint16_t));
+    uint16_t *vp = (uint16_t *)aligned_alloc(64, (long)n_pairs * 2 * d * sizeof(uint16_t));
+    uint16_t *qs = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * d * sizeof(uint16_t) + 63) / 64) * 64);
+    long packed = -1;
+    float inv[TILE_ROWS];
+#pragma omp for schedule(static)
+    for (long task = 0; task < bh * tiles; task++) {
+      const long h = task / tiles;
+      const int r0 = (int)(task % tiles) * TILE_ROWS;
+      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
+      const float *rh = rel_h, *rw = rel_w;
+      if (h != packed) {
+        pack_keys(k + h * n * (long)d, n, d, kb, kp);
+        pack_values(v + h * n * (long)d, n, d, vp);
+        packed = h;
+      }
+      for (int i = 0; i < rows * d; i += 16) {
+        const __mmask16 m = rows * d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (rows * d - i)) - 1);
+        __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q_raw + (h * n + r0) * d + i)), 16));
+        _mm256_mask_storeu_epi16(qs + i, m, to_bf16(_mm512_mul_ps(x, _mm512_set1_ps(scale))));
+      }
+      for (int r = 0; r < rows; r++) {
+        const int i = r0 + r;
+        const uint16_t *qi = q_raw + (h * n + i) * d;
+        rel_terms(qi, table_h + (long)(i / k_w) * nbh * 16 * d, nbh, d / 2, rel_h + r * nbh * 16);
+        rel_terms(qi, table_w + (long)(i % k_w) * nbw * 16 * d, nbw, d / 2, rel_w + r * nbw * 16);
+      }
+      const uint16_t *kh = kp;
+      __m512 vmax[TILE_ROWS];
+      for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
+      if (rows == TILE_ROWS) {
+        tile_logits_full(qs, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, nbh * 16, rw, nbw * 16,
+                         k_h, k_w, vmax);
+      } else {
+        for (int r = 0; r < rows; r++)
+          tile_logits_1(qs + r * d, d, kh, kb, s + r * s_stride, s_stride,
+                        bias_at_store ? rh + r * nbh * 16 : NULL, 0, rw + r * nbw * 16, 0, k_h, k_w, vmax + r);
+      }
+      for (int r = 0; r < rows; r++) {
+        float *row = s + r * s_stride;
+        uint16_t *prow = p + r * p_stride;
+        if (!bias_at_store) {
+          const float *rhr = rh + r * nbh * 16, *rwr = rw + r * nbw * 16;
+          for (int y = 0; y < k_h; y++) {
+            __m512 hv = _mm512_set1_ps(rhr[y]);
+            for (int x = 0; x < k_w; x += 16) {
+              __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
+              float *at = row + y * k_w + x;
+              __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, at), hv), _mm512_maskz_loadu_ps(m, rwr + x));
+              _mm512_mask_storeu_ps(at, m, v);
+              vmax[r] = _mm512_mask_max_ps(vmax[r], m, vmax[r], v);
+            }
+          }
+        }
+        /* exp(logit - max) rounded to bfloat16 for the product with v; the row's sum (of the float32
+         * values) divides the product's result */
+        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[r]));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
+          vsum = _mm512_add_ps(vsum, e);
+          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(e));
+        }
+        if (n & 1) prow[n] = 0;
+        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
+      }
+      tile_values(p, p_stride, rows, vp, n_pairs, nv, inv, out + h * o_head + r0 * o_row, o_row, d);
+    }
+    free(s);
+    free(p);
+    free(rel_h);
+    free(rel_w);
+    free(kp);
+    free(vp);
+    free(qs);
+  }
+}

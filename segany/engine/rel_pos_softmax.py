@@ -1,0 +1,144 @@
+"""The image encoder's attention softmax with its decomposed relative-position bias, in one pass
+(segany/engine/csrc/attention_softmax.c; compiled and loaded as segany.engine.native describes).
+
+PyTorch runs softmax(logits + rel_h + rel_w) over a band of logits as five passes through memory
+(bfloat16 logits widened to float32, two broadcast adds, the softmax, the probabilities narrowed back);
+the kernel reads each row once and writes its probabilities in place, in the logits' dtype, with the
+same float32 arithmetic. Where it cannot run (no AVX-512 BF16 or no compiler, SEGANY_NATIVE=0, another
+device or dtype, anything that needs gradients) `rel_pos_softmax_` says so and the caller keeps its
+PyTorch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from ..modeling.image_encoder import relative_position_table
+from . import native
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "attention_softmax.c"
+ABI = 1
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The compiled kernel, or None where it cannot run here (the reason is logged once)."""
+    if os.environ.get(native.ENV_SWITCH, "1") == "0" or not native.cpu_has_avx512_bf16():
+        return None
+    compiler = native._compiler()
+    if compiler is None:
+        logger.info("segany attention kernel: no C compiler found; using PyTorch's operations")
+        return None
+    try:
+        import torch  # noqa: F401,F811  (its OpenMP runtime is loaded first, and the kernel binds to it)
+
+        lib = ctypes.CDLL(str(native._build(compiler, SOURCE)))
+        p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+        lib.segany_attention_abi.restype = i
+        lib.segany_attention_abi.argtypes = []
+        lib.segany_rel_pos_softmax.restype = None
+        lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
+        lib.segany_rel_pos_attention_bf16.restype = None
+        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, ctypes.c_float, p, p, p, l, l, l, i, i, i, i, i]
+        if lib.segany_attention_abi() != ABI:
+            raise RuntimeError("the compiled kernel does not match this version of segany")
+        return lib
+    except Exception as err:  # any failure: the PyTorch path is always there
+        logger.warning("segany attention kernel unavailable (%s: %s); using PyTorch's operations", type(err).__name__, err)
+        return None
+
+
+def rel_pos_softmax_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> bool:
+    """logits <- softmax(logits + rel_h + rel_w, -1) in place, the bias and the softmax in float32.
+
+    logits: (..., Nq, k_h * k_w) float32 or bfloat16, rows contiguous; rel_h: (..., Nq, k_h, 1) and
+    rel_w: (..., Nq, 1, k_w), float32 (query row r's bias on key (y, x) is rel_h[r, y] + rel_w[r, x]).
+    Returns False, leaving everything unchanged, where the kernel cannot run it."""
+    k_h, k_w = rel_h.shape[-2], rel_w.shape[-1]
+    n = logits.shape[-1]
+    rows = logits.numel() // n if n else 0
+    if (
+        rows == 0
+        or n != k_h * k_w
+        or logits.dtype not in DTYPES
+        or rel_h.dtype != torch.float32
+        or rel_w.dtype != torch.float32
+        or not logits.is_cpu
+        or logits.requires_grad
+        or rel_h.numel() != rows * k_h
+        or rel_w.numel() != rows * k_w
+        or logits.stride(-1) != 1
+        or not logits.is_contiguous()
+        or library() is None
+    ):
+        return False
+    rel_h = rel_h.contiguous()
+    rel_w = rel_w.contiguous()
+    library().segany_rel_pos_softmax(
+        logits.data_ptr(), rows, n, k_h, k_w, rel_h.data_ptr(), rel_w.data_ptr(),
+        int(logits.dtype == torch.bfloat16), torch.get_num_threads(),
+    )
+    return True
+
+
+# head sizes the fused attention kernel takes (SAM's ViT-B/L: 64, ViT-H: 80)
+FUSED_HEAD_DIMS = (16, 32, 48, 64, 80)
+
+
+def rel_pos_attention_native(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    size: Tuple[int, int],
+    scale: float,
+) -> Optional[torch.Tensor]:
+    """softmax((q * scale) k^T + bias) v with MViTv2's decomposed rel-pos bias of the tables rel_pos_h,
+    rel_pos_w, for bfloat16 q, k, v (BH, N, C), queries and keys on one size = (h, w) grid: one kernel
+    call over every head (or window x head), a tile of query rows at a time (csrc/attention_softmax.c).
+    The bias factors (q against the gathered tables) and the logits are float32 sums of bfloat16
+    products, never rounded to bfloat16 nor written to memory; bias and softmax in float32; the
+    probabilities rounded to bfloat16 for the product with v. None where the kernel cannot run it (the
+    caller keeps its PyTorch path). The result is (BH, N, C), stored position-major (N, BH, C)."""
+    bh, n, d = q.shape
+    h, w = size
+    if (
+        n == 0
+        or n != h * w
+        or d not in FUSED_HEAD_DIMS
+        or any(t.dtype != torch.bfloat16 or t.shape != q.shape or not t.is_cpu or t.requires_grad for t in (q, k, v))
+        or rel_pos_h.shape[-1] != d
+        or rel_pos_w.shape[-1] != d
+        or library() is None
+    ):
+        return None
+    table_h = _packed_table(relative_position_table(h, h, rel_pos_h.detach().float()))
+    table_w = _packed_table(relative_position_table(w, w, rel_pos_w.detach().float()))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    # written position-major (N, BH, C): merging the heads afterwards is then a view, not a copy
+    out = q.new_empty(n, bh, d)
+    library().segany_rel_pos_attention_bf16(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), scale, table_h.data_ptr(), table_w.data_ptr(),
+        out.data_ptr(), d, bh * d, bh, n, d, h, w, torch.get_num_threads(),
+    )
+    return out.transpose(0, 1)
+
+
+def _packed_table(table: torch.Tensor) -> torch.Tensor:
+    """A gathered rel-pos table (q_size, k_size, C) in bfloat16, k_size padded with zeros to blocks of
+    16 and packed by channel pairs: (q_size, blocks, C/2, 16, 2)."""
+    q_size, k_size, c = table.shape
+    blocks = -(-k_size // 16)
+    padded = table.new_zeros(q_size, blocks * 16, c)
+    padded[:, :k_size] = table
+    return padded.to(torch.bfloat16).view(q_size, blocks, 16, c // 2, 2).transpose(2, 3).contiguous()
