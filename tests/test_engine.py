@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import re
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def test_the_engine_binds_its_paths_when_it_is_built(tiny_sam, monkeypatch):
     """A CPU build binds the CPU paths (oneDNN products, the compiled kernels where they loaded; in the
     fast mode the bfloat16 upscaling's kernel and its folded norm), a build without the kernels the
     PyTorch ones, any other device plain PyTorch; the choices are stored on the modules then."""
-    from segany.engine import image_encoder, kernels, native
+    from segany.engine import image_encoder, kernels, native, rel_pos_softmax
     from segany.engine.paths import EnginePaths, bind
 
     def choices(engine):
@@ -135,27 +136,36 @@ def test_the_engine_binds_its_paths_when_it_is_built(tiny_sam, monkeypatch):
             upscaling="native_upscaling" in vars(dec.output_upscaling) and dec.output_upscaling.native_upscaling,
             folded=dec.output_upscaling.in_bfloat16,
             image_update=dec.transformer.native_image_updates,
-            rel_pos=vars(enc.blocks[0].attn)["rel_pos_attention"],
+            rel_pos=_function_and_kernels(vars(enc.blocks[0].attn)["rel_pos_attention"]),
         )
 
     loaded = native.library() is not None
     fast = choices(SamEngine(tiny_sam, "fast"))
     assert fast == dict(
         linear=kernels.linear, native=native.library(), upscaling=loaded, folded=True, image_update=loaded,
-        rel_pos=image_encoder.rel_pos_attention_chunked,
+        rel_pos=(image_encoder.rel_pos_attention_chunked, rel_pos_softmax.library()),
     )
     exact = choices(SamEngine(tiny_sam, "exact"))
     assert exact["linear"] is kernels.linear and not exact["upscaling"] and not exact["folded"] and not exact["image_update"]
     monkeypatch.setattr(native, "library", lambda: None)  # (as SEGANY_NATIVE=0)
     off = choices(SamEngine(tiny_sam, "fast"))
     assert off["native"] is None and not off["upscaling"] and off["folded"] and not off["image_update"]
+    monkeypatch.setattr(rel_pos_softmax, "library", lambda: None)
+    assert choices(SamEngine(tiny_sam, "fast"))["rel_pos"] == (image_encoder.rel_pos_attention_chunked, None)
     monkeypatch.undo()
     gpu = SamEngine(tiny_sam, "fast")
     bind(gpu.net, EnginePaths.build("cuda"))  # (what a CUDA build binds; nothing runs here)
     assert choices(gpu) == dict(
         linear=kernels.plain_linear, native=None, upscaling=False, folded=True, image_update=False,
-        rel_pos=image_encoder.rel_pos_attention_fused,
+        rel_pos=(image_encoder.rel_pos_attention_fused, None),
     )
+
+
+def _function_and_kernels(choice):
+    """(function, the compiled kernels it was bound with) of an attention module's bound choice."""
+    if isinstance(choice, functools.partial):
+        return choice.func, choice.keywords.get("kernels")
+    return choice, None
 
 
 def test_the_plain_pytorch_paths_agree_with_the_plain_modules(tiny_sam):

@@ -31,7 +31,7 @@ def test_kernel_matches_pytorch(dtype, batch, k_h, k_w):
     rel_w = torch.randn(*batch, 1, k_w, generator=generator) * 3
     expected = pytorch_softmax(logits, rel_h, rel_w)
     got = logits.clone()
-    assert rps.rel_pos_softmax_(got, rel_h, rel_w)
+    assert rps.rel_pos_softmax_(rps.library(), got, rel_h, rel_w)
     assert got.dtype == dtype
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
@@ -48,25 +48,23 @@ def test_kernel_keeps_large_logits_finite():
     rel_h = torch.tensor([[[5.0], [-5.0]]])
     rel_w = torch.tensor([[[0.0, 40.0]]])
     got = logits.clone()
-    assert rps.rel_pos_softmax_(got, rel_h, rel_w)
+    assert rps.rel_pos_softmax_(rps.library(), got, rel_h, rel_w)
     torch.testing.assert_close(got, pytorch_softmax(logits, rel_h, rel_w), atol=1e-7, rtol=1e-6)
 
 
 def test_declines_what_it_cannot_run():
-    """Other dtypes, a shape that is not k_h x k_w keys, non-contiguous rows, tensors needing gradients:
-    False and the logits unchanged (the caller keeps its PyTorch path)."""
+    """Other dtypes, a shape that is not k_h x k_w keys, non-contiguous rows: False and the logits unchanged (the caller keeps its PyTorch path)."""
     rel_h, rel_w = torch.randn(4, 3, 1), torch.randn(4, 1, 5)
     cases = [
         torch.randn(4, 15, dtype=torch.float64),
         torch.randn(4, 16),
         torch.randn(15, 4).t(),
-        torch.randn(4, 15, requires_grad=True),
     ]
     for logits in cases:
         before = logits.detach().clone()
-        assert not rps.rel_pos_softmax_(logits, rel_h, rel_w)
+        assert not rps.rel_pos_softmax_(rps.library(), logits, rel_h, rel_w)
         assert torch.equal(logits.detach(), before)
-    assert not rps.rel_pos_softmax_(torch.randn(4, 15), rel_h.half(), rel_w.half())
+    assert not rps.rel_pos_softmax_(rps.library(), torch.randn(4, 15), rel_h.half(), rel_w.half())
 
 
 @needs_kernel
@@ -82,10 +80,8 @@ def test_attention_paths_equal_with_and_without_the_kernel(dtype, q_size, global
     q, k, v = (torch.randn(6, n, c).to(dtype) for _ in range(3))
     rel_pos_h, rel_pos_w = (torch.randn(2 * s - 1, c).to(dtype) for s in q_size)
     with torch.inference_mode():
-        got = ie.rel_pos_attention_chunked(q, k, v, rel_pos_h, rel_pos_w, q_size, c**-0.5)
-        monkeypatch.setattr(ie, "rel_pos_softmax_", lambda *a: False)
-        monkeypatch.setattr(ie, "rel_pos_attention_native", lambda *a: None)
-        expected = ie.rel_pos_attention_chunked(q, k, v, rel_pos_h, rel_pos_w, q_size, c**-0.5)
+        got = ie.rel_pos_attention_chunked(q, k, v, rel_pos_h, rel_pos_w, q_size, c**-0.5, kernels=rps.library())
+        expected = ie.rel_pos_attention_chunked(q, k, v, rel_pos_h, rel_pos_w, q_size, c**-0.5)  # PyTorch only
     if dtype == torch.float32:
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     else:  # the fused kernel's logits are not rounded to bfloat16: close, not equal
@@ -114,20 +110,18 @@ def test_fused_attention_kernel_against_float64(q_size, bh, d):
     n = q_size[0] * q_size[1]
     q, k, v = (torch.randn(bh, n, d, generator=generator).bfloat16() for _ in range(3))
     tables = [(torch.randn(2 * s - 1, d, generator=generator) * 0.3).bfloat16() for s in q_size]
-    got = rps.rel_pos_attention_native(q, k, v, *tables, q_size, d**-0.5)
+    got = rps.rel_pos_attention_native(rps.library(), q, k, v, *tables, q_size, d**-0.5)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     expected = attention_in_float64(q, k, v, *tables, q_size, d**-0.5)
     assert ((got.double() - expected).norm() / expected.norm()).item() < 5e-3
 
 
 def test_fused_attention_declines_what_it_cannot_run():
-    """float32 (exact mode), head sizes it has no tiles for, a grid that is not N positions, gradients."""
+    """float32 (exact mode), head sizes it has no tiles for, a grid that is not N positions."""
     tables = torch.randn(5, 64), torch.randn(7, 64)
     q = torch.randn(2, 12, 64)
-    assert rps.rel_pos_attention_native(q, q, q, *tables, (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_native(rps.library(), q, q, q, *tables, (3, 4), 0.1) is None
     odd = torch.randn(2, 12, 24).bfloat16()
-    assert rps.rel_pos_attention_native(odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_native(rps.library(), odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
     b = q.bfloat16()
-    assert rps.rel_pos_attention_native(b, b, b, *tables, (3, 5), 0.1) is None
-    g = b.clone().requires_grad_()
-    assert rps.rel_pos_attention_native(g, g, g, *tables, (3, 4), 0.1) is None
+    assert rps.rel_pos_attention_native(rps.library(), b, b, b, *tables, (3, 5), 0.1) is None

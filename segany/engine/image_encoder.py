@@ -3,6 +3,8 @@ projections with their residual fused (see docs/architecture.md). Twins of segan
 modules: same parameters, same step names."""
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -23,8 +25,13 @@ class Attention(plain.Attention):
     """Multi-head self-attention with optional decomposed relative-position bias."""
 
     paths = UNBOUND
-    # On a CPU in chunks and bands; elsewhere one fused kernel (see rel_pos_attention_fused).
-    rel_pos_attention = chosen_at_build(lambda _, paths: rel_pos_attention_chunked if paths.cpu else rel_pos_attention_fused)
+    # On a CPU in chunks and bands with the compiled kernels where they loaded; elsewhere one fused
+    # kernel (see rel_pos_attention_fused).
+    rel_pos_attention = chosen_at_build(
+        lambda _, paths: functools.partial(rel_pos_attention_chunked, kernels=paths.attention_kernels)
+        if paths.cpu
+        else rel_pos_attention_fused
+    )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(x))
@@ -65,7 +72,7 @@ class Attention(plain.Attention):
                 padding.copy_(self.qkv.bias.view(3, 1, 1, 1, 1, 1, heads, head_dim).expand(padding.shape))
         q, k, v = windows.view(3, b * n_h * n_w * heads, ws * ws, head_dim).unbind(0)
         if self.use_rel_pos:
-            mixed = rel_pos_attention_chunked(q, k, v, self.rel_pos_h, self.rel_pos_w, (ws, ws), self.scale)
+            mixed = self.rel_pos_attention(q, k, v, self.rel_pos_h, self.rel_pos_w, (ws, ws), self.scale)
         else:
             mixed = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         mixed = mixed.view(b, n_h, n_w, heads, ws, ws, head_dim)
@@ -95,8 +102,10 @@ def rel_pos_attention_chunked(
     rel_pos_w: torch.Tensor,
     size: Tuple[int, int],
     scale: float,
+    kernels: Optional[ctypes.CDLL] = None,
 ) -> torch.Tensor:
-    """Attention with the decomposed rel-pos bias (inference). q, k, v: (BH, N, C).
+    """Attention with the decomposed rel-pos bias (inference). q, k, v: (BH, N, C); kernels: the
+    compiled attention kernels the engine bound (segany.engine.rel_pos_softmax), or None.
 
     Small (windowed) attention: a chunk of windows x heads at a time, their logits in float32 with the
     bias added in place as its two broadcast factors (rel_h over key rows, rel_w over key columns),
@@ -104,12 +113,13 @@ def rel_pos_attention_chunked(
     materialised as its mask, and closer to float32 in bfloat16 (docs/benchmarks.md).
     Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded).
     """
-    native = rel_pos_attention_native(q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16 on a CPU: one kernel
-    if native is not None:
-        return native
+    if kernels is not None:
+        native = rel_pos_attention_native(kernels, q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16: one kernel
+        if native is not None:
+            return native
     bh, n, _ = q.shape
     if n >= GLOBAL_ROWS:
-        return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale)
+        return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale, kernels)
     h, w = size
     step = max(1, WINDOW_CHUNK_ELEMENTS // (n * n))
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
@@ -119,7 +129,7 @@ def rel_pos_attention_chunked(
         rel_h, rel_w = decomposed_rel_pos_terms(q[part], rel_pos_h, rel_pos_w, size, size, tables)
         rel_h = rel_h.float().reshape(-1, n, h, 1)
         rel_w = rel_w.float().reshape(-1, n, 1, w)
-        attend_with_rel_pos(q[part], k[part], v[part], rel_h, rel_w, scale, out[part])
+        attend_with_rel_pos(q[part], k[part], v[part], rel_h, rel_w, scale, out[part], kernels)
     return out
 
 
@@ -146,6 +156,7 @@ def attend_with_rel_pos(
     rel_w: torch.Tensor,
     scale: float,
     out: torch.Tensor,
+    kernels: Optional[ctypes.CDLL] = None,
 ) -> None:
     """out = softmax((q * scale) k^T + rel_h + rel_w) v for q (..., Nq, C), k, v (..., N, C), the keys
     on a (k_h, k_w) grid: rel_h (..., Nq, k_h, 1) and rel_w (..., Nq, 1, k_w) float32, added in place
@@ -155,7 +166,7 @@ def attend_with_rel_pos(
         logits = linear(q * scale, k)  # Nq, N (q scaled first, as released)
     else:
         logits = torch.matmul(q * scale, k.transpose(-2, -1))
-    if not rel_pos_softmax_(logits, rel_h, rel_w):  # the bias and softmax in one pass, in place
+    if kernels is None or not rel_pos_softmax_(kernels, logits, rel_h, rel_w):  # bias and softmax in one pass
         logits = logits.float()
         logits.view(*logits.shape[:-1], rel_h.shape[-2], rel_w.shape[-1]).add_(rel_h).add_(rel_w)
         logits = logits.softmax(-1)
@@ -180,6 +191,7 @@ def rel_pos_attention_banded(
     rel_pos_w: torch.Tensor,
     size: Tuple[int, int],
     scale: float,
+    kernels: Optional[ctypes.CDLL] = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + rel_h + rel_w) v, one head and one band of query rows at a time.
 
@@ -194,7 +206,7 @@ def rel_pos_attention_banded(
     for b in range(bh):
         for r0 in range(0, n, BAND_ROWS):
             rows = slice(r0, min(n, r0 + BAND_ROWS))
-            attend_with_rel_pos(q[b, rows], k[b], v[b], rel_h[b, rows], rel_w[b, rows], scale, out[b, rows])
+            attend_with_rel_pos(q[b, rows], k[b], v[b], rel_h[b, rows], rel_w[b, rows], scale, out[b, rows], kernels)
     return out
 
 

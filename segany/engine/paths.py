@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from . import kernels, native
+from . import kernels, native, rel_pos_softmax
 from .twin import chosen_at_build
 
 
@@ -32,6 +32,8 @@ class EnginePaths:
     cpu: bool
     # segany's compiled kernels (csrc/decoder_bf16.c) where they loaded on a CPU build, else None.
     native: Optional[ctypes.CDLL]
+    # The image encoder's attention kernels (csrc/attention_softmax.c) where they loaded on a CPU build, else None.
+    attention_kernels: Optional[ctypes.CDLL]
     # The products of the engine's layers: kernels.linear (oneDNN) on a CPU, kernels.plain_linear elsewhere.
     linear: Callable[..., torch.Tensor]
     # Products of a few bfloat16 rows with a small layer's weights (kernels.matmul_weight), and the
@@ -49,6 +51,7 @@ class EnginePaths:
             device=device,
             cpu=True,
             native=native.library(),
+            attention_kernels=rel_pos_softmax.library(),
             linear=kernels.linear,
             matmul_weight=kernels.matmul_weight,
             float32_weight_for=kernels.float32_weight_for,
@@ -61,6 +64,7 @@ class EnginePaths:
             device=torch.device(device),
             cpu=False,
             native=None,
+            attention_kernels=None,
             linear=kernels.plain_linear,
             matmul_weight=kernels.plain_matmul_weight,
             float32_weight_for=kernels.no_float32_weight,

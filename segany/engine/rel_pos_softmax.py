@@ -4,9 +4,10 @@
 PyTorch runs softmax(logits + rel_h + rel_w) over a band of logits as five passes through memory
 (bfloat16 logits widened to float32, two broadcast adds, the softmax, the probabilities narrowed back);
 the kernel reads each row once and writes its probabilities in place, in the logits' dtype, with the
-same float32 arithmetic. Where it cannot run (no AVX-512 BF16 or no compiler, SEGANY_NATIVE=0, another
-device or dtype, anything that needs gradients) `rel_pos_softmax_` says so and the caller keeps its
-PyTorch path.
+same float32 arithmetic. Whether the kernels run is decided when an engine is built: a CPU build
+binds `library()` (None without AVX-512 BF16 or a compiler, or with SEGANY_NATIVE=0), and the
+functions below take that library; where a call's shapes or dtypes are outside what the kernels take
+they say so and the caller keeps its PyTorch path.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
 
 
-def rel_pos_softmax_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> bool:
+def rel_pos_softmax_(lib: ctypes.CDLL, logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> bool:
     """logits <- softmax(logits + rel_h + rel_w, -1) in place, the bias and the softmax in float32.
 
     logits: (..., Nq, k_h * k_w) float32 or bfloat16, rows contiguous; rel_h: (..., Nq, k_h, 1) and
@@ -72,18 +73,15 @@ def rel_pos_softmax_(logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Ten
         or logits.dtype not in DTYPES
         or rel_h.dtype != torch.float32
         or rel_w.dtype != torch.float32
-        or not logits.is_cpu
-        or logits.requires_grad
         or rel_h.numel() != rows * k_h
         or rel_w.numel() != rows * k_w
         or logits.stride(-1) != 1
         or not logits.is_contiguous()
-        or library() is None
     ):
         return False
     rel_h = rel_h.contiguous()
     rel_w = rel_w.contiguous()
-    library().segany_rel_pos_softmax(
+    lib.segany_rel_pos_softmax(
         logits.data_ptr(), rows, n, k_h, k_w, rel_h.data_ptr(), rel_w.data_ptr(),
         int(logits.dtype == torch.bfloat16), torch.get_num_threads(),
     )
@@ -95,6 +93,7 @@ FUSED_HEAD_DIMS = (16, 32, 48, 64, 80)
 
 
 def rel_pos_attention_native(
+    lib: ctypes.CDLL,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -116,10 +115,9 @@ def rel_pos_attention_native(
         n == 0
         or n != h * w
         or d not in FUSED_HEAD_DIMS
-        or any(t.dtype != torch.bfloat16 or t.shape != q.shape or not t.is_cpu or t.requires_grad for t in (q, k, v))
+        or any(t.dtype != torch.bfloat16 or t.shape != q.shape for t in (q, k, v))
         or rel_pos_h.shape[-1] != d
         or rel_pos_w.shape[-1] != d
-        or library() is None
     ):
         return None
     table_h = _packed_table(relative_position_table(h, h, rel_pos_h.detach().float()))
@@ -127,7 +125,7 @@ def rel_pos_attention_native(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     # written position-major (N, BH, C): merging the heads afterwards is then a view, not a copy
     out = q.new_empty(n, bh, d)
-    library().segany_rel_pos_attention_bf16(
+    lib.segany_rel_pos_attention_bf16(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), scale, table_h.data_ptr(), table_w.data_ptr(),
         out.data_ptr(), d, bh * d, bh, n, d, h, w, torch.get_num_threads(),
     )
