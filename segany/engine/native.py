@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,8 @@ def _build(compiler: str, source: Path = SOURCE) -> Path:
     the library's path. The library is written to a temporary name and renamed into place, so a
     concurrent or interrupted build never leaves a half-written file under the final name."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"
     if target.is_file():
         return target
@@ -79,7 +80,7 @@ def _build(compiler: str, source: Path = SOURCE) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([compiler, *FLAGS, f"-I{source.parent}", str(source), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
@@ -107,22 +108,30 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernels, or None where they cannot run here (the reason is logged once)."""
+    return load(SOURCE, _declare, lambda lib: lib.segany_native_abi() == ABI, "native kernels")
+
+
+def load(
+    source: Path, declare: Callable[[ctypes.CDLL], ctypes.CDLL], abi_matches: Callable[[ctypes.CDLL], bool], name: str
+) -> Optional[ctypes.CDLL]:
+    """The library compiled from `source` with its functions declared, or None where it cannot run
+    here: SEGANY_NATIVE=0, no AVX-512 BF16, no C compiler, or a failed build (the reason is logged)."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
     if not cpu_has_avx512_bf16():
-        logger.info("segany native kernels: this CPU has no AVX-512 BF16; using PyTorch's operations")
+        logger.info("segany %s: this CPU has no AVX-512 BF16; using PyTorch's operations", name)
         return None
     compiler = _compiler()
     if compiler is None:
-        logger.info("segany native kernels: no C compiler found; using PyTorch's operations")
+        logger.info("segany %s: no C compiler found; using PyTorch's operations", name)
         return None
     try:
         import torch  # noqa: F401  (its OpenMP runtime is loaded first, and the kernels bind to it)
 
-        lib = _declare(ctypes.CDLL(str(_build(compiler))))
-        if lib.segany_native_abi() != ABI:
-            raise RuntimeError("the compiled kernels do not match this version of segany")
+        lib = declare(ctypes.CDLL(str(_build(compiler, source))))
+        if not abi_matches(lib):
+            raise RuntimeError(f"the compiled {name} do not match this version of segany")
         return lib
     except Exception as err:  # any failure: the PyTorch path is always there
-        logger.warning("segany native kernels unavailable (%s: %s); using PyTorch's operations", type(err).__name__, err)
+        logger.warning("segany %s unavailable (%s: %s); using PyTorch's operations", name, type(err).__name__, err)
         return None

@@ -33,29 +33,18 @@ DTYPES = (torch.float32, torch.bfloat16)
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The compiled kernel, or None where it cannot run here (the reason is logged once)."""
-    if os.environ.get(native.ENV_SWITCH, "1") == "0" or not native.cpu_has_avx512_bf16():
-        return None
-    compiler = native._compiler()
-    if compiler is None:
-        logger.info("segany attention kernel: no C compiler found; using PyTorch's operations")
-        return None
-    try:
-        import torch  # noqa: F401,F811  (its OpenMP runtime is loaded first, and the kernel binds to it)
+    return native.load(SOURCE, _declare, lambda lib: lib.segany_attention_abi() == ABI, "attention kernel")
 
-        lib = ctypes.CDLL(str(native._build(compiler, SOURCE)))
-        p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-        lib.segany_attention_abi.restype = i
-        lib.segany_attention_abi.argtypes = []
-        lib.segany_rel_pos_softmax.restype = None
-        lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
-        lib.segany_rel_pos_attention_bf16.restype = None
-        lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, ctypes.c_float, p, p, p, l, l, l, i, i, i, i, i]
-        if lib.segany_attention_abi() != ABI:
-            raise RuntimeError("the compiled kernel does not match this version of segany")
-        return lib
-    except Exception as err:  # any failure: the PyTorch path is always there
-        logger.warning("segany attention kernel unavailable (%s: %s); using PyTorch's operations", type(err).__name__, err)
-        return None
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i, l = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.segany_attention_abi.restype = i
+    lib.segany_attention_abi.argtypes = []
+    lib.segany_rel_pos_softmax.restype = None
+    lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
+    lib.segany_rel_pos_attention_bf16.restype = None
+    lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, ctypes.c_float, p, p, p, l, l, l, i, i, i, i, i]
+    return lib
 
 
 def rel_pos_softmax_(lib: ctypes.CDLL, logits: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> bool:
