@@ -2,11 +2,14 @@
 segany.modeling.semantic_sam in fewer, larger operations.
 
 Image features (`image_features`): the deformable attention reads its bilinear samples as one weighted
-gather (`deformable_sample`, F.embedding_bag) instead of a grid_sample per level plus a weighted sum
-over a stacked copy; the window attention of the Swin backbone is one scaled_dot_product_attention
-with the relative-position bias and the shift mask added in a single cached mask; position embeddings
-and reference points are built once per feature size. Float32 throughout; only the order of
-floating-point sums differs from the definition (tests/test_semantic_sam_engine.py).
+gather from a table of values with zero borders (segany.engine.deformable), its sampling offsets and
+attention logits come from one product that also adds the reference points; the Swin blocks gather
+their window rows (padding, cyclic shift, partition) in one copy, run qkv, one scaled_dot_product_attention
+with the relative-position bias and shift mask in a single cached mask, in bands of windows that stay
+in cache, and scatter back in one copy; products go through oneDNN (kernels.linear) with the
+activations and residual additions applied by their kernels; position embeddings and reference points
+are built once per feature size. Float32 throughout; only the order of floating-point sums differs
+from the definition (tests/test_semantic_sam_engine.py).
 
 Click path: per click, the decoder's cross-attention projects the whole flattened feature pyramid (~15k tokens for
 a 640x1138 image) to values in every layer, although that projection does not depend on the click.
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,133 +30,112 @@ from ..modeling.semantic_sam import ImageFeatures, SemanticSam
 from ..modeling.semantic_sam.decoder import DecoderOutput, box_sine_embedding, inverse_sigmoid
 from ..modeling.semantic_sam.deformable_attention import MSDeformAttn
 from ..modeling.semantic_sam.pixel_decoder import PixelDecoder, sine_position_embedding
-from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_merge, window_partition
+from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_partition
+from . import deformable, kernels
 from .cache import kept_until_changed
+from .kernels import is_exporting, linear
 
 @torch.no_grad()
 def deformable_sample(
     value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """segany.modeling.semantic_sam.deformable_attention.deformable_sample as one weighted gather.
-
-    Every output is a weighted sum of value rows: per query and head, L*P points x 4 bilinear corners,
-    each weighted by (bilinear weight) x (attention weight), corners outside their level's map by 0
-    (grid_sample's zero padding, align_corners=False). F.embedding_bag computes exactly such sums.
-    value: (B, S, M, D); locations: (B, Q, M, L, P, 2) in [0, 1]; weights: (B, Q, M, L, P) -> (B, Q, M*D)
-    """
-    geometry = _level_geometry(tuple(map(tuple, shapes)), value.shape[2], value.device)
-    return _sample_pixels(value, geometry, locations * geometry.size_xy.to(locations.dtype) - 0.5, weights)
+    """segany.modeling.semantic_sam.deformable_attention.deformable_sample as one weighted gather
+    (segany.engine.deformable). value: (B, S, M, D); locations: (B, Q, M, L, P, 2) in [0, 1];
+    weights: (B, Q, M, L, P) -> (B, Q, M*D)"""
+    table = deformable.value_table(value, shapes)
+    geometry = deformable.table_geometry(table.shapes, table.heads, locations.shape[4], locations.device)
+    return deformable.sample(table, locations * geometry.to_padded.to(locations.dtype) + 0.5, weights)
 
 
-def _sample_pixels(value: torch.Tensor, geometry: "_LevelGeometry", pix: torch.Tensor, weights: torch.Tensor):
-    """deformable_sample with the locations in pixels of each level (B, Q, M, L, P, 2), centres at k."""
-    b, s, m, d = value.shape
-    q, _, levels, points = pix.shape[1:5]
-    g = geometry.expanded(points)  # per (head, level, point) constants: long contiguous broadcasts
-    corner = pix.floor()
-    far = pix - corner  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
-    near = 1 - far
-    x0, y0 = corner.to(torch.int32).unbind(-1)
-    # zero padding: a neighbour outside its level's map weighs 0
-    wx0 = near[..., 0] * ((x0 >= 0) & (x0 < g.width))
-    wx1 = far[..., 0] * ((x0 >= -1) & (x0 < g.width - 1))
-    wy0 = near[..., 1] * ((y0 >= 0) & (y0 < g.height)) * weights
-    wy1 = far[..., 1] * ((y0 >= -1) & (y0 < g.height - 1)) * weights
-    # bags of L*P*4 entries per (batch, query, head), the 4 neighbours outermost
-    w = torch.empty(b, q, m, 4, levels, points, dtype=value.dtype, device=value.device)
-    torch.mul(wx0, wy0, out=w[:, :, :, 0])
-    torch.mul(wx1, wy0, out=w[:, :, :, 1])
-    torch.mul(wx0, wy1, out=w[:, :, :, 2])
-    torch.mul(wx1, wy1, out=w[:, :, :, 3])
-    # row of value.reshape(B*S*M, D) of the (x0, y0) neighbour: (b*S + level start + y0*W + x0) * M + head
-    first = y0 * g.row_stride + x0 * m + g.head_start
-    if b > 1:
-        first += (torch.arange(b, dtype=torch.int32, device=value.device) * (s * m)).view(b, 1, 1, 1, 1)
-    rows = torch.empty(b, q, m, 4, levels, points, dtype=torch.int32, device=value.device)
-    rows[:, :, :, 0] = first
-    torch.add(first, m, out=rows[:, :, :, 1])
-    torch.add(first, g.row_stride, out=rows[:, :, :, 2])
-    torch.add(rows[:, :, :, 2], m, out=rows[:, :, :, 3])
-    rows.clamp_(0, b * s * m - 1)  # rows of zero-weight neighbours are only kept inside the table
-    out = F.embedding_bag(rows.view(b * q * m, -1), value.reshape(b * s * m, d),
-                          per_sample_weights=w.view(b * q * m, -1), mode="sum")
-    return out.view(b, q, m * d)
+def _offsets_and_logits(attn: MSDeformAttn) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sampling-offset and attention-weight layers as one (offsets then logits), kept until they change."""
+    layers = (attn.sampling_offsets, attn.attention_weights)
 
+    def build():
+        return (torch.cat([l.weight for l in layers], 0).detach().contiguous(),
+                torch.cat([l.bias for l in layers], 0).detach().contiguous())
 
-class _Expanded(NamedTuple):
-    width: torch.Tensor  # (M, L, P) int32
-    height: torch.Tensor  # (M, L, P) int32
-    row_stride: torch.Tensor  # (M, L, P) int32: W * M, the table rows between vertical neighbours
-    head_start: torch.Tensor  # (M, L, P) int32: level start * M + head
-
-
-class _LevelGeometry(NamedTuple):
-    size_xy: torch.Tensor  # (L, 1, 2) float: (W, H) per level
-    width: torch.Tensor  # (L, 1) int32
-    height: torch.Tensor  # (L, 1) int32
-    start: torch.Tensor  # (L, 1) int32: first row of the level in the flattened sequence
-    heads: int
-    by_points: Dict[int, _Expanded]
-
-    def expanded(self, points: int) -> _Expanded:
-        if points not in self.by_points:
-            m, lv = self.heads, self.width.shape[0]
-            head = torch.arange(m, dtype=torch.int32, device=self.width.device).view(m, 1, 1)
-
-            def full(t: torch.Tensor) -> torch.Tensor:
-                return t.view(1, lv, 1).expand(m, lv, points).contiguous()
-
-            self.by_points[points] = _Expanded(full(self.width), full(self.height), full(self.width * m),
-                                               (full(self.start * m) + head).contiguous())
-        return self.by_points[points]
-
-
-@lru_cache(maxsize=64)
-def _level_geometry(shapes: Tuple[Tuple[int, int], ...], heads: int, device: torch.device) -> _LevelGeometry:
-    hw = torch.tensor(shapes, dtype=torch.int32, device=device)  # L, 2 as (H, W)
-    height, width = hw[:, 0:1], hw[:, 1:2]
-    start = torch.cat([hw.new_zeros(1), (height * width).view(-1).cumsum(0)[:-1].to(torch.int32)]).view(-1, 1)
-    size_xy = torch.stack([width, height], -1).float()
-    return _LevelGeometry(size_xy, width, height, start, heads, {})
+    tensors = [t for l in layers for t in (l.weight, l.bias)]
+    return kept_until_changed(attn, "_engine_offsets_and_logits", tensors, build)
 
 
 @torch.no_grad()
 def deformable_attend(
-    attn: MSDeformAttn, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor,
-    shapes: Sequence[Tuple[int, int]],
+    attn: MSDeformAttn, query: torch.Tensor, reference: torch.Tensor, table: deformable.ValueTable,
+    base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """MSDeformAttn.attend with `deformable_sample` above."""
-    b, q, _ = query.shape
+    """MSDeformAttn.attend (before its output projection) with the values as a deformable.ValueTable.
+
+    reference: (B, Q, L, 2) points or (B, Q, L, 4) boxes; for points, `base` may hold the reference
+    points already in the table's pixel frame, laid out as the fused offsets-and-logits layer's output
+    (zeros under the logits: (Q, M*L*P*3)), and is then added by that layer's product -> (B, Q, M*D)"""
+    b, q, c = query.shape
     m, lv, p = attn.n_heads, attn.n_levels, attn.n_points
-    offsets = attn.sampling_offsets(query).view(b, q, m, lv, p, 2)
-    weights = attn.attention_weights(query).view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
-    geometry = _level_geometry(tuple(map(tuple, shapes)), m, value.device)
-    size_xy = geometry.size_xy.to(query.dtype)  # L, 1, 2
-    if reference.shape[-1] == 2:
-        # offsets are in pixels of each level: the reference point in pixels plus the offsets
-        pix = (reference[:, :, None, :, None, :] * size_xy - 0.5) + offsets
+    geometry = deformable.table_geometry(table.shapes, m, p, query.device)
+    weight, bias = _offsets_and_logits(attn)
+    n_off = m * lv * p * 2
+    if base is not None:
+        residual = base if b == 1 else base.repeat(b, 1)
+        out = linear(query.reshape(b * q, c), weight, bias, residual=residual).view(b, q, -1)
+    else:
+        out = linear(query, weight, bias)
+    offsets = out[..., :n_off].view(b, q, m, lv, p, 2)
+    weights = out[..., n_off:].reshape(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
+    if base is not None:
+        pix = offsets  # the reference point in pixels plus the offsets, in the padded frame
+    elif reference.shape[-1] == 2:
+        # offsets are in pixels of each level
+        pix = (reference[:, :, None, :, None, :] * geometry.to_padded.to(query.dtype) + 0.5) + offsets
     else:
         locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
-        pix = locations * size_xy - 0.5
-    return attn.output_proj(_sample_pixels(value, geometry, pix, weights))
+        pix = locations * geometry.to_padded.to(query.dtype) + 0.5
+    return deformable.sample(table, pix, weights)
 
 
 # Feed-forward blocks run in row chunks so that the wide hidden activations stay in cache.
 FFN_CHUNK_ROWS = 1024
 
 
+@lru_cache(maxsize=None)
+def _fused_relu_usable() -> bool:
+    """Whether oneDNN's linear layer with a ReLU post-op is there and computes relu(F.linear)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(40, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+        with torch.no_grad():
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
+        return bool(torch.allclose(got, F.relu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _linear_relu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """relu(layer(x)), the ReLU applied by oneDNN's kernel while the output is in cache where it can."""
+    weight, bias = layer.weight, layer.bias
+    if (kernels.ENABLED and x.is_cpu and x.dtype is torch.float32 and weight.dtype is x.dtype
+            and not torch.is_grad_enabled() and not is_exporting() and _fused_relu_usable()):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+    return F.relu(F.linear(x, weight, bias))
+
+
 @torch.no_grad()
 def residual_ffn(
-    residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, act
+    residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, activation: str
 ) -> torch.Tensor:
-    """residual + second(act(first(x))) for (B, N, C) tensors, computed in chunks of rows."""
+    """residual + second(activation(first(x))) for (B, N, C) tensors, computed in chunks of rows, the
+    activation and the residual added by the products' kernels (kernels.linear); activation "gelu" or "relu"."""
     flat = x.reshape(-1, x.shape[-1])
     skip = residual.reshape(-1, residual.shape[-1])
     out = torch.empty_like(skip)
     for i in range(0, flat.shape[0], FFN_CHUNK_ROWS):
-        hidden = act(F.linear(flat[i:i + FFN_CHUNK_ROWS], first.weight, first.bias))
         rows = slice(i, i + FFN_CHUNK_ROWS)
-        torch.add(skip[rows], F.linear(hidden, second.weight, second.bias), out=out[rows])
+        if activation == "relu":
+            hidden = _linear_relu(flat[rows], first)
+        else:
+            hidden = linear(flat[rows], first.weight, first.bias, activation=activation)
+        out[rows] = linear(hidden, second.weight, second.bias, residual=skip[rows])
     return out.view(residual.shape)
 
 
@@ -181,30 +163,59 @@ def _window_bias(block: SwinBlock, hp: int, wp: int, device, dtype) -> torch.Ten
     return per_size[key]
 
 
+class _WindowOrder(NamedTuple):
+    gather: torch.Tensor  # (B*nW*N,) for each window position, its token row (any row for padding)
+    padding: torch.Tensor  # window positions that are padding (zero after the norm, as F.pad makes them)
+    scatter: torch.Tensor  # (B*H*W,) for each token, its window position
+
+
+@lru_cache(maxsize=64)
+def _window_order(b: int, h: int, wd: int, w: int, shift: int, device: torch.device) -> _WindowOrder:
+    """Zero-padding to whole windows, the cyclic shift and the window partition of SwinBlock as one
+    row gather from the token rows (B*H*W, C) to the window rows (B*nW*w*w, C), and back."""
+    hp, wp = -(-h // w) * w, -(-wd // w) * w
+    token = torch.full((hp, wp), -1, dtype=torch.int64)
+    token[:h, :wd] = torch.arange(h * wd).view(h, wd)
+    if shift:
+        token = torch.roll(token, shifts=(-shift, -shift), dims=(0, 1))
+    token = window_partition(token.view(1, hp, wp, 1), w).reshape(-1)  # nW*N
+    per_image = token.numel()
+    token = torch.cat([torch.where(token < 0, token, token + i * h * wd) for i in range(b)])
+    padding = (token < 0).nonzero().view(-1)
+    scatter = torch.empty(b * h * wd, dtype=torch.int64)
+    scatter[token[token >= 0]] = (token >= 0).nonzero().view(-1)
+    del per_image
+    return _WindowOrder(token.clamp(min=0).to(device), padding.to(device), scatter.to(device))
+
+
 def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Tensor:
-    """SwinBlock.forward with the window attention as one scaled_dot_product_attention."""
+    """SwinBlock.forward: the window rows gathered in one copy (_window_order), then qkv, attention
+    (one scaled_dot_product_attention with the cached bias) and the output projection's input in
+    bands of windows that stay in cache; the residuals added by the products' kernels."""
     b, _, c = x.shape
     w = block.window_size
     attn = block.attn
-    y = block.norm1(x).view(b, h, wd, c)
-    y = F.pad(y, (0, 0, 0, (w - wd % w) % w, 0, (w - h % w) % w))
-    hp, wp = y.shape[1], y.shape[2]
-    if block.shift:
-        y = torch.roll(y, shifts=(-block.shift, -block.shift), dims=(1, 2))
-    windows = window_partition(y, w)  # B*nW, N, C
-    bw, n, _ = windows.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(windows).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    bias = _window_bias(block, hp, wp, x.device, x.dtype)
-    if bias.shape[0] != 1:
-        bias = bias.repeat(b, 1, 1, 1) if b > 1 else bias
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias, scale=attn.scale)
-    y = attn.proj(out.transpose(1, 2).reshape(bw, n, c))
-    y = window_merge(y, w, hp, wp)
-    if block.shift:
-        y = torch.roll(y, shifts=(block.shift, block.shift), dims=(1, 2))
-    x = x + y[:, :h, :wd, :].reshape(b, h * wd, c)
-    return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, F.gelu)
+    order = _window_order(b, h, wd, w, block.shift, x.device)
+    windows = block.norm1(x).view(-1, c).index_select(0, order.gather)  # B*nW*N, C
+    if order.padding.numel():
+        windows.index_fill_(0, order.padding, 0.0)
+    hp, wp = -(-h // w) * w, -(-wd // w) * w
+    bias = _window_bias(block, hp, wp, x.device, x.dtype)  # nW or 1, heads, N, N
+    n, heads = w * w, attn.num_heads
+    per_image = (hp // w) * (wp // w)
+    band = max(1, FFN_CHUNK_ROWS // n)
+    out = torch.empty_like(windows)
+    for first in range(0, b * per_image, band):
+        last = min(first + band, (first // per_image + 1) * per_image)  # a band stays in one image
+        rows = slice(first * n, last * n)
+        qkv = linear(windows[rows], attn.qkv.weight, attn.qkv.bias).view(last - first, n, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        mask = bias if bias.shape[0] == 1 else bias[first % per_image:(last - 1) % per_image + 1]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)  # nb, heads, N, hd
+        out[rows].view(last - first, n, heads, c // heads).copy_(o.transpose(1, 2))
+    tokens = out.index_select(0, order.scatter)  # B*H*W, C
+    x = linear(tokens, attn.proj.weight, attn.proj.bias, residual=x.view(-1, c)).view(b, h * wd, c)
+    return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, "gelu")
 
 
 @torch.no_grad()
@@ -229,14 +240,23 @@ def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch
 
 
 @lru_cache(maxsize=16)
-def _encoder_geometry(shapes: Tuple[Tuple[int, int], ...], half: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(S, C) sine position embedding of every level's pixels and (S, 2) their normalised centres."""
+def _encoder_geometry(
+    shapes: Tuple[Tuple[int, int], ...], half: int, heads: int, points: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(S, C) sine position embedding of every level's pixels, and the deformable layers' `base`: every
+    pixel's centre, normalised per level, in each level's padded pixel frame per head, level and point,
+    then zeros under the attention logits: (S, M*L*P*3)."""
     pos = torch.cat([sine_position_embedding(h, w, half)[0].flatten(1).t() for h, w in shapes], 0)
     refs = []
     for h, w in shapes:
         ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, w - 0.5, w), indexing="ij")
         refs.append(torch.stack((rx.reshape(-1) / w, ry.reshape(-1) / h), -1))
-    return pos, torch.cat(refs, 0)
+    reference = torch.cat(refs, 0)  # S, 2
+    levels = len(shapes)
+    to_padded = deformable.table_geometry(shapes, heads, points, torch.device("cpu")).to_padded  # L, 1, 2
+    pix = (reference[:, None, None, None, :] * to_padded.view(1, 1, levels, 1, 2) + 0.5).expand(-1, heads, -1, points, -1)
+    base = torch.cat([pix.reshape(len(reference), -1), reference.new_zeros(len(reference), heads * levels * points)], 1)
+    return pos, base
 
 
 @torch.no_grad()
@@ -247,20 +267,23 @@ def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tens
     for proj in decoder.input_proj[3:]:
         prev = proj(prev)
         srcs.append(prev)
-    shapes = [tuple(s.shape[-2:]) for s in srcs]
+    shapes = tuple(tuple(s.shape[-2:]) for s in srcs)
     b = srcs[0].shape[0]
     transformer = decoder.transformer
-    pos, refs = _encoder_geometry(tuple(shapes), decoder.cfg.conv_dim // 2)
+    first = transformer.encoder.layers[0].self_attn if len(transformer.encoder.layers) else None
+    heads, points = (first.n_heads, first.n_points) if first is not None else (1, 1)
+    pos, base = _encoder_geometry(shapes, decoder.cfg.conv_dim // 2, heads, points)
     flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # B, S, C
     level_embed = torch.cat([transformer.level_embed[i].expand(h * w, -1) for i, (h, w) in enumerate(shapes)], 0)
     lvl_pos = (pos.to(flat) + level_embed)[None]
-    reference = refs.to(flat)[None, :, None, :].expand(b, -1, len(shapes), -1)
+    base = base.to(flat)
     x = flat
     for layer in transformer.encoder.layers:
         attn = layer.self_attn
-        value = attn.value_proj(x).view(b, x.shape[1], attn.n_heads, -1)
-        x = layer.norm1(x + deformable_attend(attn, x + lvl_pos, reference, value, shapes))
-        x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, F.relu))
+        value = linear(x, attn.value_proj.weight, attn.value_proj.bias).view(b, x.shape[1], attn.n_heads, -1)
+        sampled = deformable_attend(attn, x + lvl_pos, None, deformable.value_table(value, shapes), base)
+        x = layer.norm1(linear(sampled, attn.output_proj.weight, attn.output_proj.bias, residual=x))
+        x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, "relu"))
     per_level = x.split([h * w for h, w in shapes], 1)
     levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(per_level, shapes)]
     lateral = decoder.adapter_1(features["res2"])
@@ -282,7 +305,7 @@ def image_features(model: SemanticSam, image: torch.Tensor) -> ImageFeatures:
 class ImageValues:
     features: ImageFeatures
     shapes: List[Tuple[int, int]]
-    values: List[torch.Tensor]  # per decoder layer: (B, S, heads, D)
+    values: List[deformable.ValueTable]  # per decoder layer: its projected values of the pyramid
 
 
 @torch.no_grad()
@@ -291,7 +314,7 @@ def image_values(model: SemanticSam, features: ImageFeatures) -> ImageValues:
     memory, shapes = predictor.flatten_levels(features.multi_scale)
     b, s, _ = memory.shape
     values = [
-        layer.cross_attn.value_proj(memory).view(b, s, layer.cross_attn.n_heads, -1)
+        deformable.value_table(layer.cross_attn.value_proj(memory).view(b, s, layer.cross_attn.n_heads, -1), shapes)
         for layer in predictor.decoder.layers
     ]
     return ImageValues(features, shapes, values)
@@ -315,7 +338,7 @@ def decode(model: SemanticSam, cache: ImageValues, points: torch.Tensor) -> Deco
         attn = layer.self_attn(q, q, tgt.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
         tgt = layer.norm2(tgt + attn)
         boxes_per_level = ref[:, :, None].expand(-1, -1, levels, -1)
-        cross = deformable_attend(layer.cross_attn, tgt + query_pos, boxes_per_level, value, cache.shapes)
+        cross = layer.cross_attn.output_proj(deformable_attend(layer.cross_attn, tgt + query_pos, boxes_per_level, value))
         tgt = layer.norm1(tgt + cross)
         tgt = layer.norm3(tgt + layer.linear2(torch.relu(layer.linear1(tgt))))
         ref = (box_head(tgt) + inverse_sigmoid(ref)).sigmoid()
