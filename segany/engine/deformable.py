@@ -26,12 +26,12 @@ class TableGeometry(NamedTuple):
     shapes: Tuple[Tuple[int, int], ...]  # per level (H, W) of the maps
     heads: int
     rows: int  # table rows per batch element: sum over levels of (H + 3) * (W + 3), times heads
-    lower: torch.Tensor  # (M, L, P, 2) float: 0, the smallest clamped position
-    upper: torch.Tensor  # (M, L, P, 2) float: (W + 1, H + 1), the largest clamped position (padded frame)
+    lower: torch.Tensor  # (M, L, P) float: 0, the smallest clamped position
+    upper_x: torch.Tensor  # (M, L, P) float: W + 1, the largest clamped x (padded frame)
+    upper_y: torch.Tensor  # (M, L, P) float: H + 1
     to_padded: torch.Tensor  # (L, 1, 2) float: (W, H), normalised [0, 1] -> pixels of each level
     line: torch.Tensor  # (M, L, P) int32: table rows between vertical neighbours, (W + 3) * M
     start: torch.Tensor  # (M, L, P) int32: first table row of each level, plus the head
-    corners: torch.Tensor  # (M, 4, L, P) int32: table rows of the 4 corners after the top-left one
 
 
 @lru_cache(maxsize=64)
@@ -41,22 +41,18 @@ def table_geometry(shapes: Tuple[Tuple[int, int], ...], heads: int, points: int,
     height, width = hw[:, 0], hw[:, 1]
     padded = (height + BEFORE + AFTER) * (width + BEFORE + AFTER)
     start = torch.cat([padded.new_zeros(1), padded.cumsum(0)[:-1]])
-    line = (width + BEFORE + AFTER) * m
 
-    def per_point(t: torch.Tensor) -> torch.Tensor:  # (L,) -> (M, L, P)
-        return t.view(1, levels, 1).expand(m, levels, points).to(torch.int32).contiguous()
+    # per (head, level, point), contiguous: elementwise operations with bounds in the points' own
+    # layout are an order of magnitude quicker than with broadcast per-level ones
+    def per_point(t: torch.Tensor, dtype=torch.int32) -> torch.Tensor:  # (L,) -> (M, L, P)
+        return t.view(1, levels, 1).expand(m, levels, points).to(dtype).contiguous().to(device)
 
-    head = torch.arange(m, dtype=torch.int32).view(m, 1, 1)
-    corners = torch.stack([torch.zeros_like(line), line.new_full(line.shape, m), line, line + m], 0)  # 4, L
-    corners = corners.view(1, 4, levels, 1).expand(m, 4, levels, points).to(torch.int32).contiguous()
+    head = torch.arange(m, dtype=torch.int32, device=device).view(m, 1, 1)
     size_xy = torch.stack([width, height], -1).view(levels, 1, 2).float()
-    # full-size bounds: clamp with contiguous bounds of the points' own layout is an order of magnitude
-    # quicker than with broadcast (L, 1, 2) ones
-    upper = (size_xy + 1).view(1, levels, 1, 2).expand(m, levels, points, 2).contiguous()
     return TableGeometry(
-        tuple(shapes), m, int(padded.sum()) * m,
-        torch.zeros_like(upper).to(device), upper.to(device), size_xy.to(device),
-        per_point(line).to(device), (per_point(start * m) + head).to(device), corners.to(device),
+        tuple(shapes), m, int(padded.sum()) * m, per_point(torch.zeros(levels), torch.float32),
+        per_point(width + 1, torch.float32), per_point(height + 1, torch.float32), size_xy.to(device),
+        per_point((width + BEFORE + AFTER) * m), per_point(start * m) + head,
     )
 
 
@@ -83,32 +79,37 @@ def value_table(value: torch.Tensor, shapes: Sequence[Tuple[int, int]]) -> Value
     return ValueTable(table.view(-1, d), b, shapes, m)
 
 
-def sample(table: ValueTable, pix: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def sample(table: ValueTable, px: torch.Tensor, py: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The attention's weighted sum of bilinear samples.
 
-    pix: (B, Q, M, L, P, 2) positions in the padded pixel frame of each level: (x, y) + 1 - 0.5 for a
-    location (x, y) in pixels, i.e. normalised * (W, H) + 0.5 (may be a strided view; clamped here,
-    not in place); weights: (B, Q, M, L, P) -> (B, Q, M*D)."""
-    b, q, m, levels, points, _ = pix.shape
-    g = table_geometry(table.shapes, m, points, pix.device)
-    pix = torch.clamp(pix, min=g.lower.to(pix.dtype), max=g.upper.to(pix.dtype))
-    corner = pix.floor()
-    far = pix - corner  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
-    near = 1 - far
-    x0, y0 = corner.to(torch.int32).unbind(-1)
-    wy0 = near[..., 1] * weights
-    wy1 = far[..., 1] * weights
+    px, py: (B, Q, M, L, P) positions in the padded pixel frame of each level: x + 1 - 0.5 for a
+    location x in pixels, i.e. normalised * W + 0.5 (may be strided views; clamped here, not in
+    place); weights: (B, Q, M, L, P) -> (B, Q, M*D)."""
+    b, q, m, levels, points = px.shape
+    g = table_geometry(table.shapes, m, points, px.device)
+    lower = g.lower.to(px.dtype)
+    px = torch.clamp(px, min=lower, max=g.upper_x.to(px.dtype))
+    py = torch.clamp(py, min=lower, max=g.upper_y.to(py.dtype))
+    x0, y0 = px.floor(), py.floor()
+    far_x, far_y = px - x0, py - y0  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
+    near_x, near_y = 1 - far_x, 1 - far_y
+    wy0 = near_y * weights
+    wy1 = far_y * weights
     # bags of L*P*4 entries per (batch, query, head), the 4 neighbours outermost
-    w = torch.empty(b, q, m, 4, levels, points, dtype=table.rows.dtype, device=pix.device)
-    torch.mul(near[..., 0], wy0, out=w[:, :, :, 0])
-    torch.mul(far[..., 0], wy0, out=w[:, :, :, 1])
-    torch.mul(near[..., 0], wy1, out=w[:, :, :, 2])
-    torch.mul(far[..., 0], wy1, out=w[:, :, :, 3])
+    w = torch.empty(b, q, m, 4, levels, points, dtype=table.rows.dtype, device=px.device)
+    torch.mul(near_x, wy0, out=w[:, :, :, 0])
+    torch.mul(far_x, wy0, out=w[:, :, :, 1])
+    torch.mul(near_x, wy1, out=w[:, :, :, 2])
+    torch.mul(far_x, wy1, out=w[:, :, :, 3])
     # table row of the (x0, y0) corner: (b * rows + level start + y0 * line + x0) * M + head
-    first = torch.addcmul(g.start, y0, g.line)
-    first.add_(x0 * m)
+    first = torch.addcmul(g.start, y0.to(torch.int32), g.line)
+    first.add_(x0.to(torch.int32), alpha=m)
     if b > 1:
-        first += (torch.arange(b, dtype=torch.int32, device=pix.device) * g.rows).view(b, 1, 1, 1, 1)
-    rows = first.unsqueeze(3) + g.corners  # B, Q, M, 4, L, P
+        first += (torch.arange(b, dtype=torch.int32, device=px.device) * g.rows).view(b, 1, 1, 1, 1)
+    rows = torch.empty(b, q, m, 4, levels, points, dtype=torch.int32, device=px.device)
+    rows[:, :, :, 0] = first
+    torch.add(first, m, out=rows[:, :, :, 1])
+    torch.add(first, g.line, out=rows[:, :, :, 2])
+    torch.add(rows[:, :, :, 2], m, out=rows[:, :, :, 3])
     out = F.embedding_bag(rows.view(b * q * m, -1), table.rows, per_sample_weights=w.view(b * q * m, -1), mode="sum")
     return out.view(b, q, -1)

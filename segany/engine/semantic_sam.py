@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..modeling.semantic_sam import ImageFeatures, SemanticSam
 from ..modeling.semantic_sam.decoder import DecoderOutput, box_sine_embedding, inverse_sigmoid
 from ..modeling.semantic_sam.deformable_attention import MSDeformAttn
-from ..modeling.semantic_sam.pixel_decoder import PixelDecoder, sine_position_embedding
+from ..modeling.semantic_sam.pixel_decoder import NormConv2d, PixelDecoder, sine_position_embedding
 from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_partition
 from . import deformable, kernels
 from .cache import kept_until_changed
@@ -44,16 +44,22 @@ def deformable_sample(
     weights: (B, Q, M, L, P) -> (B, Q, M*D)"""
     table = deformable.value_table(value, shapes)
     geometry = deformable.table_geometry(table.shapes, table.heads, locations.shape[4], locations.device)
-    return deformable.sample(table, locations * geometry.to_padded.to(locations.dtype) + 0.5, weights)
+    pix = locations * geometry.to_padded.to(locations.dtype) + 0.5
+    return deformable.sample(table, pix[..., 0], pix[..., 1], weights)
 
 
 def _offsets_and_logits(attn: MSDeformAttn) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The sampling-offset and attention-weight layers as one (offsets then logits), kept until they change."""
+    """The sampling-offset and attention-weight layers as one, its outputs per query: every x offset
+    (M, L, P), every y offset, then the logits (M, L*P); kept until the layers change."""
     layers = (attn.sampling_offsets, attn.attention_weights)
 
     def build():
-        return (torch.cat([l.weight for l in layers], 0).detach().contiguous(),
-                torch.cat([l.bias for l in layers], 0).detach().contiguous())
+        k = attn.n_heads * attn.n_levels * attn.n_points
+        c = attn.sampling_offsets.weight.shape[1]
+        w_xy = attn.sampling_offsets.weight.detach().view(k, 2, c).transpose(0, 1).reshape(2 * k, c)
+        b_xy = attn.sampling_offsets.bias.detach().view(k, 2).t().reshape(2 * k)
+        return (torch.cat([w_xy, attn.attention_weights.weight.detach()], 0).contiguous(),
+                torch.cat([b_xy, attn.attention_weights.bias.detach()], 0).contiguous())
 
     tensors = [t for l in layers for t in (l.weight, l.bias)]
     return kept_until_changed(attn, "_engine_offsets_and_logits", tensors, build)
@@ -67,29 +73,33 @@ def deformable_attend(
     """MSDeformAttn.attend (before its output projection) with the values as a deformable.ValueTable.
 
     reference: (B, Q, L, 2) points or (B, Q, L, 4) boxes; for points, `base` may hold the reference
-    points already in the table's pixel frame, laid out as the fused offsets-and-logits layer's output
-    (zeros under the logits: (Q, M*L*P*3)), and is then added by that layer's product -> (B, Q, M*D)"""
+    points already in the table's pixel frame, laid out as the output of _offsets_and_logits (zeros
+    under the logits: (Q, M*L*P*3)); that layer's product then adds them -> (B, Q, M*D)"""
     b, q, c = query.shape
     m, lv, p = attn.n_heads, attn.n_levels, attn.n_points
     geometry = deformable.table_geometry(table.shapes, m, p, query.device)
     weight, bias = _offsets_and_logits(attn)
-    n_off = m * lv * p * 2
+    k = m * lv * p
     if base is not None:
         residual = base if b == 1 else base.repeat(b, 1)
         out = linear(query.reshape(b * q, c), weight, bias, residual=residual).view(b, q, -1)
     else:
         out = linear(query, weight, bias)
-    offsets = out[..., :n_off].view(b, q, m, lv, p, 2)
-    weights = out[..., n_off:].reshape(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
-    if base is not None:
-        pix = offsets  # the reference point in pixels plus the offsets, in the padded frame
-    elif reference.shape[-1] == 2:
-        # offsets are in pixels of each level
-        pix = (reference[:, :, None, :, None, :] * geometry.to_padded.to(query.dtype) + 0.5) + offsets
-    else:
-        locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
-        pix = locations * geometry.to_padded.to(query.dtype) + 0.5
-    return deformable.sample(table, pix, weights)
+    px, py = out[..., :k].view(b, q, m, lv, p), out[..., k:2 * k].view(b, q, m, lv, p)
+    weights = out[..., 2 * k:].reshape(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
+    if base is None:
+        size_x, size_y = geometry.to_padded.to(query.dtype).view(lv, 2).unbind(-1)  # L
+        size_x, size_y = size_x.view(lv, 1), size_y.view(lv, 1)
+        if reference.shape[-1] == 2:
+            # offsets are in pixels of each level
+            px = (reference[:, :, None, :, None, 0] * size_x + 0.5) + px
+            py = (reference[:, :, None, :, None, 1] * size_y + 0.5) + py
+        else:
+            # offsets in units of half the box, divided among the points
+            box = reference[:, :, None, :, None, :]
+            px = (box[..., 0] + px / p * box[..., 2] * 0.5) * size_x + 0.5
+            py = (box[..., 1] + py / p * box[..., 3] * 0.5) * size_y + 0.5
+    return deformable.sample(table, px, py, weights)
 
 
 # Feed-forward blocks run in row chunks so that the wide hidden activations stay in cache.
@@ -229,7 +239,8 @@ def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch
         for block in stage.blocks:
             x = _swin_block(block, x, h, wd)
         y = getattr(backbone, f"norm{i}")(x)
-        out[f"res{i + 2}"] = y.view(b, h, wd, -1).permute(0, 3, 1, 2).contiguous()
+        # (B, C, H, W) in channels-last memory: a view of the tokens, which the convolutions read as they are
+        out[f"res{i + 2}"] = y.view(b, h, wd, -1).permute(0, 3, 1, 2)
         if stage.downsample is not None:
             x = stage.downsample(x, h, wd)
             h, wd = (h + 1) // 2, (wd + 1) // 2
@@ -244,8 +255,8 @@ def _encoder_geometry(
     shapes: Tuple[Tuple[int, int], ...], half: int, heads: int, points: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(S, C) sine position embedding of every level's pixels, and the deformable layers' `base`: every
-    pixel's centre, normalised per level, in each level's padded pixel frame per head, level and point,
-    then zeros under the attention logits: (S, M*L*P*3)."""
+    pixel's centre, normalised per level, in each level's padded pixel frame: x per head, level and
+    point, then y, then zeros under the attention logits: (S, M*L*P*3)."""
     pos = torch.cat([sine_position_embedding(h, w, half)[0].flatten(1).t() for h, w in shapes], 0)
     refs = []
     for h, w in shapes:
@@ -254,18 +265,42 @@ def _encoder_geometry(
     reference = torch.cat(refs, 0)  # S, 2
     levels = len(shapes)
     to_padded = deformable.table_geometry(shapes, heads, points, torch.device("cpu")).to_padded  # L, 1, 2
-    pix = (reference[:, None, None, None, :] * to_padded.view(1, 1, levels, 1, 2) + 0.5).expand(-1, heads, -1, points, -1)
-    base = torch.cat([pix.reshape(len(reference), -1), reference.new_zeros(len(reference), heads * levels * points)], 1)
+    to_padded = to_padded.view(levels, 2).t().reshape(1, 2, 1, levels, 1)
+    pix = (reference[:, :, None, None, None] * to_padded + 0.5).expand(-1, -1, heads, -1, points)
+    pix = pix.reshape(len(reference), 2, -1)  # S, (x, y), (M, L, P)
+    base = torch.cat([pix[:, 0], pix[:, 1], reference.new_zeros(len(reference), heads * levels * points)], 1)
     return pos, base
+
+
+def _pointwise_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a 1x1 convolution as a product over the pixels of x (B, C, H, W) in channels-last
+    memory (kernels.linear); the result is channels-last too. Other convolutions: conv(x)."""
+    plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+    if not plain or conv.padding_mode != "zeros":
+        return conv(x)
+    b, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view where x is channels-last
+    y = linear(pixels, conv.weight.view(conv.out_channels, c), conv.bias)
+    return y.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _conv_norm(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ConvNorm (conv, GroupNorm) or NormConv2d (conv with .norm, then ReLU if .relu) of the decoder."""
+    if isinstance(layer, NormConv2d):
+        y = layer.norm(_pointwise_conv(layer, x) if layer.kernel_size == (1, 1) else F.conv2d(
+            x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+        return y.relu_() if layer.relu else y
+    conv, norm = layer
+    return norm(_pointwise_conv(conv, x))
 
 
 @torch.no_grad()
 def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tensor]):
     """PixelDecoder.forward with the fast deformable attention and cached position embeddings."""
-    srcs = [proj(features[name]) for proj, name in zip(decoder.input_proj, ("res3", "res4", "res5"))]
+    srcs = [_conv_norm(proj, features[name]) for proj, name in zip(decoder.input_proj, ("res3", "res4", "res5"))]
     prev = features["res5"]
     for proj in decoder.input_proj[3:]:
-        prev = proj(prev)
+        prev = _conv_norm(proj, prev)
         srcs.append(prev)
     shapes = tuple(tuple(s.shape[-2:]) for s in srcs)
     b = srcs[0].shape[0]
@@ -285,11 +320,12 @@ def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tens
         x = layer.norm1(linear(sampled, attn.output_proj.weight, attn.output_proj.bias, residual=x))
         x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, "relu"))
     per_level = x.split([h * w for h, w in shapes], 1)
-    levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(per_level, shapes)]
-    lateral = decoder.adapter_1(features["res2"])
+    # (B, C, H, W) in channels-last memory, views of the tokens; the FPN step stays channels-last
+    levels = [o.view(b, h, w, -1).permute(0, 3, 1, 2) for o, (h, w) in zip(per_level, shapes)]
+    lateral = _conv_norm(decoder.adapter_1, features["res2"])
     up = F.interpolate(levels[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-    fpn = decoder.layer_1(lateral + up)
-    return decoder.mask_features(fpn), levels
+    fpn = _conv_norm(decoder.layer_1, lateral.add_(up))
+    return _pointwise_conv(decoder.mask_features, fpn), levels
 
 
 @torch.no_grad()
