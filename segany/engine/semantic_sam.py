@@ -30,7 +30,7 @@ from ..modeling.semantic_sam import ImageFeatures, SemanticSam
 from ..modeling.semantic_sam.decoder import DecoderOutput, box_sine_embedding, inverse_sigmoid
 from ..modeling.semantic_sam.deformable_attention import MSDeformAttn
 from ..modeling.semantic_sam.pixel_decoder import NormConv2d, PixelDecoder, sine_position_embedding
-from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_partition
+from ..modeling.semantic_sam.swin import PatchMerging, SwinBlock, SwinTransformer, shift_mask, window_partition
 from . import deformable, kernels
 from .cache import kept_until_changed
 from .kernels import is_exporting, linear
@@ -189,12 +189,10 @@ def _window_order(b: int, h: int, wd: int, w: int, shift: int, device: torch.dev
     if shift:
         token = torch.roll(token, shifts=(-shift, -shift), dims=(0, 1))
     token = window_partition(token.view(1, hp, wp, 1), w).reshape(-1)  # nW*N
-    per_image = token.numel()
     token = torch.cat([torch.where(token < 0, token, token + i * h * wd) for i in range(b)])
     padding = (token < 0).nonzero().view(-1)
     scatter = torch.empty(b * h * wd, dtype=torch.int64)
     scatter[token[token >= 0]] = (token >= 0).nonzero().view(-1)
-    del per_image
     return _WindowOrder(token.clamp(min=0).to(device), padding.to(device), scatter.to(device))
 
 
@@ -228,6 +226,16 @@ def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Ten
     return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, "gelu")
 
 
+def _patch_merging(merge: PatchMerging, x: torch.Tensor, h: int, wd: int) -> torch.Tensor:
+    """PatchMerging.forward with its product through kernels.linear."""
+    b, _, c = x.shape
+    x = x.view(b, h, wd, c)
+    if h % 2 or wd % 2:
+        x = F.pad(x, (0, 0, 0, wd % 2, 0, h % 2))
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    return linear(merge.norm(x.view(b, -1, 4 * c)), merge.reduction.weight, merge.reduction.bias)
+
+
 @torch.no_grad()
 def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """SwinTransformer.forward with the blocks above."""
@@ -242,7 +250,7 @@ def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch
         # (B, C, H, W) in channels-last memory: a view of the tokens, which the convolutions read as they are
         out[f"res{i + 2}"] = y.view(b, h, wd, -1).permute(0, 3, 1, 2)
         if stage.downsample is not None:
-            x = stage.downsample(x, h, wd)
+            x = _patch_merging(stage.downsample, x, h, wd)
             h, wd = (h + 1) // 2, (wd + 1) // 2
     return out
 
@@ -350,7 +358,8 @@ def image_values(model: SemanticSam, features: ImageFeatures) -> ImageValues:
     memory, shapes = predictor.flatten_levels(features.multi_scale)
     b, s, _ = memory.shape
     values = [
-        deformable.value_table(layer.cross_attn.value_proj(memory).view(b, s, layer.cross_attn.n_heads, -1), shapes)
+        deformable.value_table(linear(memory, layer.cross_attn.value_proj.weight, layer.cross_attn.value_proj.bias)
+                               .view(b, s, layer.cross_attn.n_heads, -1), shapes)
         for layer in predictor.decoder.layers
     ]
     return ImageValues(features, shapes, values)
