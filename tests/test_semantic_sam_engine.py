@@ -94,3 +94,32 @@ def test_engine_runs_outside_no_grad():
     value = torch.randn(1, 6, 2, 4, requires_grad=True)
     out = engine.deformable_sample(value, [(2, 3)], torch.rand(1, 5, 2, 1, 2, 2), torch.rand(1, 5, 2, 1, 2))
     assert out.shape == (1, 5, 8)
+
+
+def test_packed_weights_follow_the_weights():
+    """The engine packs layer weights once for oneDNN; changing them in place must be seen."""
+    model = small_model(11)
+    image = torch.randint(0, 256, (3, 72, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        engine.image_features(model, image)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.mul_(-0.5)
+        ref = model.image_features(image)
+        ours = engine.image_features(model, image)
+    torch.testing.assert_close(ours.mask_features, ref.mask_features, atol=1e-4, rtol=1e-4)
+    for a, b_ in zip(ours.multi_scale, ref.multi_scale):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
+
+
+def test_swin_batch_and_odd_sizes_equal_the_definition():
+    """Two images at once (window gather offsets per image, shift-mask bands within an image), sizes
+    that are no multiple of the window or of 2 (padding, patch merging)."""
+    model = small_model(13, window=5)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 84, 108, generator=g)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        ours = engine.swin_features(model.backbone, x)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], atol=1e-4, rtol=1e-4)

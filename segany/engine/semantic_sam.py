@@ -6,7 +6,7 @@ gather from a table of values with zero borders (segany.engine.deformable), its 
 attention logits come from one product that also adds the reference points; the Swin blocks gather
 their window rows (padding, cyclic shift, partition) in one copy, run qkv, one scaled_dot_product_attention
 with the relative-position bias and shift mask in a single cached mask, in bands of windows that stay
-in cache, and scatter back in one copy; products go through oneDNN (kernels.linear) with the
+in cache, and scatter back in one copy; products go through oneDNN with weights packed once (_product) and the
 activations and residual additions applied by their kernels; position embeddings and reference points
 are built once per feature size. Float32 throughout; only the order of floating-point sums differs
 from the definition (tests/test_semantic_sam_engine.py).
@@ -82,9 +82,9 @@ def deformable_attend(
     k = m * lv * p
     if base is not None:
         residual = base if b == 1 else base.repeat(b, 1)
-        out = linear(query.reshape(b * q, c), weight, bias, residual=residual).view(b, q, -1)
+        out = _product(query.reshape(b * q, c), weight, bias, residual=residual).view(b, q, -1)
     else:
-        out = linear(query, weight, bias)
+        out = _product(query, weight, bias)
     px, py = out[..., :k].view(b, q, m, lv, p), out[..., k:2 * k].view(b, q, m, lv, p)
     weights = out[..., 2 * k:].reshape(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
     if base is None:
@@ -106,28 +106,67 @@ def deformable_attend(
 FFN_CHUNK_ROWS = 1024
 
 
+# Row count oneDNN is told to expect when it lays out (packs) a layer's weights once for its kernels;
+# the products run in chunks of about this many rows.
+PACKED_ROWS = 1024
+
+
 @lru_cache(maxsize=None)
-def _fused_relu_usable() -> bool:
-    """Whether oneDNN's linear layer with a ReLU post-op is there and computes relu(F.linear)."""
+def _packed_usable() -> bool:
+    """Whether oneDNN's linear layer takes weights packed once (with GELU/ReLU and residual post-ops)
+    and computes what F.linear does."""
     try:
         if not torch.backends.mkldnn.is_available():
             return False
         g = torch.Generator().manual_seed(0)
         x, w, b = torch.randn(40, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+        r = torch.randn(40, 16, generator=g)
         with torch.no_grad():
-            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "relu", [], "")
-        return bool(torch.allclose(got, F.relu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4))
-    except (AttributeError, RuntimeError):
+            ops = torch.ops.mkldnn
+            packed = ops._reorder_linear_weight(w, 40)
+            relu = ops._linear_pointwise(x, packed, b, "relu", [], "")
+            gelu = ops._linear_pointwise(x, packed, b, "gelu", [], "none")
+            added = ops._linear_pointwise.binary(x, r, packed, b, "add")
+        expected = F.linear(x, w, b)
+        return all(torch.allclose(got, want, rtol=1e-4, atol=1e-4) for got, want in
+                   [(relu, F.relu(expected)), (gelu, F.gelu(expected)), (added, expected + r)])
+    except (AttributeError, RuntimeError, TypeError):
         return False
 
 
-def _linear_relu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """relu(layer(x)), the ReLU applied by oneDNN's kernel while the output is in cache where it can."""
-    weight, bias = layer.weight, layer.bias
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) in oneDNN's own layout for its float32 kernels, kept until weight changes."""
+    return kept_until_changed(weight, "_segany_onednn_packed", [weight],
+                              lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_ROWS))
+
+
+def _product(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """activation(x @ weight^T + bias) + residual (activation None, "gelu" or "relu"; not both).
+
+    Float32 on the CPU: oneDNN's kernel with the weights packed once (_packed_weight) and the activation
+    or the residual applied while the output is in cache; else kernels.linear (or F.relu after it)."""
+    out_features = weight.shape[0]
     if (kernels.ENABLED and x.is_cpu and x.dtype is torch.float32 and weight.dtype is x.dtype
-            and not torch.is_grad_enabled() and not is_exporting() and _fused_relu_usable()):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
-    return F.relu(F.linear(x, weight, bias))
+            and (bias is None or bias.dtype is x.dtype) and x.numel() >= 64 * x.shape[-1]
+            and not torch.is_grad_enabled() and not is_exporting() and _packed_usable()
+            and (residual is None or (residual.is_contiguous() and residual.dtype is x.dtype
+                                      and residual.shape == x.shape[:-1] + (out_features,)))):
+        ops = torch.ops.mkldnn
+        rows = x.reshape(-1, x.shape[-1])
+        packed = _packed_weight(weight)
+        if residual is not None:
+            y = ops._linear_pointwise.binary(rows, residual.view(-1, out_features), packed, bias, "add")
+        elif activation is None:
+            y = ops._linear_pointwise(rows, packed, bias, "none", [], "")
+        else:
+            y = ops._linear_pointwise(rows, packed, bias, activation, [], "none" if activation == "gelu" else "")
+        return y.view(*x.shape[:-1], out_features)
+    if activation == "relu":
+        return F.relu(linear(x, weight, bias))
+    return linear(x, weight, bias, activation=activation, residual=residual)
 
 
 @torch.no_grad()
@@ -135,17 +174,14 @@ def residual_ffn(
     residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, activation: str
 ) -> torch.Tensor:
     """residual + second(activation(first(x))) for (B, N, C) tensors, computed in chunks of rows, the
-    activation and the residual added by the products' kernels (kernels.linear); activation "gelu" or "relu"."""
+    activation and the residual added by the products' kernels (_product); activation "gelu" or "relu"."""
     flat = x.reshape(-1, x.shape[-1])
     skip = residual.reshape(-1, residual.shape[-1])
     out = torch.empty_like(skip)
     for i in range(0, flat.shape[0], FFN_CHUNK_ROWS):
         rows = slice(i, i + FFN_CHUNK_ROWS)
-        if activation == "relu":
-            hidden = _linear_relu(flat[rows], first)
-        else:
-            hidden = linear(flat[rows], first.weight, first.bias, activation=activation)
-        out[rows] = linear(hidden, second.weight, second.bias, residual=skip[rows])
+        hidden = _product(flat[rows], first.weight, first.bias, activation)
+        out[rows] = _product(hidden, second.weight, second.bias, residual=skip[rows])
     return out.view(residual.shape)
 
 
@@ -213,27 +249,29 @@ def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Ten
     per_image = (hp // w) * (wp // w)
     band = max(1, FFN_CHUNK_ROWS // n)
     out = torch.empty_like(windows)
-    for first in range(0, b * per_image, band):
+    first = 0
+    while first < b * per_image:
         last = min(first + band, (first // per_image + 1) * per_image)  # a band stays in one image
         rows = slice(first * n, last * n)
-        qkv = linear(windows[rows], attn.qkv.weight, attn.qkv.bias).view(last - first, n, 3, heads, c // heads)
+        qkv = _product(windows[rows], attn.qkv.weight, attn.qkv.bias).view(last - first, n, 3, heads, c // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         mask = bias if bias.shape[0] == 1 else bias[first % per_image:(last - 1) % per_image + 1]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)  # nb, heads, N, hd
         out[rows].view(last - first, n, heads, c // heads).copy_(o.transpose(1, 2))
+        first = last
     tokens = out.index_select(0, order.scatter)  # B*H*W, C
-    x = linear(tokens, attn.proj.weight, attn.proj.bias, residual=x.view(-1, c)).view(b, h * wd, c)
+    x = _product(tokens, attn.proj.weight, attn.proj.bias, residual=x.view(-1, c)).view(b, h * wd, c)
     return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, "gelu")
 
 
 def _patch_merging(merge: PatchMerging, x: torch.Tensor, h: int, wd: int) -> torch.Tensor:
-    """PatchMerging.forward with its product through kernels.linear."""
+    """PatchMerging.forward with its product through _product."""
     b, _, c = x.shape
     x = x.view(b, h, wd, c)
     if h % 2 or wd % 2:
         x = F.pad(x, (0, 0, 0, wd % 2, 0, h % 2))
     x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-    return linear(merge.norm(x.view(b, -1, 4 * c)), merge.reduction.weight, merge.reduction.bias)
+    return _product(merge.norm(x.view(b, -1, 4 * c)), merge.reduction.weight, merge.reduction.bias)
 
 
 @torch.no_grad()
@@ -282,13 +320,15 @@ def _encoder_geometry(
 
 def _pointwise_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """conv(x) for a 1x1 convolution as a product over the pixels of x (B, C, H, W) in channels-last
-    memory (kernels.linear); the result is channels-last too. Other convolutions: conv(x)."""
+    memory (_product); the result is channels-last too. Other convolutions: conv(x)."""
     plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
     if not plain or conv.padding_mode != "zeros":
         return conv(x)
     b, c, h, w = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view where x is channels-last
-    y = linear(pixels, conv.weight.view(conv.out_channels, c), conv.bias)
+    weight = kept_until_changed(conv, "_engine_weight_2d", [conv.weight],
+                                lambda: conv.weight.detach().view(conv.out_channels, c))  # one object: packed once
+    y = _product(pixels, weight, conv.bias)
     return y.view(b, h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -323,9 +363,9 @@ def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tens
     x = flat
     for layer in transformer.encoder.layers:
         attn = layer.self_attn
-        value = linear(x, attn.value_proj.weight, attn.value_proj.bias).view(b, x.shape[1], attn.n_heads, -1)
+        value = _product(x, attn.value_proj.weight, attn.value_proj.bias).view(b, x.shape[1], attn.n_heads, -1)
         sampled = deformable_attend(attn, x + lvl_pos, None, deformable.value_table(value, shapes), base)
-        x = layer.norm1(linear(sampled, attn.output_proj.weight, attn.output_proj.bias, residual=x))
+        x = layer.norm1(_product(sampled, attn.output_proj.weight, attn.output_proj.bias, residual=x))
         x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, "relu"))
     per_level = x.split([h * w for h, w in shapes], 1)
     # (B, C, H, W) in channels-last memory, views of the tokens; the FPN step stays channels-last
@@ -358,7 +398,7 @@ def image_values(model: SemanticSam, features: ImageFeatures) -> ImageValues:
     memory, shapes = predictor.flatten_levels(features.multi_scale)
     b, s, _ = memory.shape
     values = [
-        deformable.value_table(linear(memory, layer.cross_attn.value_proj.weight, layer.cross_attn.value_proj.bias)
+        deformable.value_table(_product(memory, layer.cross_attn.value_proj.weight, layer.cross_attn.value_proj.bias)
                                .view(b, s, layer.cross_attn.n_heads, -1), shapes)
         for layer in predictor.decoder.layers
     ]
