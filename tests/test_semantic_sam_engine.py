@@ -123,3 +123,16 @@ def test_swin_batch_and_odd_sizes_equal_the_definition():
         ours = engine.swin_features(model.backbone, x)
     for name in ref:
         torch.testing.assert_close(ours[name], ref[name], atol=1e-4, rtol=1e-4)
+
+
+def test_model_copies_and_saves_after_engine_use():
+    """The engine's caches (packed weights, biases) must not stop copy.deepcopy or torch.save."""
+    import copy
+    import io
+
+    model = small_model(17)
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    first = engine.image_features(model, image)
+    twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    torch.testing.assert_close(engine.image_features(twin, image).mask_features, first.mask_features)

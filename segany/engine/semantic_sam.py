@@ -25,6 +25,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..modeling.semantic_sam import ImageFeatures, SemanticSam
 from ..modeling.semantic_sam.decoder import DecoderOutput, box_sine_embedding, inverse_sigmoid
@@ -32,7 +33,7 @@ from ..modeling.semantic_sam.deformable_attention import MSDeformAttn
 from ..modeling.semantic_sam.pixel_decoder import NormConv2d, PixelDecoder, sine_position_embedding
 from ..modeling.semantic_sam.swin import PatchMerging, SwinBlock, SwinTransformer, shift_mask, window_partition
 from . import deformable, kernels
-from .cache import kept_until_changed
+from .cache import kept_until_changed, tensor_version
 from .kernels import is_exporting, linear
 
 @torch.no_grad()
@@ -134,10 +135,19 @@ def _packed_usable() -> bool:
         return False
 
 
+# weight -> (its identity when packed, packed copy); outside the weight tensors themselves, whose
+# __dict__ goes with them into copy.deepcopy and torch.save, which cannot copy oneDNN's opaque tensors
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
 def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """weight (out, in) in oneDNN's own layout for its float32 kernels, kept until weight changes."""
-    return kept_until_changed(weight, "_segany_onednn_packed", [weight],
-                              lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_ROWS))
+    key = (weight.data_ptr(), tensor_version(weight), weight.dtype, weight.device, tuple(weight.shape))
+    hit = _PACKED.get(weight)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_ROWS))
+        _PACKED[weight] = hit
+    return hit[1]
 
 
 def _product(
