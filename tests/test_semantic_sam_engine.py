@@ -72,10 +72,12 @@ def test_window_bias_follows_the_weights():
     torch.testing.assert_close(ours.mask_features, ref.mask_features, atol=1e-4, rtol=1e-4)
 
 
-def test_click_path_equals_the_definition():
+@pytest.mark.parametrize("n_points", [2, 13])  # 12 and 78 queries: the few-queries gather and the projected tables
+def test_click_path_equals_the_definition(n_points):
     model = small_model(7)
     image = torch.randint(0, 256, (3, 80, 90), dtype=torch.uint8)
-    points = torch.tensor([[0.2, 0.7], [0.9, 0.1]], dtype=torch.float64)
+    points = torch.rand(n_points, 2, generator=torch.Generator().manual_seed(n_points), dtype=torch.float64)
+    points[:2] = torch.tensor([[0.2, 0.7], [0.9, 0.1]], dtype=torch.float64)
     with torch.no_grad():
         features = model.image_features(image)
         ref = model.decode(features, points)

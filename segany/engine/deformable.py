@@ -86,7 +86,10 @@ def sample(table: ValueTable, px: torch.Tensor, py: torch.Tensor, weights: torch
     location x in pixels, i.e. normalised * W + 0.5 (may be strided views; clamped here, not in
     place); weights: (B, Q, M, L, P) -> (B, Q, M*D)."""
     b, q, m, levels, points = px.shape
-    g = table_geometry(table.shapes, m, points, px.device)
+    th = table.heads  # m, or 1 for a table that every head reads
+    if th not in (1, m):
+        raise ValueError(f"a table of {th} heads read by {m}")
+    g = table_geometry(table.shapes, th, points, px.device)
     lower = g.lower.to(px.dtype)
     px = torch.clamp(px, min=lower, max=g.upper_x.to(px.dtype))
     py = torch.clamp(py, min=lower, max=g.upper_y.to(py.dtype))
@@ -103,13 +106,13 @@ def sample(table: ValueTable, px: torch.Tensor, py: torch.Tensor, weights: torch
     torch.mul(far_x, wy1, out=w[:, :, :, 3])
     # table row of the (x0, y0) corner: (b * rows + level start + y0 * line + x0) * M + head
     first = torch.addcmul(g.start, y0.to(torch.int32), g.line)
-    first.add_(x0.to(torch.int32), alpha=m)
+    first.add_(x0.to(torch.int32), alpha=th)
     if b > 1:
         first += (torch.arange(b, dtype=torch.int32, device=px.device) * g.rows).view(b, 1, 1, 1, 1)
     rows = torch.empty(b, q, m, 4, levels, points, dtype=torch.int32, device=px.device)
     rows[:, :, :, 0] = first
-    torch.add(first, m, out=rows[:, :, :, 1])
+    torch.add(first, th, out=rows[:, :, :, 1])
     torch.add(first, g.line, out=rows[:, :, :, 2])
-    torch.add(rows[:, :, :, 2], m, out=rows[:, :, :, 3])
+    torch.add(rows[:, :, :, 2], th, out=rows[:, :, :, 3])
     out = F.embedding_bag(rows.view(b * q * m, -1), table.rows, per_sample_weights=w.view(b * q * m, -1), mode="sum")
     return out.view(b, q, -1)

@@ -11,11 +11,12 @@ activations and residual additions applied by their kernels; position embeddings
 are built once per feature size. Float32 throughout; only the order of floating-point sums differs
 from the definition (tests/test_semantic_sam_engine.py).
 
-Click path: per click, the decoder's cross-attention projects the whole flattened feature pyramid (~15k tokens for
-a 640x1138 image) to values in every layer, although that projection does not depend on the click.
-`ImageValues` holds, per image, the flattened pyramid and every layer's projected values; `decode`
-then runs the same layers with those values: the same operations on the same inputs, in the same
-order, as `SemanticSam.decode`.
+Click path: the decoder's cross-attention would project the whole flattened feature pyramid (~15k
+tokens for a 640x1138 image) to values in every layer, for every click. `ImageValues` holds, per image,
+the pyramid as one zero-bordered table (with a column of ones); for a click's few queries each layer
+gathers from it and projects only the gathered rows (the projection is linear, the sampling a weighted
+sum: the same maths in another order); for many queries (everything mode) each layer's projected table
+is made once per image on first need. Otherwise `decode` runs the same layers as `SemanticSam.decode`.
 """
 from __future__ import annotations
 
@@ -395,24 +396,49 @@ def image_features(model: SemanticSam, image: torch.Tensor) -> ImageFeatures:
     return ImageFeatures(mask_features, multi_scale, tuple(image.shape[-2:]), tuple(x.shape[-2:]))
 
 
+# Up to this many queries, the decoder's deformable cross-attention gathers from the image's features
+# themselves and projects the few gathered rows (_click_values); more queries (everything mode) read
+# each layer's projected values of the whole pyramid, made once per image on first need.
+FEW_QUERIES = 64
+
+
 @dataclass
 class ImageValues:
     features: ImageFeatures
     shapes: List[Tuple[int, int]]
-    values: List[deformable.ValueTable]  # per decoder layer: its projected values of the pyramid
+    memory: torch.Tensor  # (B, S, C) the flattened pyramid, coarsest level first
+    table: deformable.ValueTable  # memory and a column of ones, zero-bordered, read by every head
+    projected: Dict[int, deformable.ValueTable]  # per decoder layer, its projected values (made on need)
 
 
 @torch.no_grad()
 def image_values(model: SemanticSam, features: ImageFeatures) -> ImageValues:
     predictor = model.sem_seg_head.predictor
     memory, shapes = predictor.flatten_levels(features.multi_scale)
-    b, s, _ = memory.shape
-    values = [
-        deformable.value_table(_product(memory, layer.cross_attn.value_proj.weight, layer.cross_attn.value_proj.bias)
-                               .view(b, s, layer.cross_attn.n_heads, -1), shapes)
-        for layer in predictor.decoder.layers
-    ]
-    return ImageValues(features, shapes, values)
+    b, s, c = memory.shape
+    with_ones = torch.cat([memory, memory.new_ones(b, s, 1)], -1).view(b, s, 1, c + 1)
+    return ImageValues(features, shapes, memory, deformable.value_table(with_ones, shapes), {})
+
+
+def _cross_attention_values(layer_index: int, attn: MSDeformAttn, cache: ImageValues, query: torch.Tensor,
+                            boxes: torch.Tensor) -> torch.Tensor:
+    """attn's sampled values (before output_proj) for the queries (B, Q, C) and their boxes (B, Q, L, 4).
+
+    The value projection is linear and the sampling a weighted sum, so for a few queries the sum is
+    taken over the image's features and projected after: per head, W_m (sum_i w_i x_i) + b_m sum_i w_i,
+    where sum_i w_i (the weights of corners inside the maps) is the gathered column of ones."""
+    b, q, c = query.shape
+    m = attn.n_heads
+    if q > FEW_QUERIES:
+        if layer_index not in cache.projected:
+            s = cache.memory.shape[1]
+            value = _product(cache.memory, attn.value_proj.weight, attn.value_proj.bias).view(b, s, m, -1)
+            cache.projected[layer_index] = deformable.value_table(value, cache.shapes)
+        return deformable_attend(attn, query, boxes, cache.projected[layer_index])
+    gathered = deformable_attend(attn, query, boxes, cache.table).view(b, q, m, c + 1)
+    weight = attn.value_proj.weight.view(m, -1, c)  # M, D, C
+    heads = torch.einsum("bqmc,mdc->bqmd", gathered[..., :c], weight)
+    return (heads + gathered[..., c:] * attn.value_proj.bias.view(m, -1)).reshape(b, q, -1)
 
 
 @torch.no_grad()
@@ -426,14 +452,15 @@ def decode(model: SemanticSam, cache: ImageValues, points: torch.Tensor) -> Deco
     ref = boxes_unsig.sigmoid()
     levels = len(cache.shapes)
     outputs, layer_boxes = [], []
-    for layer, box_head, value in zip(decoder.layers, decoder.bbox_embed, cache.values):
+    for i, (layer, box_head) in enumerate(zip(decoder.layers, decoder.bbox_embed)):
         layer_boxes.append(ref)
         query_pos = decoder.ref_point_head(box_sine_embedding(ref, tgt.shape[-1] // 2))
         q = (tgt + query_pos).transpose(0, 1)
         attn = layer.self_attn(q, q, tgt.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
         tgt = layer.norm2(tgt + attn)
         boxes_per_level = ref[:, :, None].expand(-1, -1, levels, -1)
-        cross = layer.cross_attn.output_proj(deformable_attend(layer.cross_attn, tgt + query_pos, boxes_per_level, value))
+        cross = layer.cross_attn.output_proj(
+            _cross_attention_values(i, layer.cross_attn, cache, tgt + query_pos, boxes_per_level))
         tgt = layer.norm1(tgt + cross)
         tgt = layer.norm3(tgt + layer.linear2(torch.relu(layer.linear1(tgt))))
         ref = (box_head(tgt) + inverse_sigmoid(ref)).sigmoid()
