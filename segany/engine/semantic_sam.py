@@ -35,7 +35,6 @@ from ..modeling.semantic_sam.pixel_decoder import NormConv2d, PixelDecoder, sine
 from ..modeling.semantic_sam.swin import PatchMerging, SwinBlock, SwinTransformer, shift_mask, window_partition
 from . import deformable, kernels
 from .cache import kept_until_changed, tensor_version
-from .kernels import is_exporting, linear
 
 @torch.no_grad()
 def deformable_sample(
@@ -157,12 +156,13 @@ def _product(
 ) -> torch.Tensor:
     """activation(x @ weight^T + bias) + residual (activation None, "gelu" or "relu"; not both).
 
-    Float32 on the CPU: oneDNN's kernel with the weights packed once (_packed_weight) and the activation
-    or the residual applied while the output is in cache; else kernels.linear (or F.relu after it)."""
+    Float32 on the CPU outside autograd and tracing: oneDNN's kernel with the weights packed once
+    (_packed_weight) and the activation or the residual applied while the output is in cache; else (and
+    for a few rows, where packing buys nothing) F.linear and the operations after it."""
     out_features = weight.shape[0]
     if (kernels.ENABLED and x.is_cpu and x.dtype is torch.float32 and weight.dtype is x.dtype
             and (bias is None or bias.dtype is x.dtype) and x.numel() >= 64 * x.shape[-1]
-            and not torch.is_grad_enabled() and not is_exporting() and _packed_usable()
+            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and _packed_usable()
             and (residual is None or (residual.is_contiguous() and residual.dtype is x.dtype
                                       and residual.shape == x.shape[:-1] + (out_features,)))):
         ops = torch.ops.mkldnn
@@ -175,9 +175,12 @@ def _product(
         else:
             y = ops._linear_pointwise(rows, packed, bias, activation, [], "none" if activation == "gelu" else "")
         return y.view(*x.shape[:-1], out_features)
-    if activation == "relu":
-        return F.relu(linear(x, weight, bias))
-    return linear(x, weight, bias, activation=activation, residual=residual)
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "relu":
+        y = F.relu(y)
+    return y if residual is None else residual + y
 
 
 @torch.no_grad()
