@@ -72,10 +72,12 @@ def test_window_bias_follows_the_weights():
     torch.testing.assert_close(ours.mask_features, ref.mask_features, atol=1e-4, rtol=1e-4)
 
 
-def test_click_path_equals_the_definition():
+@pytest.mark.parametrize("n_points", [2, 13])  # 12 and 78 queries: the few-queries gather and the projected tables
+def test_click_path_equals_the_definition(n_points):
     model = small_model(7)
     image = torch.randint(0, 256, (3, 80, 90), dtype=torch.uint8)
-    points = torch.tensor([[0.2, 0.7], [0.9, 0.1]], dtype=torch.float64)
+    points = torch.rand(n_points, 2, generator=torch.Generator().manual_seed(n_points), dtype=torch.float64)
+    points[:2] = torch.tensor([[0.2, 0.7], [0.9, 0.1]], dtype=torch.float64)
     with torch.no_grad():
         features = model.image_features(image)
         ref = model.decode(features, points)
@@ -94,3 +96,45 @@ def test_engine_runs_outside_no_grad():
     value = torch.randn(1, 6, 2, 4, requires_grad=True)
     out = engine.deformable_sample(value, [(2, 3)], torch.rand(1, 5, 2, 1, 2, 2), torch.rand(1, 5, 2, 1, 2))
     assert out.shape == (1, 5, 8)
+
+
+def test_packed_weights_follow_the_weights():
+    """The engine packs layer weights once for oneDNN; changing them in place must be seen."""
+    model = small_model(11)
+    image = torch.randint(0, 256, (3, 72, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        engine.image_features(model, image)
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.mul_(-0.5)
+        ref = model.image_features(image)
+        ours = engine.image_features(model, image)
+    torch.testing.assert_close(ours.mask_features, ref.mask_features, atol=1e-4, rtol=1e-4)
+    for a, b_ in zip(ours.multi_scale, ref.multi_scale):
+        torch.testing.assert_close(a, b_, atol=1e-4, rtol=1e-4)
+
+
+def test_swin_batch_and_odd_sizes_equal_the_definition():
+    """Two images at once (window gather offsets per image, shift-mask bands within an image), sizes
+    that are no multiple of the window or of 2 (padding, patch merging)."""
+    model = small_model(13, window=5)
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 3, 84, 108, generator=g)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        ours = engine.swin_features(model.backbone, x)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], atol=1e-4, rtol=1e-4)
+
+
+def test_model_copies_and_saves_after_engine_use():
+    """The engine's caches (packed weights, biases) must not stop copy.deepcopy or torch.save."""
+    import copy
+    import io
+
+    model = small_model(17)
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    first = engine.image_features(model, image)
+    twin = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    torch.testing.assert_close(engine.image_features(twin, image).mask_features, first.mask_features)

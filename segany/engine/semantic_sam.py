@@ -2,158 +2,200 @@
 segany.modeling.semantic_sam in fewer, larger operations.
 
 Image features (`image_features`): the deformable attention reads its bilinear samples as one weighted
-gather (`deformable_sample`, F.embedding_bag) instead of a grid_sample per level plus a weighted sum
-over a stacked copy; the window attention of the Swin backbone is one scaled_dot_product_attention
-with the relative-position bias and the shift mask added in a single cached mask; position embeddings
-and reference points are built once per feature size. Float32 throughout; only the order of
-floating-point sums differs from the definition (tests/test_semantic_sam_engine.py).
+gather from a table of values with zero borders (segany.engine.deformable), its sampling offsets and
+attention logits come from one product that also adds the reference points; the Swin blocks gather
+their window rows (padding, cyclic shift, partition) in one copy, run qkv, one scaled_dot_product_attention
+with the relative-position bias and shift mask in a single cached mask, in bands of windows that stay
+in cache, and scatter back in one copy; products go through oneDNN with weights packed once (_product) and the
+activations and residual additions applied by their kernels; position embeddings and reference points
+are built once per feature size. Float32 throughout; only the order of floating-point sums differs
+from the definition (tests/test_semantic_sam_engine.py).
 
-Click path: per click, the decoder's cross-attention projects the whole flattened feature pyramid (~15k tokens for
-a 640x1138 image) to values in every layer, although that projection does not depend on the click.
-`ImageValues` holds, per image, the flattened pyramid and every layer's projected values; `decode`
-then runs the same layers with those values: the same operations on the same inputs, in the same
-order, as `SemanticSam.decode`.
+Click path: the decoder's cross-attention would project the whole flattened feature pyramid (~15k
+tokens for a 640x1138 image) to values in every layer, for every click. `ImageValues` holds, per image,
+the pyramid as one zero-bordered table (with a column of ones); for a click's few queries each layer
+gathers from it and projects only the gathered rows (the projection is linear, the sampling a weighted
+sum: the same maths in another order); for many queries (everything mode) each layer's projected table
+is made once per image on first need. Otherwise `decode` runs the same layers as `SemanticSam.decode`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..modeling.semantic_sam import ImageFeatures, SemanticSam
 from ..modeling.semantic_sam.decoder import DecoderOutput, box_sine_embedding, inverse_sigmoid
 from ..modeling.semantic_sam.deformable_attention import MSDeformAttn
-from ..modeling.semantic_sam.pixel_decoder import PixelDecoder, sine_position_embedding
-from ..modeling.semantic_sam.swin import SwinBlock, SwinTransformer, shift_mask, window_merge, window_partition
-from .cache import kept_until_changed
+from ..modeling.semantic_sam.pixel_decoder import NormConv2d, PixelDecoder, sine_position_embedding
+from ..modeling.semantic_sam.swin import PatchMerging, SwinBlock, SwinTransformer, shift_mask, window_partition
+from . import deformable, kernels
+from .cache import kept_until_changed, tensor_version
 
 @torch.no_grad()
 def deformable_sample(
     value: torch.Tensor, shapes: Sequence[Tuple[int, int]], locations: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """segany.modeling.semantic_sam.deformable_attention.deformable_sample as one weighted gather.
-
-    Every output is a weighted sum of value rows: per query and head, L*P points x 4 bilinear corners,
-    each weighted by (bilinear weight) x (attention weight), corners outside their level's map by 0
-    (grid_sample's zero padding, align_corners=False). F.embedding_bag computes exactly such sums.
-    value: (B, S, M, D); locations: (B, Q, M, L, P, 2) in [0, 1]; weights: (B, Q, M, L, P) -> (B, Q, M*D)
-    """
-    geometry = _level_geometry(tuple(map(tuple, shapes)), value.shape[2], value.device)
-    return _sample_pixels(value, geometry, locations * geometry.size_xy.to(locations.dtype) - 0.5, weights)
+    """segany.modeling.semantic_sam.deformable_attention.deformable_sample as one weighted gather
+    (segany.engine.deformable). value: (B, S, M, D); locations: (B, Q, M, L, P, 2) in [0, 1];
+    weights: (B, Q, M, L, P) -> (B, Q, M*D)"""
+    table = deformable.value_table(value, shapes)
+    geometry = deformable.table_geometry(table.shapes, table.heads, locations.shape[4], locations.device)
+    pix = locations * geometry.to_padded.to(locations.dtype) + 0.5
+    return deformable.sample(table, pix[..., 0], pix[..., 1], weights)
 
 
-def _sample_pixels(value: torch.Tensor, geometry: "_LevelGeometry", pix: torch.Tensor, weights: torch.Tensor):
-    """deformable_sample with the locations in pixels of each level (B, Q, M, L, P, 2), centres at k."""
-    b, s, m, d = value.shape
-    q, _, levels, points = pix.shape[1:5]
-    g = geometry.expanded(points)  # per (head, level, point) constants: long contiguous broadcasts
-    corner = pix.floor()
-    far = pix - corner  # weight of the far neighbour (x0 + 1 or y0 + 1) per axis
-    near = 1 - far
-    x0, y0 = corner.to(torch.int32).unbind(-1)
-    # zero padding: a neighbour outside its level's map weighs 0
-    wx0 = near[..., 0] * ((x0 >= 0) & (x0 < g.width))
-    wx1 = far[..., 0] * ((x0 >= -1) & (x0 < g.width - 1))
-    wy0 = near[..., 1] * ((y0 >= 0) & (y0 < g.height)) * weights
-    wy1 = far[..., 1] * ((y0 >= -1) & (y0 < g.height - 1)) * weights
-    # bags of L*P*4 entries per (batch, query, head), the 4 neighbours outermost
-    w = torch.empty(b, q, m, 4, levels, points, dtype=value.dtype, device=value.device)
-    torch.mul(wx0, wy0, out=w[:, :, :, 0])
-    torch.mul(wx1, wy0, out=w[:, :, :, 1])
-    torch.mul(wx0, wy1, out=w[:, :, :, 2])
-    torch.mul(wx1, wy1, out=w[:, :, :, 3])
-    # row of value.reshape(B*S*M, D) of the (x0, y0) neighbour: (b*S + level start + y0*W + x0) * M + head
-    first = y0 * g.row_stride + x0 * m + g.head_start
-    if b > 1:
-        first += (torch.arange(b, dtype=torch.int32, device=value.device) * (s * m)).view(b, 1, 1, 1, 1)
-    rows = torch.empty(b, q, m, 4, levels, points, dtype=torch.int32, device=value.device)
-    rows[:, :, :, 0] = first
-    torch.add(first, m, out=rows[:, :, :, 1])
-    torch.add(first, g.row_stride, out=rows[:, :, :, 2])
-    torch.add(rows[:, :, :, 2], m, out=rows[:, :, :, 3])
-    rows.clamp_(0, b * s * m - 1)  # rows of zero-weight neighbours are only kept inside the table
-    out = F.embedding_bag(rows.view(b * q * m, -1), value.reshape(b * s * m, d),
-                          per_sample_weights=w.view(b * q * m, -1), mode="sum")
-    return out.view(b, q, m * d)
+def _offsets_and_logits(attn: MSDeformAttn) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sampling-offset and attention-weight layers as one, its outputs per query: every x offset
+    (M, L, P), every y offset, then the logits (M, L*P); kept until the layers change."""
+    layers = (attn.sampling_offsets, attn.attention_weights)
 
+    def build():
+        k = attn.n_heads * attn.n_levels * attn.n_points
+        c = attn.sampling_offsets.weight.shape[1]
+        w_xy = attn.sampling_offsets.weight.detach().view(k, 2, c).transpose(0, 1).reshape(2 * k, c)
+        b_xy = attn.sampling_offsets.bias.detach().view(k, 2).t().reshape(2 * k)
+        return (torch.cat([w_xy, attn.attention_weights.weight.detach()], 0).contiguous(),
+                torch.cat([b_xy, attn.attention_weights.bias.detach()], 0).contiguous())
 
-class _Expanded(NamedTuple):
-    width: torch.Tensor  # (M, L, P) int32
-    height: torch.Tensor  # (M, L, P) int32
-    row_stride: torch.Tensor  # (M, L, P) int32: W * M, the table rows between vertical neighbours
-    head_start: torch.Tensor  # (M, L, P) int32: level start * M + head
-
-
-class _LevelGeometry(NamedTuple):
-    size_xy: torch.Tensor  # (L, 1, 2) float: (W, H) per level
-    width: torch.Tensor  # (L, 1) int32
-    height: torch.Tensor  # (L, 1) int32
-    start: torch.Tensor  # (L, 1) int32: first row of the level in the flattened sequence
-    heads: int
-    by_points: Dict[int, _Expanded]
-
-    def expanded(self, points: int) -> _Expanded:
-        if points not in self.by_points:
-            m, lv = self.heads, self.width.shape[0]
-            head = torch.arange(m, dtype=torch.int32, device=self.width.device).view(m, 1, 1)
-
-            def full(t: torch.Tensor) -> torch.Tensor:
-                return t.view(1, lv, 1).expand(m, lv, points).contiguous()
-
-            self.by_points[points] = _Expanded(full(self.width), full(self.height), full(self.width * m),
-                                               (full(self.start * m) + head).contiguous())
-        return self.by_points[points]
-
-
-@lru_cache(maxsize=64)
-def _level_geometry(shapes: Tuple[Tuple[int, int], ...], heads: int, device: torch.device) -> _LevelGeometry:
-    hw = torch.tensor(shapes, dtype=torch.int32, device=device)  # L, 2 as (H, W)
-    height, width = hw[:, 0:1], hw[:, 1:2]
-    start = torch.cat([hw.new_zeros(1), (height * width).view(-1).cumsum(0)[:-1].to(torch.int32)]).view(-1, 1)
-    size_xy = torch.stack([width, height], -1).float()
-    return _LevelGeometry(size_xy, width, height, start, heads, {})
+    tensors = [t for l in layers for t in (l.weight, l.bias)]
+    return kept_until_changed(attn, "_engine_offsets_and_logits", tensors, build)
 
 
 @torch.no_grad()
 def deformable_attend(
-    attn: MSDeformAttn, query: torch.Tensor, reference: torch.Tensor, value: torch.Tensor,
-    shapes: Sequence[Tuple[int, int]],
+    attn: MSDeformAttn, query: torch.Tensor, reference: torch.Tensor, table: deformable.ValueTable,
+    base: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """MSDeformAttn.attend with `deformable_sample` above."""
-    b, q, _ = query.shape
+    """MSDeformAttn.attend (before its output projection) with the values as a deformable.ValueTable.
+
+    reference: (B, Q, L, 2) points or (B, Q, L, 4) boxes; for points, `base` may hold the reference
+    points already in the table's pixel frame, laid out as the output of _offsets_and_logits (zeros
+    under the logits: (Q, M*L*P*3)); that layer's product then adds them -> (B, Q, M*D)"""
+    b, q, c = query.shape
     m, lv, p = attn.n_heads, attn.n_levels, attn.n_points
-    offsets = attn.sampling_offsets(query).view(b, q, m, lv, p, 2)
-    weights = attn.attention_weights(query).view(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
-    geometry = _level_geometry(tuple(map(tuple, shapes)), m, value.device)
-    size_xy = geometry.size_xy.to(query.dtype)  # L, 1, 2
-    if reference.shape[-1] == 2:
-        # offsets are in pixels of each level: the reference point in pixels plus the offsets
-        pix = (reference[:, :, None, :, None, :] * size_xy - 0.5) + offsets
+    geometry = deformable.table_geometry(table.shapes, m, p, query.device)
+    weight, bias = _offsets_and_logits(attn)
+    k = m * lv * p
+    if base is not None:
+        residual = base if b == 1 else base.repeat(b, 1)
+        out = _product(query.reshape(b * q, c), weight, bias, residual=residual).view(b, q, -1)
     else:
-        locations = reference[:, :, None, :, None, :2] + offsets / p * reference[:, :, None, :, None, 2:] * 0.5
-        pix = locations * size_xy - 0.5
-    return attn.output_proj(_sample_pixels(value, geometry, pix, weights))
+        out = _product(query, weight, bias)
+    px, py = out[..., :k].view(b, q, m, lv, p), out[..., k:2 * k].view(b, q, m, lv, p)
+    weights = out[..., 2 * k:].reshape(b, q, m, lv * p).softmax(-1).view(b, q, m, lv, p)
+    if base is None:
+        size_x, size_y = geometry.to_padded.to(query.dtype).view(lv, 2).unbind(-1)  # L
+        size_x, size_y = size_x.view(lv, 1), size_y.view(lv, 1)
+        if reference.shape[-1] == 2:
+            # offsets are in pixels of each level
+            px = (reference[:, :, None, :, None, 0] * size_x + 0.5) + px
+            py = (reference[:, :, None, :, None, 1] * size_y + 0.5) + py
+        else:
+            # offsets in units of half the box, divided among the points
+            box = reference[:, :, None, :, None, :]
+            px = (box[..., 0] + px / p * box[..., 2] * 0.5) * size_x + 0.5
+            py = (box[..., 1] + py / p * box[..., 3] * 0.5) * size_y + 0.5
+    return deformable.sample(table, px, py, weights)
 
 
 # Feed-forward blocks run in row chunks so that the wide hidden activations stay in cache.
 FFN_CHUNK_ROWS = 1024
 
 
+# Row count oneDNN is told to expect when it lays out (packs) a layer's weights once for its kernels;
+# the products run in chunks of about this many rows.
+PACKED_ROWS = 1024
+
+
+@lru_cache(maxsize=None)
+def _packed_usable() -> bool:
+    """Whether oneDNN's linear layer takes weights packed once (with GELU/ReLU and residual post-ops)
+    and computes what F.linear does."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        g = torch.Generator().manual_seed(0)
+        x, w, b = torch.randn(40, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
+        r = torch.randn(40, 16, generator=g)
+        with torch.no_grad():
+            ops = torch.ops.mkldnn
+            packed = ops._reorder_linear_weight(w, 40)
+            relu = ops._linear_pointwise(x, packed, b, "relu", [], "")
+            gelu = ops._linear_pointwise(x, packed, b, "gelu", [], "none")
+            added = ops._linear_pointwise.binary(x, r, packed, b, "add")
+        expected = F.linear(x, w, b)
+        return all(torch.allclose(got, want, rtol=1e-4, atol=1e-4) for got, want in
+                   [(relu, F.relu(expected)), (gelu, F.gelu(expected)), (added, expected + r)])
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
+# weight -> (its identity when packed, packed copy); outside the weight tensors themselves, whose
+# __dict__ goes with them into copy.deepcopy and torch.save, which cannot copy oneDNN's opaque tensors
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight (out, in) in oneDNN's own layout for its float32 kernels, kept until weight changes."""
+    key = (weight.data_ptr(), tensor_version(weight), weight.dtype, weight.device, tuple(weight.shape))
+    hit = _PACKED.get(weight)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACKED_ROWS))
+        _PACKED[weight] = hit
+    return hit[1]
+
+
+def _product(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """activation(x @ weight^T + bias) + residual (activation None, "gelu" or "relu"; not both).
+
+    Float32 on the CPU outside autograd and tracing: oneDNN's kernel with the weights packed once
+    (_packed_weight) and the activation or the residual applied while the output is in cache; else (and
+    for a few rows, where packing buys nothing) F.linear and the operations after it."""
+    out_features = weight.shape[0]
+    if (kernels.ENABLED and x.is_cpu and x.dtype is torch.float32 and weight.dtype is x.dtype
+            and (bias is None or bias.dtype is x.dtype) and x.numel() >= 64 * x.shape[-1]
+            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and _packed_usable()
+            and (residual is None or (residual.is_contiguous() and residual.dtype is x.dtype
+                                      and residual.shape == x.shape[:-1] + (out_features,)))):
+        ops = torch.ops.mkldnn
+        rows = x.reshape(-1, x.shape[-1])
+        packed = _packed_weight(weight)
+        if residual is not None:
+            y = ops._linear_pointwise.binary(rows, residual.view(-1, out_features), packed, bias, "add")
+        elif activation is None:
+            y = ops._linear_pointwise(rows, packed, bias, "none", [], "")
+        else:
+            y = ops._linear_pointwise(rows, packed, bias, activation, [], "none" if activation == "gelu" else "")
+        return y.view(*x.shape[:-1], out_features)
+    y = F.linear(x, weight, bias)
+    if activation == "gelu":
+        y = F.gelu(y)
+    elif activation == "relu":
+        y = F.relu(y)
+    return y if residual is None else residual + y
+
+
 @torch.no_grad()
 def residual_ffn(
-    residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, act
+    residual: torch.Tensor, x: torch.Tensor, first: torch.nn.Linear, second: torch.nn.Linear, activation: str
 ) -> torch.Tensor:
-    """residual + second(act(first(x))) for (B, N, C) tensors, computed in chunks of rows."""
+    """residual + second(activation(first(x))) for (B, N, C) tensors, computed in chunks of rows, the
+    activation and the residual added by the products' kernels (_product); activation "gelu" or "relu"."""
     flat = x.reshape(-1, x.shape[-1])
     skip = residual.reshape(-1, residual.shape[-1])
     out = torch.empty_like(skip)
     for i in range(0, flat.shape[0], FFN_CHUNK_ROWS):
-        hidden = act(F.linear(flat[i:i + FFN_CHUNK_ROWS], first.weight, first.bias))
         rows = slice(i, i + FFN_CHUNK_ROWS)
-        torch.add(skip[rows], F.linear(hidden, second.weight, second.bias), out=out[rows])
+        hidden = _product(flat[rows], first.weight, first.bias, activation)
+        out[rows] = _product(hidden, second.weight, second.bias, residual=skip[rows])
     return out.view(residual.shape)
 
 
@@ -181,30 +223,69 @@ def _window_bias(block: SwinBlock, hp: int, wp: int, device, dtype) -> torch.Ten
     return per_size[key]
 
 
+class _WindowOrder(NamedTuple):
+    gather: torch.Tensor  # (B*nW*N,) for each window position, its token row (any row for padding)
+    padding: torch.Tensor  # window positions that are padding (zero after the norm, as F.pad makes them)
+    scatter: torch.Tensor  # (B*H*W,) for each token, its window position
+
+
+@lru_cache(maxsize=64)
+def _window_order(b: int, h: int, wd: int, w: int, shift: int, device: torch.device) -> _WindowOrder:
+    """Zero-padding to whole windows, the cyclic shift and the window partition of SwinBlock as one
+    row gather from the token rows (B*H*W, C) to the window rows (B*nW*w*w, C), and back."""
+    hp, wp = -(-h // w) * w, -(-wd // w) * w
+    token = torch.full((hp, wp), -1, dtype=torch.int64)
+    token[:h, :wd] = torch.arange(h * wd).view(h, wd)
+    if shift:
+        token = torch.roll(token, shifts=(-shift, -shift), dims=(0, 1))
+    token = window_partition(token.view(1, hp, wp, 1), w).reshape(-1)  # nW*N
+    token = torch.cat([torch.where(token < 0, token, token + i * h * wd) for i in range(b)])
+    padding = (token < 0).nonzero().view(-1)
+    scatter = torch.empty(b * h * wd, dtype=torch.int64)
+    scatter[token[token >= 0]] = (token >= 0).nonzero().view(-1)
+    return _WindowOrder(token.clamp(min=0).to(device), padding.to(device), scatter.to(device))
+
+
 def _swin_block(block: SwinBlock, x: torch.Tensor, h: int, wd: int) -> torch.Tensor:
-    """SwinBlock.forward with the window attention as one scaled_dot_product_attention."""
+    """SwinBlock.forward: the window rows gathered in one copy (_window_order), then qkv, attention
+    (one scaled_dot_product_attention with the cached bias) and the output projection's input in
+    bands of windows that stay in cache; the residuals added by the products' kernels."""
     b, _, c = x.shape
     w = block.window_size
     attn = block.attn
-    y = block.norm1(x).view(b, h, wd, c)
-    y = F.pad(y, (0, 0, 0, (w - wd % w) % w, 0, (w - h % w) % w))
-    hp, wp = y.shape[1], y.shape[2]
-    if block.shift:
-        y = torch.roll(y, shifts=(-block.shift, -block.shift), dims=(1, 2))
-    windows = window_partition(y, w)  # B*nW, N, C
-    bw, n, _ = windows.shape
-    heads = attn.num_heads
-    qkv = attn.qkv(windows).reshape(bw, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    bias = _window_bias(block, hp, wp, x.device, x.dtype)
-    if bias.shape[0] != 1:
-        bias = bias.repeat(b, 1, 1, 1) if b > 1 else bias
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=bias, scale=attn.scale)
-    y = attn.proj(out.transpose(1, 2).reshape(bw, n, c))
-    y = window_merge(y, w, hp, wp)
-    if block.shift:
-        y = torch.roll(y, shifts=(block.shift, block.shift), dims=(1, 2))
-    x = x + y[:, :h, :wd, :].reshape(b, h * wd, c)
-    return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, F.gelu)
+    order = _window_order(b, h, wd, w, block.shift, x.device)
+    windows = block.norm1(x).view(-1, c).index_select(0, order.gather)  # B*nW*N, C
+    if order.padding.numel():
+        windows.index_fill_(0, order.padding, 0.0)
+    hp, wp = -(-h // w) * w, -(-wd // w) * w
+    bias = _window_bias(block, hp, wp, x.device, x.dtype)  # nW or 1, heads, N, N
+    n, heads = w * w, attn.num_heads
+    per_image = (hp // w) * (wp // w)
+    band = max(1, FFN_CHUNK_ROWS // n)
+    out = torch.empty_like(windows)
+    first = 0
+    while first < b * per_image:
+        last = min(first + band, (first // per_image + 1) * per_image)  # a band stays in one image
+        rows = slice(first * n, last * n)
+        qkv = _product(windows[rows], attn.qkv.weight, attn.qkv.bias).view(last - first, n, 3, heads, c // heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        mask = bias if bias.shape[0] == 1 else bias[first % per_image:(last - 1) % per_image + 1]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)  # nb, heads, N, hd
+        out[rows].view(last - first, n, heads, c // heads).copy_(o.transpose(1, 2))
+        first = last
+    tokens = out.index_select(0, order.scatter)  # B*H*W, C
+    x = _product(tokens, attn.proj.weight, attn.proj.bias, residual=x.view(-1, c)).view(b, h * wd, c)
+    return residual_ffn(x, block.norm2(x), block.mlp.fc1, block.mlp.fc2, "gelu")
+
+
+def _patch_merging(merge: PatchMerging, x: torch.Tensor, h: int, wd: int) -> torch.Tensor:
+    """PatchMerging.forward with its product through _product."""
+    b, _, c = x.shape
+    x = x.view(b, h, wd, c)
+    if h % 2 or wd % 2:
+        x = F.pad(x, (0, 0, 0, wd % 2, 0, h % 2))
+    x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    return _product(merge.norm(x.view(b, -1, 4 * c)), merge.reduction.weight, merge.reduction.bias)
 
 
 @torch.no_grad()
@@ -218,9 +299,10 @@ def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch
         for block in stage.blocks:
             x = _swin_block(block, x, h, wd)
         y = getattr(backbone, f"norm{i}")(x)
-        out[f"res{i + 2}"] = y.view(b, h, wd, -1).permute(0, 3, 1, 2).contiguous()
+        # (B, C, H, W) in channels-last memory: a view of the tokens, which the convolutions read as they are
+        out[f"res{i + 2}"] = y.view(b, h, wd, -1).permute(0, 3, 1, 2)
         if stage.downsample is not None:
-            x = stage.downsample(x, h, wd)
+            x = _patch_merging(stage.downsample, x, h, wd)
             h, wd = (h + 1) // 2, (wd + 1) // 2
     return out
 
@@ -229,44 +311,83 @@ def swin_features(backbone: SwinTransformer, x: torch.Tensor) -> Dict[str, torch
 
 
 @lru_cache(maxsize=16)
-def _encoder_geometry(shapes: Tuple[Tuple[int, int], ...], half: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(S, C) sine position embedding of every level's pixels and (S, 2) their normalised centres."""
+def _encoder_geometry(
+    shapes: Tuple[Tuple[int, int], ...], half: int, heads: int, points: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(S, C) sine position embedding of every level's pixels, and the deformable layers' `base`: every
+    pixel's centre, normalised per level, in each level's padded pixel frame: x per head, level and
+    point, then y, then zeros under the attention logits: (S, M*L*P*3)."""
     pos = torch.cat([sine_position_embedding(h, w, half)[0].flatten(1).t() for h, w in shapes], 0)
     refs = []
     for h, w in shapes:
         ry, rx = torch.meshgrid(torch.linspace(0.5, h - 0.5, h), torch.linspace(0.5, w - 0.5, w), indexing="ij")
         refs.append(torch.stack((rx.reshape(-1) / w, ry.reshape(-1) / h), -1))
-    return pos, torch.cat(refs, 0)
+    reference = torch.cat(refs, 0)  # S, 2
+    levels = len(shapes)
+    to_padded = deformable.table_geometry(shapes, heads, points, torch.device("cpu")).to_padded  # L, 1, 2
+    to_padded = to_padded.view(levels, 2).t().reshape(1, 2, 1, levels, 1)
+    pix = (reference[:, :, None, None, None] * to_padded + 0.5).expand(-1, -1, heads, -1, points)
+    pix = pix.reshape(len(reference), 2, -1)  # S, (x, y), (M, L, P)
+    base = torch.cat([pix[:, 0], pix[:, 1], reference.new_zeros(len(reference), heads * levels * points)], 1)
+    return pos, base
+
+
+def _pointwise_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """conv(x) for a 1x1 convolution as a product over the pixels of x (B, C, H, W) in channels-last
+    memory (_product); the result is channels-last too. Other convolutions: conv(x)."""
+    plain = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0) and conv.groups == 1
+    if not plain or conv.padding_mode != "zeros":
+        return conv(x)
+    b, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view where x is channels-last
+    weight = kept_until_changed(conv, "_engine_weight_2d", [conv.weight],
+                                lambda: conv.weight.detach().view(conv.out_channels, c))  # one object: packed once
+    y = _product(pixels, weight, conv.bias)
+    return y.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _conv_norm(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A ConvNorm (conv, GroupNorm) or NormConv2d (conv with .norm, then ReLU if .relu) of the decoder."""
+    if isinstance(layer, NormConv2d):
+        y = layer.norm(_pointwise_conv(layer, x) if layer.kernel_size == (1, 1) else F.conv2d(
+            x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups))
+        return y.relu_() if layer.relu else y
+    conv, norm = layer
+    return norm(_pointwise_conv(conv, x))
 
 
 @torch.no_grad()
 def pixel_decoder_features(decoder: PixelDecoder, features: Dict[str, torch.Tensor]):
     """PixelDecoder.forward with the fast deformable attention and cached position embeddings."""
-    srcs = [proj(features[name]) for proj, name in zip(decoder.input_proj, ("res3", "res4", "res5"))]
+    srcs = [_conv_norm(proj, features[name]) for proj, name in zip(decoder.input_proj, ("res3", "res4", "res5"))]
     prev = features["res5"]
     for proj in decoder.input_proj[3:]:
-        prev = proj(prev)
+        prev = _conv_norm(proj, prev)
         srcs.append(prev)
-    shapes = [tuple(s.shape[-2:]) for s in srcs]
+    shapes = tuple(tuple(s.shape[-2:]) for s in srcs)
     b = srcs[0].shape[0]
     transformer = decoder.transformer
-    pos, refs = _encoder_geometry(tuple(shapes), decoder.cfg.conv_dim // 2)
+    first = transformer.encoder.layers[0].self_attn if len(transformer.encoder.layers) else None
+    heads, points = (first.n_heads, first.n_points) if first is not None else (1, 1)
+    pos, base = _encoder_geometry(shapes, decoder.cfg.conv_dim // 2, heads, points)
     flat = torch.cat([s.flatten(2).transpose(1, 2) for s in srcs], 1)  # B, S, C
     level_embed = torch.cat([transformer.level_embed[i].expand(h * w, -1) for i, (h, w) in enumerate(shapes)], 0)
     lvl_pos = (pos.to(flat) + level_embed)[None]
-    reference = refs.to(flat)[None, :, None, :].expand(b, -1, len(shapes), -1)
+    base = base.to(flat)
     x = flat
     for layer in transformer.encoder.layers:
         attn = layer.self_attn
-        value = attn.value_proj(x).view(b, x.shape[1], attn.n_heads, -1)
-        x = layer.norm1(x + deformable_attend(attn, x + lvl_pos, reference, value, shapes))
-        x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, F.relu))
+        value = _product(x, attn.value_proj.weight, attn.value_proj.bias).view(b, x.shape[1], attn.n_heads, -1)
+        sampled = deformable_attend(attn, x + lvl_pos, None, deformable.value_table(value, shapes), base)
+        x = layer.norm1(_product(sampled, attn.output_proj.weight, attn.output_proj.bias, residual=x))
+        x = layer.norm2(residual_ffn(x, x, layer.linear1, layer.linear2, "relu"))
     per_level = x.split([h * w for h, w in shapes], 1)
-    levels = [o.transpose(1, 2).reshape(b, -1, h, w) for o, (h, w) in zip(per_level, shapes)]
-    lateral = decoder.adapter_1(features["res2"])
+    # (B, C, H, W) in channels-last memory, views of the tokens; the FPN step stays channels-last
+    levels = [o.view(b, h, w, -1).permute(0, 3, 1, 2) for o, (h, w) in zip(per_level, shapes)]
+    lateral = _conv_norm(decoder.adapter_1, features["res2"])
     up = F.interpolate(levels[0], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-    fpn = decoder.layer_1(lateral + up)
-    return decoder.mask_features(fpn), levels
+    fpn = _conv_norm(decoder.layer_1, lateral.add_(up))
+    return _pointwise_conv(decoder.mask_features, fpn), levels
 
 
 @torch.no_grad()
@@ -278,23 +399,49 @@ def image_features(model: SemanticSam, image: torch.Tensor) -> ImageFeatures:
     return ImageFeatures(mask_features, multi_scale, tuple(image.shape[-2:]), tuple(x.shape[-2:]))
 
 
+# Up to this many queries, the decoder's deformable cross-attention gathers from the image's features
+# themselves and projects the few gathered rows (_click_values); more queries (everything mode) read
+# each layer's projected values of the whole pyramid, made once per image on first need.
+FEW_QUERIES = 64
+
+
 @dataclass
 class ImageValues:
     features: ImageFeatures
     shapes: List[Tuple[int, int]]
-    values: List[torch.Tensor]  # per decoder layer: (B, S, heads, D)
+    memory: torch.Tensor  # (B, S, C) the flattened pyramid, coarsest level first
+    table: deformable.ValueTable  # memory and a column of ones, zero-bordered, read by every head
+    projected: Dict[int, deformable.ValueTable]  # per decoder layer, its projected values (made on need)
 
 
 @torch.no_grad()
 def image_values(model: SemanticSam, features: ImageFeatures) -> ImageValues:
     predictor = model.sem_seg_head.predictor
     memory, shapes = predictor.flatten_levels(features.multi_scale)
-    b, s, _ = memory.shape
-    values = [
-        layer.cross_attn.value_proj(memory).view(b, s, layer.cross_attn.n_heads, -1)
-        for layer in predictor.decoder.layers
-    ]
-    return ImageValues(features, shapes, values)
+    b, s, c = memory.shape
+    with_ones = torch.cat([memory, memory.new_ones(b, s, 1)], -1).view(b, s, 1, c + 1)
+    return ImageValues(features, shapes, memory, deformable.value_table(with_ones, shapes), {})
+
+
+def _cross_attention_values(layer_index: int, attn: MSDeformAttn, cache: ImageValues, query: torch.Tensor,
+                            boxes: torch.Tensor) -> torch.Tensor:
+    """attn's sampled values (before output_proj) for the queries (B, Q, C) and their boxes (B, Q, L, 4).
+
+    The value projection is linear and the sampling a weighted sum, so for a few queries the sum is
+    taken over the image's features and projected after: per head, W_m (sum_i w_i x_i) + b_m sum_i w_i,
+    where sum_i w_i (the weights of corners inside the maps) is the gathered column of ones."""
+    b, q, c = query.shape
+    m = attn.n_heads
+    if q > FEW_QUERIES:
+        if layer_index not in cache.projected:
+            s = cache.memory.shape[1]
+            value = _product(cache.memory, attn.value_proj.weight, attn.value_proj.bias).view(b, s, m, -1)
+            cache.projected[layer_index] = deformable.value_table(value, cache.shapes)
+        return deformable_attend(attn, query, boxes, cache.projected[layer_index])
+    gathered = deformable_attend(attn, query, boxes, cache.table).view(b, q, m, c + 1)
+    weight = attn.value_proj.weight.view(m, -1, c)  # M, D, C
+    heads = torch.einsum("bqmc,mdc->bqmd", gathered[..., :c], weight)
+    return (heads + gathered[..., c:] * attn.value_proj.bias.view(m, -1)).reshape(b, q, -1)
 
 
 @torch.no_grad()
@@ -308,14 +455,15 @@ def decode(model: SemanticSam, cache: ImageValues, points: torch.Tensor) -> Deco
     ref = boxes_unsig.sigmoid()
     levels = len(cache.shapes)
     outputs, layer_boxes = [], []
-    for layer, box_head, value in zip(decoder.layers, decoder.bbox_embed, cache.values):
+    for i, (layer, box_head) in enumerate(zip(decoder.layers, decoder.bbox_embed)):
         layer_boxes.append(ref)
         query_pos = decoder.ref_point_head(box_sine_embedding(ref, tgt.shape[-1] // 2))
         q = (tgt + query_pos).transpose(0, 1)
         attn = layer.self_attn(q, q, tgt.transpose(0, 1), need_weights=False)[0].transpose(0, 1)
         tgt = layer.norm2(tgt + attn)
         boxes_per_level = ref[:, :, None].expand(-1, -1, levels, -1)
-        cross = deformable_attend(layer.cross_attn, tgt + query_pos, boxes_per_level, value, cache.shapes)
+        cross = layer.cross_attn.output_proj(
+            _cross_attention_values(i, layer.cross_attn, cache, tgt + query_pos, boxes_per_level))
         tgt = layer.norm1(tgt + cross)
         tgt = layer.norm3(tgt + layer.linear2(torch.relu(layer.linear1(tgt))))
         ref = (box_head(tgt) + inverse_sigmoid(ref)).sigmoid()
