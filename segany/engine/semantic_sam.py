@@ -156,13 +156,13 @@ def _product(
 ) -> torch.Tensor:
     """activation(x @ weight^T + bias) + residual (activation None, "gelu" or "relu"; not both).
 
-    Float32 on the CPU outside autograd and tracing: oneDNN's kernel with the weights packed once
+    Float32 on the CPU (inference only, as every function here): oneDNN's kernel with the weights packed once
     (_packed_weight) and the activation or the residual applied while the output is in cache; else (and
     for a few rows, where packing buys nothing) F.linear and the operations after it."""
     out_features = weight.shape[0]
     if (kernels.ENABLED and x.is_cpu and x.dtype is torch.float32 and weight.dtype is x.dtype
             and (bias is None or bias.dtype is x.dtype) and x.numel() >= 64 * x.shape[-1]
-            and not torch.is_grad_enabled() and not torch.jit.is_tracing() and _packed_usable()
+            and _packed_usable()
             and (residual is None or (residual.is_contiguous() and residual.dtype is x.dtype
                                       and residual.shape == x.shape[:-1] + (out_features,)))):
         ops = torch.ops.mkldnn
