@@ -55,12 +55,12 @@ _ROWS_HINT = 32 * 50
 
 
 def _can_pack(weight: torch.Tensor) -> bool:
-    """bfloat16 on a CPU where oneDNN's linear op works (kernels.onednn_usable checks it computes
-    F.linear), unless the oneDNN path is switched off (kernels.ENABLED)."""
+    """bfloat16 on a CPU where oneDNN's linear op takes packed weights (kernels.onednn_packed_usable
+    checks it computes F.linear with them), unless the oneDNN path is switched off (kernels.ENABLED)."""
     from . import kernels
 
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and kernels.ENABLED
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and kernels.onednn_usable(torch.bfloat16))
+            and kernels.onednn_packed_usable(torch.bfloat16))
 
 
 class _Linear:

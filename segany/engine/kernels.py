@@ -64,6 +64,34 @@ def onednn_usable(dtype: torch.dtype) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=None)
+def onednn_packed_usable(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear op takes a weight packed once for its kernels (_reorder_linear_weight)
+    and, with it, computes what F.linear does, alone and with its post-ops: ReLU, GELU, SiLU ("swish")
+    and a residual add (what the Semantic-SAM engine's products and CLIP's fast tower use)."""
+    try:
+        if not onednn_supports(dtype):
+            return False
+        generator = torch.Generator().manual_seed(0)
+        x, w, b, r = (torch.randn(*shape, generator=generator).to(dtype) for shape in ((40, 24), (16, 24), (16,), (40, 16)))
+        with torch.no_grad():
+            ops = torch.ops.mkldnn
+            packed = ops._reorder_linear_weight(w, x.shape[0])
+            got = {
+                "none": ops._linear_pointwise(x, packed, b, "none", [], ""),
+                "relu": ops._linear_pointwise(x, packed, b, "relu", [], ""),
+                "gelu": ops._linear_pointwise(x, packed, b, "gelu", [], "none"),
+                "swish": ops._linear_pointwise(x, packed, b, "swish", [], ""),
+                "add": ops._linear_pointwise.binary(x, r, packed, b, "add"),
+            }
+        y = F.linear(x.float(), w.float(), b.float())
+        expected = {"none": y, "relu": F.relu(y), "gelu": F.gelu(y), "swish": F.silu(y), "add": y + r.float()}
+        tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+        return all(torch.allclose(got[k].float(), expected[k], rtol=tolerance, atol=tolerance) for k in got)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     if not ENABLED or x.dtype not in ONEDNN_DTYPES or weight.dtype != x.dtype:
         return False

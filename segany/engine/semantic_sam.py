@@ -112,29 +112,6 @@ FFN_CHUNK_ROWS = 1024
 PACKED_ROWS = 1024
 
 
-@lru_cache(maxsize=None)
-def _packed_usable() -> bool:
-    """Whether oneDNN's linear layer takes weights packed once (with GELU/ReLU and residual post-ops)
-    and computes what F.linear does."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return False
-        g = torch.Generator().manual_seed(0)
-        x, w, b = torch.randn(40, 24, generator=g), torch.randn(16, 24, generator=g), torch.randn(16, generator=g)
-        r = torch.randn(40, 16, generator=g)
-        with torch.no_grad():
-            ops = torch.ops.mkldnn
-            packed = ops._reorder_linear_weight(w, 40)
-            relu = ops._linear_pointwise(x, packed, b, "relu", [], "")
-            gelu = ops._linear_pointwise(x, packed, b, "gelu", [], "none")
-            added = ops._linear_pointwise.binary(x, r, packed, b, "add")
-        expected = F.linear(x, w, b)
-        return all(torch.allclose(got, want, rtol=1e-4, atol=1e-4) for got, want in
-                   [(relu, F.relu(expected)), (gelu, F.gelu(expected)), (added, expected + r)])
-    except (AttributeError, RuntimeError, TypeError):
-        return False
-
-
 # weight -> (its identity when packed, packed copy); outside the weight tensors themselves, whose
 # __dict__ goes with them into copy.deepcopy and torch.save, which cannot copy oneDNN's opaque tensors
 _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -162,7 +139,7 @@ def _product(
     out_features = weight.shape[0]
     if (kernels.ENABLED and x.is_cpu and x.dtype is torch.float32 and weight.dtype is x.dtype
             and (bias is None or bias.dtype is x.dtype) and x.numel() >= 64 * x.shape[-1]
-            and _packed_usable()
+            and kernels.onednn_packed_usable(torch.float32)
             and (residual is None or (residual.is_contiguous() and residual.dtype is x.dtype
                                       and residual.shape == x.shape[:-1] + (out_features,)))):
         ops = torch.ops.mkldnn
