@@ -125,3 +125,71 @@ def test_fused_attention_declines_what_it_cannot_run():
     assert rps.rel_pos_attention_native(rps.library(), odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
     b = q.bfloat16()
     assert rps.rel_pos_attention_native(rps.library(), b, b, b, *tables, (3, 5), 0.1) is None
+
+
+def window_attention_in_float64(qkv, pad, index, bias, scale):
+    """TinyViT's windowed attention by the formula: each window's q, k, v gathered from the rows (padding
+    from `pad`), softmax((q k^T) * scale + bias) v, scattered back to the rows (padding dropped)."""
+    heads = bias.shape[0]
+    d = qkv.shape[1] // (3 * heads)
+    rows = torch.cat([qkv.double(), pad.double()[None]])  # row -1: the padding's qkv
+    out = torch.zeros(qkv.shape[0], heads * d, dtype=torch.float64)
+    for window in index:
+        x = rows[window].view(len(window), heads, 3, d).permute(2, 1, 0, 3)  # 3, heads, n, d
+        q, k, v = x.unbind(0)
+        mixed = ((q @ k.transpose(1, 2)) * scale + bias.double()).softmax(-1) @ v  # heads, n, d
+        inside = window >= 0
+        out[window[inside]] = mixed.transpose(0, 1).reshape(len(window), -1)[inside]
+    return out
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("h,w,window,heads,d", [(9, 11, 7, 4, 32), (14, 14, 7, 5, 32), (5, 3, 14, 2, 16), (7, 7, 7, 1, 64), (10, 4, 3, 3, 80)])
+def test_window_attention_kernel_against_float64(dtype, h, w, window, heads, d):
+    """window_attention_native against the formula in float64, with windows that run into the padding
+    (whose q, k, v are a constant row), key counts that are not a multiple of 16 or 2, two images, every
+    head size the kernel takes: within bfloat16 rounding (bfloat16), float32 rounding (float32); padded
+    rows of `out` are left as they were."""
+    from segany.engine.tiny_vit import _window_index
+
+    generator = torch.Generator().manual_seed(h * 31 + w + d)
+    b = 2
+    index = _window_index(b, h, w, window, torch.device("cpu"))
+    qkv = torch.randn(b * h * w, heads * 3 * d, generator=generator).to(dtype)
+    pad = torch.randn(heads * 3 * d, generator=generator).to(dtype)
+    bias = torch.randn(heads, window * window, window * window, generator=generator) * 2
+    out = torch.full((b * h * w, heads * d), 7.0, dtype=dtype)
+    assert rps.window_attention_native(rps.library(), qkv, pad, index, bias, d**-0.5, out)
+    expected = window_attention_in_float64(qkv, pad, index, bias, d**-0.5)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    else:
+        assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-3
+
+
+def test_window_index_covers_every_position_once():
+    from segany.engine.tiny_vit import _window_index
+
+    index = _window_index(3, 10, 13, 4, torch.device("cpu"))
+    assert index.shape == (3 * 3 * 4, 16)
+    inside = index[index >= 0]
+    assert torch.equal(inside.sort().values, torch.arange(3 * 10 * 13))
+    # window (image 0, row 1 of windows, column 2): rows 4..7, columns 8..11 of image 0
+    assert index[1 * 4 + 2].tolist()[:4] == [4 * 13 + 8, 4 * 13 + 9, 4 * 13 + 10, 4 * 13 + 11]
+    assert (index[4 * 3 - 1] == -1).sum() == 16 - 2 * 1  # the last window of image 0: rows 8-9, column 12 only
+
+
+def test_window_attention_declines_what_it_cannot_run():
+    """float64, mixed dtypes, head sizes it has no tiles for, mismatched widths: False, out untouched."""
+    index = torch.zeros(1, 4, dtype=torch.int64)
+    bias = torch.zeros(2, 4, 4)
+    for qkv, pad, out in [
+        (torch.randn(4, 2 * 3 * 32).double(), torch.randn(2 * 3 * 32).double(), torch.zeros(4, 64).double()),
+        (torch.randn(4, 2 * 3 * 32), torch.randn(2 * 3 * 32), torch.zeros(4, 64).bfloat16()),
+        (torch.randn(4, 2 * 3 * 24).bfloat16(), torch.randn(2 * 3 * 24).bfloat16(), torch.zeros(4, 48).bfloat16()),
+        (torch.randn(4, 2 * 3 * 32).bfloat16(), torch.randn(2 * 3 * 32).bfloat16(), torch.zeros(4, 32).bfloat16()),
+    ]:
+        before = out.clone()
+        assert not rps.window_attention_native(rps.library(), qkv, pad, index, bias, 0.1, out)
+        assert torch.equal(out, before)

@@ -79,6 +79,42 @@ def test_engine_tiny_vit_in_bfloat16_agrees_with_float32(small_pieces):
     assert next(model.parameters()).dtype == torch.float32  # the model itself is untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_engine_tiny_vit_window_kernel_agrees_with_the_other_path(dtype, monkeypatch):
+    """Head size 16 (the compiled window attention runs; vit_t's heads are 32), windows that run into the
+    padding in every attention stage: float32 equals the plain model as the other path does; bfloat16
+    gives the chunked PyTorch path's outputs within bfloat16 noise, both within fast mode's agreement."""
+    from segany.engine import rel_pos_softmax
+
+    if rel_pos_softmax.library() is None:
+        pytest.skip("segany's attention kernels are not available here (no AVX-512 BF16 CPU, no compiler, or SEGANY_NATIVE=0)")
+    config = dict(CONFIG, embed_dims=(16, 32, 48, 64))
+    model = TinyViT(TinyViTConfig(**config)).eval()
+    _randomise(model, 5)
+    engine = twin(model)
+    if dtype == torch.bfloat16:
+        own_weights_in(engine, torch.bfloat16)
+    attentions = [m for m in engine.modules() if isinstance(m, engine_tiny_vit.WindowAttention)]
+    assert attentions and all(m.window_kernels is rel_pos_softmax.library() for m in attentions)
+    calls = []
+    original = engine_tiny_vit.window_attention_native
+    monkeypatch.setattr(engine_tiny_vit, "window_attention_native", lambda *a: calls.append(1) or original(*a))
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = model(x)
+        with_kernel = engine(x.to(dtype))
+        assert len(calls) == len(attentions)
+        for m in attentions:
+            m.window_kernels = None
+        other = engine(x.to(dtype))
+    if dtype == torch.float32:
+        torch.testing.assert_close(with_kernel, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(other, expected, atol=1e-5, rtol=1e-4)
+    else:
+        assert _rel(with_kernel, other) < 0.01
+        assert _rel(with_kernel, expected) < 0.03 and _rel(other, expected) < 0.03
+
+
 def test_folded_batch_norm_follows_the_weights():
     """The folded convolutions are kept until a weight or a running statistic changes."""
     model = _model(3)

@@ -26,7 +26,7 @@ from . import native
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "attention_softmax.c"
-ABI = 1
+ABI = 2
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -44,6 +44,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
     lib.segany_rel_pos_attention_bf16.restype = None
     lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, ctypes.c_float, p, p, p, l, l, l, i, i, i, i, i]
+    lib.segany_window_attention_bf16.restype = None
+    lib.segany_window_attention_bf16.argtypes = [p, l, p, p, p, ctypes.c_float, p, l, l, i, i, i, i]
+    lib.segany_window_attention_f32.restype = None
+    lib.segany_window_attention_f32.argtypes = [p, l, p, p, p, ctypes.c_float, p, l, l, i, i, i, i]
     return lib
 
 
@@ -129,3 +133,49 @@ def _packed_table(table: torch.Tensor) -> torch.Tensor:
     padded = table.new_zeros(q_size, blocks * 16, c)
     padded[:, :k_size] = table
     return padded.to(torch.bfloat16).view(q_size, blocks, 16, c // 2, 2).transpose(2, 3).contiguous()
+
+
+def window_attention_native(
+    lib: ctypes.CDLL,
+    qkv: torch.Tensor,
+    pad: torch.Tensor,
+    index: torch.Tensor,
+    bias: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,
+) -> bool:
+    """TinyViT's windowed attention, out[p, h] = softmax((q k^T) * scale + bias[h]) v over the window
+    of position p, for q, k, v read from the qkv projection's rows and written to the image's rows: no
+    copies cut the windows out or put them back (csrc/attention_softmax.c). bfloat16 (products of
+    bfloat16 values summed in float32, float32 logits, probabilities rounded to bfloat16 for the product
+    with v) or float32 (all in float32).
+
+    qkv: (P, heads * 3 * d) bfloat16 or float32, P positions of the image, head h's q, k, v at h*3d, h*3d+d, h*3d+2d;
+    pad: (heads * 3 * d,) the qkv of a position in the zero padding; index: (windows, n) int64, the row of
+    each window's positions, -1 for padding; bias: (heads, n, n) float32; out: (P, heads * d) in qkv's dtype,
+    padded positions not written. Returns False, touching nothing, where the kernel cannot run it."""
+    windows, n = index.shape
+    heads = bias.shape[0]
+    rows, width = qkv.shape
+    d = width // (3 * heads) if heads else 0
+    if (
+        n == 0
+        or windows == 0
+        or d not in FUSED_HEAD_DIMS
+        or width != heads * 3 * d
+        or qkv.dtype not in DTYPES
+        or any(t.dtype != qkv.dtype for t in (pad, out))
+        or bias.dtype != torch.float32
+        or bias.shape != (heads, n, n)
+        or index.dtype != torch.int64
+        or out.shape != (rows, heads * d)
+        or pad.shape != (width,)
+        or not all(t.is_contiguous() for t in (qkv, pad, index, bias, out))
+    ):
+        return False
+    kernel = lib.segany_window_attention_bf16 if qkv.dtype == torch.bfloat16 else lib.segany_window_attention_f32
+    kernel(
+        qkv.data_ptr(), width, pad.data_ptr(), index.data_ptr(), bias.data_ptr(), scale, out.data_ptr(),
+        heads * d, windows, heads, n, d, torch.get_num_threads(),
+    )
+    return True

@@ -4,15 +4,18 @@
   GELU after a convolution and the MBConv's residual add run as the convolution's oneDNN post-ops
   (segany.engine.conv), channels-last from the stem on.
 - Attention blocks: the layer norm and the qkv projection on the image's positions only (a padded
-  position's qkv is a constant: the layer norm maps a zero token to its bias), one copy cuts the
-  windows and splits the heads, the windows' attention in chunks that stay in cache (logits, offset
-  bias and softmax in float32 whatever the dtype), one copy puts the output back in image order, the
+  position's qkv is a constant: the layer norm maps a zero token to its bias); with the compiled
+  kernels, one call attends every window and head, reading q, k, v from the projection's rows and
+  writing to the image's rows (csrc/attention_softmax.c: logits, offset bias and softmax in float32,
+  never in memory); without them, one copy cuts the windows and splits the heads, the windows'
+  attention runs in chunks that stay in cache, one copy puts the output back in image order. The
   output projection and the MLP's second layer add their residual as they write, the MLP's GELU is
   fused into its first layer.
 - The neck's layer norms run over the channels-last map's last axis.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -25,6 +28,7 @@ from .cache import kept_until_changed
 from .conv import conv2d
 from .image_encoder import window_regions
 from .kernels import linear
+from .rel_pos_softmax import window_attention_native
 from .twin import UNBOUND, chosen_at_build, register
 
 # Logits of windowed attention computed at once (1 MB in float32: they stay in cache).
@@ -128,6 +132,9 @@ class WindowAttention(plain.WindowAttention):
     paths = UNBOUND
     # bfloat16 on a CPU: the windows' attention in chunks (attend); float32 or elsewhere: PyTorch's fused kernel.
     chunked_attention = chosen_at_build(lambda m, paths: paths.cpu and m.qkv.weight.dtype != torch.float32)
+    # On a CPU with the compiled kernels (bfloat16 or float32): each window's attention read from the
+    # qkv rows and written to the image's rows in place (csrc/attention_softmax.c), no copies around it.
+    window_kernels = chosen_at_build(lambda m, paths: paths.attention_kernels if paths.cpu else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B*nW, N, C
         b, n, _ = x.shape
@@ -161,13 +168,28 @@ class WindowAttention(plain.WindowAttention):
             probs = logits.add_(bias).softmax(-1).to(v.dtype)
             torch.matmul(probs, v[part], out=out[part])
 
+    def padded_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The qkv row of a position in the zero padding, (1, heads * 3 * head_dim): a zero token through the
+        layer norm is the norm's bias."""
+        norm_bias = self.norm.bias if self.norm.bias is not None else x.new_zeros(x.shape[-1])
+        return linear(norm_bias.to(x.dtype)[None], self.qkv.weight, self.qkv.bias)
+
     def attend_windows(self, x: torch.Tensor, window: int) -> torch.Tensor:
         """x + attention within non-overlapping windows, x zero-padded to whole windows as released
         (inference). (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         heads, head_dim = self.num_heads, self.head_dim
         n_h, n_w = -(-h // window), -(-w // window)
-        product = linear(self.norm(x), self.qkv.weight, self.qkv.bias).view(b, h, w, heads, 3, head_dim)
+        product = linear(self.norm(x), self.qkv.weight, self.qkv.bias)  # B, H, W, heads * 3 * head_dim
+        if self.window_kernels is not None and product.is_contiguous():
+            out = x.new_empty(b, h, w, heads * head_dim)
+            index = _window_index(b, h, w, window, x.device)
+            if window_attention_native(
+                self.window_kernels, product.view(b * h * w, -1), self.padded_qkv(x).view(-1), index,
+                self.offset_bias(), head_dim**-0.5, out.view(b * h * w, -1),
+            ):
+                return linear(out, self.proj.weight, self.proj.bias, residual=x)
+        product = product.view(b, h, w, heads, 3, head_dim)
         windows = product.new_empty(3, b, n_h, n_w, heads, window, window, head_dim)
         grid = windows.permute(0, 1, 2, 5, 3, 6, 4, 7)  # 3, B, n_h, ws (y), n_w, ws (x), heads, head_dim
         for (y0, y1, iy, ny, ry), (x0, x1, ix, nx, rx) in window_regions(h, w, window):
@@ -176,9 +198,7 @@ class WindowAttention(plain.WindowAttention):
         pads = (grid[:, :, -1:, h - (n_h - 1) * window :], grid[:, :, :, :, -1:, w - (n_w - 1) * window :])
         if any(p.numel() for p in pads):
             # A zero-padded token through the layer norm is the norm's bias; its q, k, v a constant.
-            norm_bias = self.norm.bias if self.norm.bias is not None else x.new_zeros(c)
-            padded = linear(norm_bias.to(x.dtype)[None], self.qkv.weight, self.qkv.bias)
-            padded = padded.view(heads, 3, head_dim).transpose(0, 1).reshape(3, 1, 1, 1, 1, 1, heads, head_dim)
+            padded = self.padded_qkv(x).view(heads, 3, head_dim).transpose(0, 1).reshape(3, 1, 1, 1, 1, 1, heads, head_dim)
             for p in pads:
                 if p.numel():
                     p.copy_(padded.expand(p.shape))
@@ -193,6 +213,21 @@ class WindowAttention(plain.WindowAttention):
         # The output projection acts on each position alone: after the windows are undone it skips
         # the padding, and the residual is added as it is written.
         return linear(out.view(b, h, w, c), self.proj.weight, self.proj.bias, residual=x)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_index(b: int, h: int, w: int, window: int, device: torch.device) -> torch.Tensor:
+    """(windows, window * window) int64: the row (in B*H*W order) of each position of each window of a
+    (B, H, W) map cut into windows from its top-left corner, -1 where a window runs into the padding;
+    windows in (B, rows of windows, columns of windows) order."""
+    n_h, n_w = -(-h // window), -(-w // window)
+    y = torch.arange(n_h * window, device=device).view(n_h, window, 1, 1)  # window row, row within it
+    x = torch.arange(n_w * window, device=device).view(1, 1, n_w, window)
+    inside = (y < h) & (x < w)
+    rows = torch.where(inside, y * w + x, torch.full((), -1, device=device))  # n_h, ws, n_w, ws
+    rows = rows.permute(0, 2, 1, 3).reshape(1, n_h * n_w, window * window)
+    image = torch.arange(b, device=device).view(b, 1, 1) * (h * w)
+    return torch.where(rows >= 0, rows + image, rows).reshape(b * n_h * n_w, window * window).contiguous()
 
 
 class FeedForward(plain.FeedForward):

@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int segany_attention_abi(void) { return 1; }
+int segany_attention_abi(void) { return 2; }
 
 #include "simd_exp.h"
 
@@ -344,5 +344,303 @@ void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *k, con
     free(kp);
     free(vp);
     free(qs);
+  }
+}
+
+/* TinyViT's (MobileSAM's) windowed attention: softmax((q k^T) * scale + bias) v per window and head, with
+ * the learned bias of every query/key pair of a window (heads x n x n, float32), for bfloat16 q, k, v
+ * read in place from the qkv projection's output and written in place to the image's positions, so the
+ * windows are never cut out nor put back by copies.
+ *
+ * qkv: one row of qkv_row elements per position of the image (B*H*W rows); head h's q, k and v at
+ * h*3*d, h*3*d + d and h*3*d + 2*d of a row (the released layout: view(..., heads, 3*d).split(d)).
+ * index[w * n + i]: the row of window w's i-th position, or -1 for a position in the zero padding,
+ * whose q, k, v are the constant row `pad` (a padded token's layer norm is the norm's bias). out: one row
+ * of out_row elements per position, head h's d values at h*d; padded positions are not written.
+ * The logits are float32 sums of bfloat16 products, scaled and biased in float32 (the released order:
+ * product, then scale, then bias), never written to memory; the probabilities are rounded to bfloat16
+ * for the product with v and the row's float32 sum divides the result. d a multiple of 16, at most 80. */
+static void gather_keys(const uint16_t *qkv, long qkv_row, const long *index, const uint16_t *pad, long off, int n,
+                        int d, int kb, uint16_t *kp) {
+  const int pairs = d / 2;
+  uint32_t *dst = (uint32_t *)kp;
+  for (int b = 0; b < kb; b++)
+    for (int jj = 0; jj < 16; jj++) {
+      const int j = b * 16 + jj;
+      const uint32_t *src = NULL;
+      if (j < n) src = (const uint32_t *)((index[j] >= 0 ? qkv + index[j] * qkv_row : pad) + off);
+      for (int p = 0; p < pairs; p++) dst[((long)b * pairs + p) * 16 + jj] = src ? src[p] : 0u;
+    }
+}
+
+static void gather_values(const uint16_t *qkv, long qkv_row, const long *index, const uint16_t *pad, long off, int n,
+                          int d, uint16_t *vp) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36,
+                                      4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  const int n_pairs = (n + 1) / 2;
+  for (int t = 0; t < n_pairs; t++) {
+    const uint16_t *a = (index[2 * t] >= 0 ? qkv + index[2 * t] * qkv_row : pad) + off;
+    const uint16_t *b = 2 * t + 1 < n ? (index[2 * t + 1] >= 0 ? qkv + index[2 * t + 1] * qkv_row : pad) + off : NULL;
+    uint16_t *dst = vp + (long)t * d * 2;
+    for (int c0 = 0; c0 < d; c0 += 32) {
+      const int cols = d - c0 < 32 ? d - c0 : 32;
+      const __mmask32 m = cols == 32 ? 0xffffffffu : ((1u << cols) - 1);
+      __m512i x = _mm512_maskz_loadu_epi16(m, a + c0);
+      __m512i y = b ? _mm512_maskz_loadu_epi16(m, b + c0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + 2 * c0, _mm512_permutex2var_epi16(x, lo, y));
+      if (cols > 16) _mm512_storeu_si512(dst + 2 * c0 + 32, _mm512_permutex2var_epi16(x, hi, y));
+    }
+  }
+}
+
+void segany_window_attention_bf16(const uint16_t *qkv, long qkv_row, const uint16_t *pad, const long *index,
+                                  const float *bias, float scale, uint16_t *out, long out_row, long windows, int heads,
+                                  int n, int d, int num_threads) {
+  const int kb = ((n + 31) / 32) * 2;
+  const int n_pairs = (n + 1) / 2;
+  const long s_stride = (long)kb * 16;
+  const long p_stride = (long)n_pairs * 2;
+  const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
+  const int nv = d / 16;
+  const long tasks = windows * heads * tiles;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
+    uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
+    uint16_t *kp = (uint16_t *)aligned_alloc(64, (long)kb * 16 * d * sizeof(uint16_t));
+    uint16_t *vp = (uint16_t *)aligned_alloc(64, (long)n_pairs * 2 * d * sizeof(uint16_t));
+    uint16_t *qs = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * d * sizeof(uint16_t) + 63) / 64) * 64);
+    uint16_t *o = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * d * sizeof(uint16_t) + 63) / 64) * 64);
+    long packed = -1;
+    float inv[TILE_ROWS];
+#pragma omp for schedule(static)
+    for (long task = 0; task < tasks; task++) {
+      const long wh = task / tiles; /* window * heads + head */
+      const long w = wh / heads;
+      const int h = (int)(wh % heads);
+      const int r0 = (int)(task % tiles) * TILE_ROWS;
+      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
+      const long *win = index + w * n;
+      const long off = (long)h * 3 * d;
+      if (wh != packed) {
+        gather_keys(qkv, qkv_row, win, pad, off + d, n, d, kb, kp);
+        gather_values(qkv, qkv_row, win, pad, off + 2 * d, n, d, vp);
+        packed = wh;
+      }
+      for (int r = 0; r < rows; r++) {
+        const long at = win[r0 + r];
+        memcpy(qs + r * d, (at >= 0 ? qkv + at * qkv_row : pad) + off, d * sizeof(uint16_t));
+      }
+      __m512 vmax[TILE_ROWS];
+      for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
+      if (rows == TILE_ROWS)
+        tile_logits_full(qs, d, kp, kb, s, s_stride, NULL, 0, NULL, 0, 0, 0, vmax);
+      else
+        for (int r = 0; r < rows; r++)
+          tile_logits_1(qs + r * d, d, kp, kb, s + r * s_stride, s_stride, NULL, 0, NULL, 0, 0, 0, vmax + r);
+      const __m512 vscale = _mm512_set1_ps(scale);
+      for (int r = 0; r < rows; r++) {
+        float *row = s + r * s_stride;
+        const float *brow = bias + ((long)h * n + r0 + r) * n;
+        uint16_t *prow = p + r * p_stride;
+        __m512 vm = _mm512_set1_ps(-__builtin_inff());
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + i), vscale), _mm512_maskz_loadu_ps(m, brow + i));
+          _mm512_mask_storeu_ps(row + i, m, v);
+          vm = _mm512_mask_max_ps(vm, m, vm, v);
+        }
+        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
+          vsum = _mm512_add_ps(vsum, e);
+          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(e));
+        }
+        if (n & 1) prow[n] = 0;
+        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
+      }
+      tile_values(p, p_stride, rows, vp, n_pairs, nv, inv, o, d, d);
+      for (int r = 0; r < rows; r++) {
+        const long at = win[r0 + r];
+        if (at >= 0) memcpy(out + at * out_row + (long)h * d, o + r * d, d * sizeof(uint16_t));
+      }
+    }
+    free(s);
+    free(p);
+    free(kp);
+    free(vp);
+    free(qs);
+    free(o);
+  }
+}
+
+/* The same in float32 (exact mode): logits, bias, softmax and the product with v all in float32, with
+ * fused multiply-adds; the sums run in another order than PyTorch's products (differences of float32
+ * rounding, ~1e-7 relative). k is packed in blocks of 16 keys (kb x d x 16, zero keys past n), v read
+ * as gathered rows (n x d). */
+static void gather_keys_f32(const float *qkv, long qkv_row, const long *index, const float *pad, long off, int n, int d,
+                            int kb, float *kp) {
+  for (int b = 0; b < kb; b++)
+    for (int jj = 0; jj < 16; jj++) {
+      const int j = b * 16 + jj;
+      const float *src = j < n ? (index[j] >= 0 ? qkv + index[j] * qkv_row : pad) + off : NULL;
+      for (int c = 0; c < d; c++) kp[((long)b * d + c) * 16 + jj] = src ? src[c] : 0.0f;
+    }
+}
+
+#define DEFINE_TILE_LOGITS_F32(NAME, ROWS)                                                                   \
+  static void NAME(const float *q, int d, const float *kp, int kb, float *s, long s_stride) {                 \
+    for (int b = 0; b < kb; b += 2) {                                                                          \
+      const float *k0 = kp + (long)b * d * 16, *k1 = k0 + (long)d * 16;                                        \
+      __m512 acc[ROWS][2];                                                                                     \
+      for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();                              \
+      for (int c = 0; c < d; c++) {                                                                            \
+        __m512 w0 = _mm512_loadu_ps(k0 + c * 16), w1 = _mm512_loadu_ps(k1 + c * 16);                           \
+        for (int r = 0; r < ROWS; r++) {                                                                       \
+          __m512 x = _mm512_set1_ps(q[(long)r * d + c]);                                                       \
+          acc[r][0] = _mm512_fmadd_ps(x, w0, acc[r][0]);                                                       \
+          acc[r][1] = _mm512_fmadd_ps(x, w1, acc[r][1]);                                                       \
+        }                                                                                                      \
+      }                                                                                                        \
+      for (int r = 0; r < ROWS; r++) {                                                                         \
+        _mm512_storeu_ps(s + r * s_stride + b * 16, acc[r][0]);                                                \
+        _mm512_storeu_ps(s + r * s_stride + b * 16 + 16, acc[r][1]);                                           \
+      }                                                                                                        \
+    }                                                                                                          \
+  }
+DEFINE_TILE_LOGITS_F32(tile_logits_f32_full, TILE_ROWS)
+DEFINE_TILE_LOGITS_F32(tile_logits_f32_1, 1)
+
+/* out[r] = (p[r] . v) * inv[r], p float32 (ROWS x n), v rows gathered through vrows, NV = d / 16 vectors */
+#define DEFINE_TILE_VALUES_F32(NAME, ROWS, NV)                                                               \
+  static void NAME(const float *p, long p_stride, const float *const *vrows, int n, const float *inv,          \
+                   float *out, long o_row) {                                                                   \
+    __m512 acc[ROWS][NV];                                                                                      \
+    for (int r = 0; r < ROWS; r++)                                                                             \
+      for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();                                            \
+    for (int j = 0; j < n; j++) {                                                                              \
+      const float *vj = vrows[j];                                                                              \
+      __m512 w[NV];                                                                                            \
+      for (int c = 0; c < NV; c++) w[c] = _mm512_loadu_ps(vj + c * 16);                                        \
+      for (int r = 0; r < ROWS; r++) {                                                                         \
+        __m512 x = _mm512_set1_ps(p[r * p_stride + j]);                                                        \
+        for (int c = 0; c < NV; c++) acc[r][c] = _mm512_fmadd_ps(x, w[c], acc[r][c]);                          \
+      }                                                                                                        \
+    }                                                                                                          \
+    for (int r = 0; r < ROWS; r++)                                                                             \
+      for (int c = 0; c < NV; c++) _mm512_storeu_ps(out + r * o_row + c * 16, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r]))); \
+  }
+DEFINE_TILE_VALUES_F32(tile_values_f32_4x1, 4, 1)
+DEFINE_TILE_VALUES_F32(tile_values_f32_4x2, 4, 2)
+DEFINE_TILE_VALUES_F32(tile_values_f32_4x3, 4, 3)
+DEFINE_TILE_VALUES_F32(tile_values_f32_4x4, 4, 4)
+DEFINE_TILE_VALUES_F32(tile_values_f32_4x5, 4, 5)
+DEFINE_TILE_VALUES_F32(tile_values_f32_1x1, 1, 1)
+DEFINE_TILE_VALUES_F32(tile_values_f32_1x2, 1, 2)
+DEFINE_TILE_VALUES_F32(tile_values_f32_1x3, 1, 3)
+DEFINE_TILE_VALUES_F32(tile_values_f32_1x4, 1, 4)
+DEFINE_TILE_VALUES_F32(tile_values_f32_1x5, 1, 5)
+
+static void tile_values_f32(const float *p, long p_stride, int rows, const float *const *vrows, int n, int nv,
+                            const float *inv, float *out, long o_row) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *pr = p + r * p_stride;
+    float *o = out + (long)r * o_row;
+    switch (nv) {
+      case 1: tile_values_f32_4x1(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 2: tile_values_f32_4x2(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 3: tile_values_f32_4x3(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 4: tile_values_f32_4x4(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      default: tile_values_f32_4x5(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+    }
+  }
+  for (; r < rows; r++) {
+    const float *pr = p + r * p_stride;
+    float *o = out + (long)r * o_row;
+    switch (nv) {
+      case 1: tile_values_f32_1x1(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 2: tile_values_f32_1x2(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 3: tile_values_f32_1x3(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 4: tile_values_f32_1x4(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      default: tile_values_f32_1x5(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+    }
+  }
+}
+
+void segany_window_attention_f32(const float *qkv, long qkv_row, const float *pad, const long *index, const float *bias,
+                                 float scale, float *out, long out_row, long windows, int heads, int n, int d,
+                                 int num_threads) {
+  const int kb = ((n + 31) / 32) * 2;
+  const long s_stride = (long)kb * 16;
+  const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
+  const int nv = d / 16;
+  const long tasks = windows * heads * tiles;
+#pragma omp parallel num_threads(num_threads)
+  {
+    float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
+    float *kp = (float *)aligned_alloc(64, (long)kb * 16 * d * sizeof(float));
+    float *qs = (float *)aligned_alloc(64, TILE_ROWS * d * sizeof(float));
+    float *o = (float *)aligned_alloc(64, TILE_ROWS * d * sizeof(float));
+    const float **vrows = (const float **)malloc((size_t)n * sizeof(float *));
+    long packed = -1;
+    float inv[TILE_ROWS];
+#pragma omp for schedule(static)
+    for (long task = 0; task < tasks; task++) {
+      const long wh = task / tiles;
+      const long w = wh / heads;
+      const int h = (int)(wh % heads);
+      const int r0 = (int)(task % tiles) * TILE_ROWS;
+      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
+      const long *win = index + w * n;
+      const long off = (long)h * 3 * d;
+      if (wh != packed) {
+        gather_keys_f32(qkv, qkv_row, win, pad, off + d, n, d, kb, kp);
+        for (int j = 0; j < n; j++) vrows[j] = (win[j] >= 0 ? qkv + win[j] * qkv_row : pad) + off + 2 * d;
+        packed = wh;
+      }
+      for (int r = 0; r < rows; r++) {
+        const long at = win[r0 + r];
+        memcpy(qs + r * d, (at >= 0 ? qkv + at * qkv_row : pad) + off, d * sizeof(float));
+      }
+      if (rows == TILE_ROWS)
+        tile_logits_f32_full(qs, d, kp, kb, s, s_stride);
+      else
+        for (int r = 0; r < rows; r++) tile_logits_f32_1(qs + r * d, d, kp, kb, s + r * s_stride, s_stride);
+      const __m512 vscale = _mm512_set1_ps(scale);
+      for (int r = 0; r < rows; r++) {
+        float *row = s + r * s_stride;
+        const float *brow = bias + ((long)h * n + r0 + r) * n;
+        __m512 vm = _mm512_set1_ps(-__builtin_inff());
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + i), vscale), _mm512_maskz_loadu_ps(m, brow + i));
+          _mm512_mask_storeu_ps(row + i, m, v);
+          vm = _mm512_mask_max_ps(vm, m, vm, v);
+        }
+        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
+        __m512 vsum = _mm512_setzero_ps();
+        for (int i = 0; i < n; i += 16) {
+          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
+          vsum = _mm512_add_ps(vsum, e);
+          _mm512_mask_storeu_ps(row + i, m, e);
+        }
+        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
+      }
+      tile_values_f32(s, s_stride, rows, vrows, n, nv, inv, o, d);
+      for (int r = 0; r < rows; r++) {
+        const long at = win[r0 + r];
+        if (at >= 0) memcpy(out + at * out_row + (long)h * d, o + r * d, d * sizeof(float));
+      }
+    }
+    free(s);
+    free(kp);
+    free(qs);
+    free(o);
+    free(vrows);
   }
 }
