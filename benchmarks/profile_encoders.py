@@ -32,7 +32,7 @@ import peers_backends as pb  # noqa: E402
 
 # aten op -> kind of work (self time; views and metadata ops cost nothing and land in "other")
 TORCH_KINDS = [
-    ("attention", r"scaled_dot_product|flash_attention|softmax|baddbmm|rel_pos"),
+    ("attention", r"scaled_dot_product|flash_attention|softmax|baddbmm|rel_pos|attention_rows"),
     ("matrix products", r"aten::(addmm|mm|bmm|matmul|linear)$|mkldnn.*(linear|matmul)|onednn"),
     ("layer norm", r"layer_norm|native_layer_norm|aten::var|aten::mean|aten::rsqrt|aten::sqrt"),
     ("GELU", r"gelu"),
@@ -78,8 +78,11 @@ def _named_native_kernels():
     from torch.profiler import record_function
 
     from segany.engine import image_encoder as ie
+    from segany.engine import tiny_vit as tv
 
-    originals = {name: getattr(ie, name) for name in ("rel_pos_attention_native", "rel_pos_softmax_")}
+    originals = [(module, name, getattr(module, name))
+                 for module, names in ((ie, ("attention_rows", "rel_pos_softmax_")), (tv, ("attention_rows",)))
+                 for name in names]
 
     def named(name, fn):
         def call(*args, **kwargs):
@@ -87,13 +90,13 @@ def _named_native_kernels():
                 return fn(*args, **kwargs)
         return call
 
-    for name, fn in originals.items():
-        setattr(ie, name, named(name, fn))
+    for module, name, fn in originals:
+        setattr(module, name, named(name, fn))
     try:
         yield
     finally:
-        for name, fn in originals.items():
-            setattr(ie, name, fn)
+        for module, name, fn in originals:
+            setattr(module, name, fn)
 
 
 def profile_segany(model: str, mode: str, weights: Path, reps: int, threads: int) -> dict:

@@ -88,90 +88,89 @@ def test_attention_paths_equal_with_and_without_the_kernel(dtype, q_size, global
         assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1.5e-2
 
 
-def attention_in_float64(q, k, v, rel_pos_h, rel_pos_w, q_size, scale):
-    """The released formula from the same bfloat16 values, in float64 (q scaled in bfloat16 first)."""
+def rows_attention_in_float64(qkv, pad, index, heads, layout, scale, bias=None, rel_pos=None):
+    """The released formulas in float64 from the same values: each window's q, k, v gathered from the
+    rows (padding from `pad`), SAM's (q * scale) k^T + decomposed rel-pos bias (q scaled in the inputs'
+    dtype first, as released) or TinyViT's (q k^T) * scale + bias, softmax, times v, scattered back to the
+    rows (padding dropped)."""
     from segany.modeling.image_encoder import decomposed_rel_pos_bias
 
-    bias = decomposed_rel_pos_bias(q.double(), rel_pos_h.double(), rel_pos_w.double(), q_size, q_size)
-    logits = (q * scale).double() @ k.double().transpose(1, 2) + bias
-    return logits.softmax(-1) @ v.double()
-
-
-@needs_kernel
-@pytest.mark.parametrize(
-    "q_size,bh,d", [((14, 14), 7, 64), ((9, 13), 3, 80), ((5, 7), 4, 16), ((1, 1), 2, 64), ((33, 2), 1, 32), ((32, 64), 2, 64)]
-)
-def test_fused_attention_kernel_against_float64(q_size, bh, d):
-    """rel_pos_attention_native against the formula in float64: within bfloat16 rounding of the
-    probabilities and the output (~0.2% relative L2, better than the PyTorch path whose logits are
-    rounded to bfloat16 too), on odd grids, key counts that are not a multiple of 16 or 2, head sizes
-    64 and 80 (ViT-H), and a grid whose rows are whole blocks of 32 keys (the bias added at store)."""
-    generator = torch.Generator().manual_seed(d + q_size[0])
-    n = q_size[0] * q_size[1]
-    q, k, v = (torch.randn(bh, n, d, generator=generator).bfloat16() for _ in range(3))
-    tables = [(torch.randn(2 * s - 1, d, generator=generator) * 0.3).bfloat16() for s in q_size]
-    got = rps.rel_pos_attention_native(rps.library(), q, k, v, *tables, q_size, d**-0.5)
-    assert got.dtype == torch.bfloat16 and got.shape == q.shape
-    expected = attention_in_float64(q, k, v, *tables, q_size, d**-0.5)
-    assert ((got.double() - expected).norm() / expected.norm()).item() < 5e-3
-
-
-def test_fused_attention_declines_what_it_cannot_run():
-    """float32 (exact mode), head sizes it has no tiles for, a grid that is not N positions."""
-    tables = torch.randn(5, 64), torch.randn(7, 64)
-    q = torch.randn(2, 12, 64)
-    assert rps.rel_pos_attention_native(rps.library(), q, q, q, *tables, (3, 4), 0.1) is None
-    odd = torch.randn(2, 12, 24).bfloat16()
-    assert rps.rel_pos_attention_native(rps.library(), odd, odd, odd, torch.randn(5, 24), torch.randn(7, 24), (3, 4), 0.1) is None
-    b = q.bfloat16()
-    assert rps.rel_pos_attention_native(rps.library(), b, b, b, *tables, (3, 5), 0.1) is None
-
-
-def window_attention_in_float64(qkv, pad, index, bias, scale):
-    """TinyViT's windowed attention by the formula: each window's q, k, v gathered from the rows (padding
-    from `pad`), softmax((q k^T) * scale + bias) v, scattered back to the rows (padding dropped)."""
-    heads = bias.shape[0]
     d = qkv.shape[1] // (3 * heads)
-    rows = torch.cat([qkv.double(), pad.double()[None]])  # row -1: the padding's qkv
+    rows = torch.cat([qkv, pad[None]])  # row -1: the padding's qkv
     out = torch.zeros(qkv.shape[0], heads * d, dtype=torch.float64)
     for window in index:
-        x = rows[window].view(len(window), heads, 3, d).permute(2, 1, 0, 3)  # 3, heads, n, d
-        q, k, v = x.unbind(0)
-        mixed = ((q @ k.transpose(1, 2)) * scale + bias.double()).softmax(-1) @ v  # heads, n, d
+        x = rows[window]
+        def part(offset):
+            return torch.stack([x[:, offset + h * layout.head : offset + h * layout.head + d] for h in range(heads)])
+        q, k, v = part(layout.q), part(layout.k), part(layout.v)  # heads, n, d
+        if rel_pos is not None:
+            rel_pos_h, rel_pos_w, size = rel_pos
+            logits = (q * scale).double() @ k.double().transpose(1, 2)
+            logits = logits + decomposed_rel_pos_bias(q.double(), rel_pos_h.double(), rel_pos_w.double(), size, size)
+        elif bias is not None:
+            logits = (q.double() @ k.double().transpose(1, 2)) * scale + bias.double()
+        else:
+            logits = (q * scale).double() @ k.double().transpose(1, 2)
+        mixed = logits.softmax(-1) @ v.double()  # heads, n, d
         inside = window >= 0
         out[window[inside]] = mixed.transpose(0, 1).reshape(len(window), -1)[inside]
     return out
 
 
-@needs_kernel
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("h,w,window,heads,d", [(9, 11, 7, 4, 32), (14, 14, 7, 5, 32), (5, 3, 14, 2, 16), (7, 7, 7, 1, 64), (10, 4, 3, 3, 80)])
-def test_window_attention_kernel_against_float64(dtype, h, w, window, heads, d):
-    """window_attention_native against the formula in float64, with windows that run into the padding
-    (whose q, k, v are a constant row), key counts that are not a multiple of 16 or 2, two images, every
-    head size the kernel takes: within bfloat16 rounding (bfloat16), float32 rounding (float32); padded
-    rows of `out` are left as they were."""
-    from segany.engine.tiny_vit import _window_index
-
-    generator = torch.Generator().manual_seed(h * 31 + w + d)
-    b = 2
-    index = _window_index(b, h, w, window, torch.device("cpu"))
+def _rows_case(dtype, b, h, w, window, heads, d, seed):
+    generator = torch.Generator().manual_seed(seed)
+    index = ie.window_index(b, h, w, window, torch.device("cpu")) if window else torch.arange(b * h * w).view(b, h * w)
     qkv = torch.randn(b * h * w, heads * 3 * d, generator=generator).to(dtype)
     pad = torch.randn(heads * 3 * d, generator=generator).to(dtype)
-    bias = torch.randn(heads, window * window, window * window, generator=generator) * 2
-    out = torch.full((b * h * w, heads * d), 7.0, dtype=dtype)
-    assert rps.window_attention_native(rps.library(), qkv, pad, index, bias, d**-0.5, out)
-    expected = window_attention_in_float64(qkv, pad, index, bias, d**-0.5)
+    return index, qkv, pad, generator
+
+
+def _close(out, expected, dtype):
     if dtype == torch.float32:
-        torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
-    else:
+        torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=1e-5)
+    else:  # within bfloat16 rounding of the probabilities and the output
         assert ((out.double() - expected).norm() / expected.norm()).item() < 5e-3
 
 
-def test_window_index_covers_every_position_once():
-    from segany.engine.tiny_vit import _window_index
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "b,h,w,window,heads,d",
+    [(1, 20, 17, 14, 3, 64), (2, 9, 13, 7, 2, 80), (1, 5, 7, 0, 4, 16), (2, 1, 1, 0, 2, 64), (1, 33, 2, 0, 1, 32), (1, 32, 64, 0, 2, 64)],
+)
+def test_sam_rows_kernel_against_float64(dtype, b, h, w, window, heads, d):
+    """SAM's attention with its decomposed rel-pos bias through attention_rows against the formula in
+    float64: windows that run into the padding (window > 0; their q, k, v the qkv bias), global blocks
+    (window 0: one window per image), odd grids, key counts that are not a multiple of 16 or 2, head
+    sizes 16-80 (ViT-H's 80), and a grid whose rows are whole blocks of 32 keys (the bias added as the
+    logits are stored). bfloat16: ~0.2% relative L2 (its logits are never rounded to bfloat16);
+    float32: to float32 rounding; padded rows of out untouched."""
+    index, qkv, pad, generator = _rows_case(dtype, b, h, w, window, heads, d, seed=d + h)
+    size = (window, window) if window else (h, w)
+    tables = tuple((torch.randn(2 * s - 1, d, generator=generator) * 0.3).to(dtype) for s in size)
+    layout = rps.QkvLayout.sam(heads, d)
+    for rel_pos in ((*tables, size), None):  # with SAM's rel-pos bias, and without any (use_rel_pos=False)
+        out = torch.full((b * h * w, heads * d), 7.0, dtype=dtype)
+        assert rps.attention_rows(rps.library(), qkv, pad, index, heads, layout, d**-0.5, out, rel_pos=rel_pos)
+        _close(out, rows_attention_in_float64(qkv, pad, index, heads, layout, d**-0.5, rel_pos=rel_pos), dtype)
 
-    index = _window_index(3, 10, 13, 4, torch.device("cpu"))
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("h,w,window,heads,d", [(9, 11, 7, 4, 32), (14, 14, 7, 5, 32), (5, 3, 14, 2, 16), (7, 7, 7, 1, 64), (10, 4, 3, 3, 80)])
+def test_tiny_vit_rows_kernel_against_float64(dtype, h, w, window, heads, d):
+    """TinyViT's windowed attention (per-head q, k, v; learned bias of every query/key pair, added to the
+    scaled product) through attention_rows against the formula in float64, two images."""
+    index, qkv, pad, generator = _rows_case(dtype, 2, h, w, window, heads, d, seed=h * 31 + w + d)
+    bias = torch.randn(heads, window * window, window * window, generator=generator) * 2
+    out = torch.full((2 * h * w, heads * d), 7.0, dtype=dtype)
+    layout = rps.QkvLayout.tiny_vit(heads, d)
+    assert rps.attention_rows(rps.library(), qkv, pad, index, heads, layout, d**-0.5, out, bias=bias)
+    _close(out, rows_attention_in_float64(qkv, pad, index, heads, layout, d**-0.5, bias=bias), dtype)
+
+
+def test_window_index_covers_every_position_once():
+    index = ie.window_index(3, 10, 13, 4, torch.device("cpu"))
     assert index.shape == (3 * 3 * 4, 16)
     inside = index[index >= 0]
     assert torch.equal(inside.sort().values, torch.arange(3 * 10 * 13))
@@ -180,16 +179,24 @@ def test_window_index_covers_every_position_once():
     assert (index[4 * 3 - 1] == -1).sum() == 16 - 2 * 1  # the last window of image 0: rows 8-9, column 12 only
 
 
-def test_window_attention_declines_what_it_cannot_run():
-    """float64, mixed dtypes, head sizes it has no tiles for, mismatched widths: False, out untouched."""
+def test_rows_kernel_declines_what_it_cannot_run():
+    """float64, mixed dtypes, head sizes it has no tiles for, mismatched widths, a grid that is not the
+    window's positions, both biases at once: False, out untouched (the caller keeps its PyTorch path)."""
     index = torch.zeros(1, 4, dtype=torch.int64)
-    bias = torch.zeros(2, 4, 4)
-    for qkv, pad, out in [
-        (torch.randn(4, 2 * 3 * 32).double(), torch.randn(2 * 3 * 32).double(), torch.zeros(4, 64).double()),
-        (torch.randn(4, 2 * 3 * 32), torch.randn(2 * 3 * 32), torch.zeros(4, 64).bfloat16()),
-        (torch.randn(4, 2 * 3 * 24).bfloat16(), torch.randn(2 * 3 * 24).bfloat16(), torch.zeros(4, 48).bfloat16()),
-        (torch.randn(4, 2 * 3 * 32).bfloat16(), torch.randn(2 * 3 * 32).bfloat16(), torch.zeros(4, 32).bfloat16()),
-    ]:
+    sam, tiny = rps.QkvLayout.sam(2, 32), rps.QkvLayout.tiny_vit(2, 32)
+    tables = torch.randn(3, 32), torch.randn(3, 32)
+    good = torch.randn(4, 2 * 3 * 32), torch.randn(2 * 3 * 32)
+    cases = [
+        (good[0].double(), good[1].double(), torch.zeros(4, 64).double(), {}),
+        (*good, torch.zeros(4, 64).bfloat16(), {}),
+        (torch.randn(4, 2 * 3 * 24).bfloat16(), torch.randn(2 * 3 * 24).bfloat16(), torch.zeros(4, 48).bfloat16(), {}),
+        (*good, torch.zeros(4, 32), {}),
+        (*good, torch.zeros(4, 64), {"rel_pos": (*tables, (2, 3))}),
+        (*good, torch.zeros(4, 64), {"rel_pos": (*tables, (2, 2)), "bias": torch.zeros(2, 4, 4)}),
+        (*good, torch.zeros(4, 64), {"bias": torch.zeros(2, 4, 5)}),
+    ]
+    for qkv, pad, out, extra in cases:
         before = out.clone()
-        assert not rps.window_attention_native(rps.library(), qkv, pad, index, bias, 0.1, out)
+        assert not rps.attention_rows(rps.library(), qkv, pad, index, 2, sam, 0.1, out, **extra)
         assert torch.equal(out, before)
+    assert rps.QkvLayout.tiny_vit(2, 32) == tiny

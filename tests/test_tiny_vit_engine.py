@@ -97,8 +97,8 @@ def test_engine_tiny_vit_window_kernel_agrees_with_the_other_path(dtype, monkeyp
     attentions = [m for m in engine.modules() if isinstance(m, engine_tiny_vit.WindowAttention)]
     assert attentions and all(m.window_kernels is rel_pos_softmax.library() for m in attentions)
     calls = []
-    original = engine_tiny_vit.window_attention_native
-    monkeypatch.setattr(engine_tiny_vit, "window_attention_native", lambda *a: calls.append(1) or original(*a))
+    original = engine_tiny_vit.attention_rows
+    monkeypatch.setattr(engine_tiny_vit, "attention_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
     x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = model(x)

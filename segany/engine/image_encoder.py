@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .rel_pos_softmax import rel_pos_attention_native, rel_pos_softmax_  # noqa: I001 (compiled kernels)
+from .rel_pos_softmax import DTYPES, FUSED_HEAD_DIMS, QkvLayout, attention_rows, rel_pos_softmax_  # noqa: I001 (compiled kernels)
 from ..modeling import image_encoder as plain
 from ..modeling.image_encoder import (
     decomposed_rel_pos_bias,
@@ -33,12 +33,20 @@ class Attention(plain.Attention):
         else rel_pos_attention_fused
     )
 
+    # On a CPU with the compiled kernels: every window and head in one call, q, k, v read from the qkv
+    # projection's rows and the output written to the image's rows (rel_pos_softmax.attention_rows).
+    rows_kernels = chosen_at_build(lambda _, paths: paths.attention_kernels if paths.cpu else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(x))
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:
         """The attention's output before the output projection: (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, _ = x.shape
+        if self.takes_rows(x):
+            out = self.attend_rows(x, torch.arange(b * h * w, device=x.device).view(b, h * w), (h, w))
+            if out is not None:
+                return out
         q, k, v = self.heads(x)  # each B*heads, H*W, head_dim
         if not self.use_rel_pos:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -53,10 +61,16 @@ class Attention(plain.Attention):
 
         Equal to window_unpartition(mix(window_partition(x))) as released, with fewer passes: the qkv
         projection runs on the unpadded positions only (a zero-padded position's q, k and v are the qkv
-        bias), one copy cuts the windows and splits the heads, and one copy puts the output back in
-        image order without the padding. (B, H, W, C) -> (B, H, W, C)."""
+        bias); with the compiled kernels the attention reads the windows from the projection's rows and
+        writes to the image's rows (attend_rows), otherwise one copy cuts the windows and splits the
+        heads, and one copy puts the output back in image order without the padding.
+        (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
         ws, heads = window_size, self.num_heads
+        if self.takes_rows(x):
+            out = self.attend_rows(x, window_index(b, h, w, ws, x.device), (ws, ws))
+            if out is not None:
+                return out
         n_h, n_w = -(-h // ws), -(-w // ws)
         product = self.paths.linear(x, self.qkv.weight, self.qkv.bias).view(b, h, w, 3, heads, -1)
         head_dim = product.shape[-1]
@@ -81,6 +95,30 @@ class Attention(plain.Attention):
             region = mixed[:, iy : iy + ny, ix : ix + nx, :, :ry, :rx].permute(0, 1, 4, 2, 5, 3, 6)
             out[:, y0:y1, x0:x1].view(b, ny, ry, nx, rx, heads, head_dim).copy_(region)
         return out.view(b, h, w, c)
+
+    def takes_rows(self, x: torch.Tensor) -> bool:
+        return (
+            self.rows_kernels is not None
+            and x.dtype in DTYPES
+            and self.qkv.weight.dtype == x.dtype
+            and self.qkv.out_features // (3 * self.num_heads) in FUSED_HEAD_DIMS
+        )
+
+    def attend_rows(self, x: torch.Tensor, index: torch.Tensor, size: Tuple[int, int]) -> Optional[torch.Tensor]:
+        """mix() through the compiled kernel: windows (or whole images) given by `index` (windows, n) of
+        rows of x, -1 for the zero padding, whose q, k, v are the qkv bias; None where it declines."""
+        b, h, w, c = x.shape
+        heads = self.num_heads
+        product = self.paths.linear(x, self.qkv.weight, self.qkv.bias)  # B, H, W, 3C: q | k | v
+        width = product.shape[-1]
+        pad = self.qkv.bias if self.qkv.bias is not None else product.new_zeros(width)
+        out = x.new_empty(b, h, w, c)
+        rel_pos = (self.rel_pos_h, self.rel_pos_w, size) if self.use_rel_pos else None
+        done = attention_rows(
+            self.rows_kernels, product.reshape(b * h * w, width), pad.contiguous(), index, heads,
+            QkvLayout.sam(heads, width // (3 * heads)), self.scale, out.view(b * h * w, c), rel_pos=rel_pos,
+        )
+        return out if done else None
 
     def heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, each (B*heads, H*W, head_dim), from x (B, H, W, C)."""
@@ -113,10 +151,6 @@ def rel_pos_attention_chunked(
     materialised as its mask, and closer to float32 in bfloat16 (docs/benchmarks.md).
     Large (global) attention: the same in row bands of one head at a time (rel_pos_attention_banded).
     """
-    if kernels is not None:
-        native = rel_pos_attention_native(kernels, q, k, v, rel_pos_h, rel_pos_w, size, scale)  # bfloat16: one kernel
-        if native is not None:
-            return native
     bh, n, _ = q.shape
     if n >= GLOBAL_ROWS:
         return rel_pos_attention_banded(q, k, v, rel_pos_h, rel_pos_w, size, scale, kernels)
@@ -224,6 +258,21 @@ def window_regions(h: int, w: int, window_size: int):
     for y_span in spans(h):
         for x_span in spans(w):
             yield y_span, x_span
+
+
+@functools.lru_cache(maxsize=16)
+def window_index(b: int, h: int, w: int, window: int, device: torch.device) -> torch.Tensor:
+    """(windows, window * window) int64: the row (in B*H*W order) of each position of each window of a
+    (B, H, W) map cut into windows from its top-left corner, -1 where a window runs into the padding;
+    windows in (B, rows of windows, columns of windows) order, as window_partition makes them."""
+    n_h, n_w = -(-h // window), -(-w // window)
+    y = torch.arange(n_h * window, device=device).view(n_h, window, 1, 1)  # window row, row within it
+    x = torch.arange(n_w * window, device=device).view(1, 1, n_w, window)
+    inside = (y < h) & (x < w)
+    rows = torch.where(inside, y * w + x, torch.full((), -1, device=device))  # n_h, ws, n_w, ws
+    rows = rows.permute(0, 2, 1, 3).reshape(1, n_h * n_w, window * window)
+    image = torch.arange(b, device=device).view(b, 1, 1) * (h * w)
+    return torch.where(rows >= 0, rows + image, rows).reshape(b * n_h * n_w, window * window).contiguous()
 
 
 class Block(plain.Block):

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -26,7 +27,7 @@ from . import native
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "attention_softmax.c"
-ABI = 2
+ABI = 3
 DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -42,12 +43,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.segany_attention_abi.argtypes = []
     lib.segany_rel_pos_softmax.restype = None
     lib.segany_rel_pos_softmax.argtypes = [p, l, l, i, i, p, p, i, i]
-    lib.segany_rel_pos_attention_bf16.restype = None
-    lib.segany_rel_pos_attention_bf16.argtypes = [p, p, p, ctypes.c_float, p, p, p, l, l, l, i, i, i, i, i]
-    lib.segany_window_attention_bf16.restype = None
-    lib.segany_window_attention_bf16.argtypes = [p, l, p, p, p, ctypes.c_float, p, l, l, i, i, i, i]
-    lib.segany_window_attention_f32.restype = None
-    lib.segany_window_attention_f32.argtypes = [p, l, p, p, p, ctypes.c_float, p, l, l, i, i, i, i]
+    for name in ("segany_attention_rows_bf16", "segany_attention_rows_f32"):
+        fn = getattr(lib, name)
+        fn.restype = None
+        fn.argtypes = [p, l, p, p, l, i, i, i, l, l, l, l, ctypes.c_float, p, p, p, i, i, p, l, i]
     return lib
 
 
@@ -81,83 +80,60 @@ def rel_pos_softmax_(lib: ctypes.CDLL, logits: torch.Tensor, rel_h: torch.Tensor
     return True
 
 
-# head sizes the fused attention kernel takes (SAM's ViT-B/L: 64, ViT-H: 80)
+# head sizes the attention kernels take (SAM's ViT-B/L: 64, ViT-H: 80; TinyViT: 32)
 FUSED_HEAD_DIMS = (16, 32, 48, 64, 80)
 
 
-def rel_pos_attention_native(
-    lib: ctypes.CDLL,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    size: Tuple[int, int],
-    scale: float,
-) -> Optional[torch.Tensor]:
-    """softmax((q * scale) k^T + bias) v with MViTv2's decomposed rel-pos bias of the tables rel_pos_h,
-    rel_pos_w, for bfloat16 q, k, v (BH, N, C), queries and keys on one size = (h, w) grid: one kernel
-    call over every head (or window x head), a tile of query rows at a time (csrc/attention_softmax.c).
-    The bias factors (q against the gathered tables) and the logits are float32 sums of bfloat16
-    products, never rounded to bfloat16 nor written to memory; bias and softmax in float32; the
-    probabilities rounded to bfloat16 for the product with v. None where the kernel cannot run it (the
-    caller keeps its PyTorch path). The result is (BH, N, C), stored position-major (N, BH, C)."""
-    bh, n, d = q.shape
-    h, w = size
-    if (
-        n == 0
-        or n != h * w
-        or d not in FUSED_HEAD_DIMS
-        or any(t.dtype != torch.bfloat16 or t.shape != q.shape for t in (q, k, v))
-        or rel_pos_h.shape[-1] != d
-        or rel_pos_w.shape[-1] != d
-    ):
-        return None
-    table_h = _packed_table(relative_position_table(h, h, rel_pos_h.detach().float()))
-    table_w = _packed_table(relative_position_table(w, w, rel_pos_w.detach().float()))
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    # written position-major (N, BH, C): merging the heads afterwards is then a view, not a copy
-    out = q.new_empty(n, bh, d)
-    lib.segany_rel_pos_attention_bf16(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), scale, table_h.data_ptr(), table_w.data_ptr(),
-        out.data_ptr(), d, bh * d, bh, n, d, h, w, torch.get_num_threads(),
-    )
-    return out.transpose(0, 1)
+@dataclass(frozen=True)
+class QkvLayout:
+    """Where head h's q, k and v sit in a row of the qkv projection: at q + h * head, k + h * head,
+    v + h * head (elements)."""
+
+    q: int
+    k: int
+    v: int
+    head: int
+
+    @staticmethod
+    def sam(heads: int, head_dim: int) -> "QkvLayout":
+        """SAM's ViT: the row is q | k | v, each heads x head_dim (reshape(..., 3, heads, head_dim))."""
+        return QkvLayout(0, heads * head_dim, 2 * heads * head_dim, head_dim)
+
+    @staticmethod
+    def tiny_vit(heads: int, head_dim: int) -> "QkvLayout":
+        """TinyViT: per head q, k, v (view(..., heads, 3 * head_dim).split(head_dim))."""
+        return QkvLayout(0, head_dim, 2 * head_dim, 3 * head_dim)
 
 
-def _packed_table(table: torch.Tensor) -> torch.Tensor:
-    """A gathered rel-pos table (q_size, k_size, C) in bfloat16, k_size padded with zeros to blocks of
-    16 and packed by channel pairs: (q_size, blocks, C/2, 16, 2)."""
-    q_size, k_size, c = table.shape
-    blocks = -(-k_size // 16)
-    padded = table.new_zeros(q_size, blocks * 16, c)
-    padded[:, :k_size] = table
-    return padded.to(torch.bfloat16).view(q_size, blocks, 16, c // 2, 2).transpose(2, 3).contiguous()
-
-
-def window_attention_native(
+def attention_rows(
     lib: ctypes.CDLL,
     qkv: torch.Tensor,
     pad: torch.Tensor,
     index: torch.Tensor,
-    bias: torch.Tensor,
+    heads: int,
+    layout: QkvLayout,
     scale: float,
     out: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    rel_pos: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]] = None,
 ) -> bool:
-    """TinyViT's windowed attention, out[p, h] = softmax((q k^T) * scale + bias[h]) v over the window
-    of position p, for q, k, v read from the qkv projection's rows and written to the image's rows: no
-    copies cut the windows out or put them back (csrc/attention_softmax.c). bfloat16 (products of
-    bfloat16 values summed in float32, float32 logits, probabilities rounded to bfloat16 for the product
-    with v) or float32 (all in float32).
+    """Attention within windows (or over whole images), read in place from the qkv projection's rows and
+    written in place to the image's rows: no copies cut the windows out, split the heads or put them
+    back (csrc/attention_softmax.c, one call for every window and head).
 
-    qkv: (P, heads * 3 * d) bfloat16 or float32, P positions of the image, head h's q, k, v at h*3d, h*3d+d, h*3d+2d;
-    pad: (heads * 3 * d,) the qkv of a position in the zero padding; index: (windows, n) int64, the row of
-    each window's positions, -1 for padding; bias: (heads, n, n) float32; out: (P, heads * d) in qkv's dtype,
-    padded positions not written. Returns False, touching nothing, where the kernel cannot run it."""
+    qkv: (P, 3 * heads * d), bfloat16 or float32, one row per position of the image; pad: (3 * heads * d,)
+    the qkv of a position in the zero padding; index: (windows, n) int64, each window's rows (a global
+    block: one window per image, its positions), -1 for padding; out: (P, heads * d) in qkv's dtype,
+    padded positions not written. The bias: `bias` (heads, n, n) float32, TinyViT's, added to the
+    scaled product, or `rel_pos` = (rel_pos_h, rel_pos_w, (k_h, k_w)), SAM's decomposed relative-
+    position tables with n = k_h * k_w, q scaled before the product (each as released); or none.
+    bfloat16: products of bfloat16 values summed in float32, float32 logits, bias and softmax never in
+    memory, probabilities rounded to bfloat16 for the product with v; float32: all in float32.
+    Returns False, touching nothing, where the kernel cannot run it (the caller keeps its path)."""
     windows, n = index.shape
-    heads = bias.shape[0]
     rows, width = qkv.shape
     d = width // (3 * heads) if heads else 0
+    k_h, k_w = rel_pos[2] if rel_pos is not None else (1, n)
     if (
         n == 0
         or windows == 0
@@ -165,17 +141,53 @@ def window_attention_native(
         or width != heads * 3 * d
         or qkv.dtype not in DTYPES
         or any(t.dtype != qkv.dtype for t in (pad, out))
-        or bias.dtype != torch.float32
-        or bias.shape != (heads, n, n)
         or index.dtype != torch.int64
         or out.shape != (rows, heads * d)
         or pad.shape != (width,)
-        or not all(t.is_contiguous() for t in (qkv, pad, index, bias, out))
+        or (bias is not None and (bias.dtype != torch.float32 or bias.shape != (heads, n, n)))
+        or (bias is not None and rel_pos is not None)
+        or k_h * k_w != n
+        or (rel_pos is not None and any(t.shape[-1] != d for t in rel_pos[:2]))
+        or not all(t.is_contiguous() for t in (qkv, pad, index, out))
+        or qkv.device.type != "cpu"
     ):
         return False
-    kernel = lib.segany_window_attention_bf16 if qkv.dtype == torch.bfloat16 else lib.segany_window_attention_f32
+    tables = (None, None)
+    if rel_pos is not None:
+        rel_pos_h, rel_pos_w, _ = rel_pos
+        tables = tuple(
+            _packed_table(relative_position_table(size, size, table.detach().float()), qkv.dtype)
+            for size, table in ((k_h, rel_pos_h), (k_w, rel_pos_w))
+        )
+    bias = bias.contiguous() if bias is not None else None
+    refuse_autograd(out, qkv, pad)
+    kernel = lib.segany_attention_rows_bf16 if qkv.dtype == torch.bfloat16 else lib.segany_attention_rows_f32
     kernel(
-        qkv.data_ptr(), width, pad.data_ptr(), index.data_ptr(), bias.data_ptr(), scale, out.data_ptr(),
-        heads * d, windows, heads, n, d, torch.get_num_threads(),
+        qkv.data_ptr(), width, pad.data_ptr(), index.data_ptr(), windows, n, heads, d,
+        layout.q, layout.k, layout.v, layout.head, scale,
+        None if bias is None else bias.data_ptr(),
+        None if tables[0] is None else tables[0].data_ptr(),
+        None if tables[1] is None else tables[1].data_ptr(),
+        k_h, k_w, out.data_ptr(), heads * d, torch.get_num_threads(),
     )
     return True
+
+
+def refuse_autograd(out: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """The kernels write `out` through raw pointers, out of autograd's sight: like PyTorch's own products
+    written into buffers (out=), they refuse autograd loudly, with PyTorch's error, when an input is part
+    of a graph (an empty out= product of each input raises it; otherwise it does nothing)."""
+    for x in inputs:
+        torch.mul(x.reshape(-1)[:0], 0, out=out.reshape(-1)[:0])
+
+
+def _packed_table(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gathered rel-pos table (q_size, k_size, C), k_size padded with zeros to blocks of 16, packed for
+    the kernel: bfloat16 by channel pairs (q_size, blocks, C/2, 16, 2), float32 (q_size, blocks, C, 16)."""
+    q_size, k_size, c = table.shape
+    blocks = -(-k_size // 16)
+    padded = table.new_zeros(q_size, blocks * 16, c)
+    padded[:, :k_size] = table
+    if dtype == torch.bfloat16:
+        return padded.to(torch.bfloat16).view(q_size, blocks, 16, c // 2, 2).transpose(2, 3).contiguous()
+    return padded.view(q_size, blocks, 16, c).transpose(2, 3).contiguous()

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple
 
 import torch
@@ -26,9 +25,9 @@ from ..modeling import common as plain_common
 from ..modeling import tiny_vit as plain
 from .cache import kept_until_changed
 from .conv import conv2d
-from .image_encoder import window_regions
+from .image_encoder import window_index, window_regions
 from .kernels import linear
-from .rel_pos_softmax import window_attention_native
+from .rel_pos_softmax import QkvLayout, attention_rows
 from .twin import UNBOUND, chosen_at_build, register
 
 # Logits of windowed attention computed at once (1 MB in float32: they stay in cache).
@@ -183,10 +182,10 @@ class WindowAttention(plain.WindowAttention):
         product = linear(self.norm(x), self.qkv.weight, self.qkv.bias)  # B, H, W, heads * 3 * head_dim
         if self.window_kernels is not None and product.is_contiguous():
             out = x.new_empty(b, h, w, heads * head_dim)
-            index = _window_index(b, h, w, window, x.device)
-            if window_attention_native(
-                self.window_kernels, product.view(b * h * w, -1), self.padded_qkv(x).view(-1), index,
-                self.offset_bias(), head_dim**-0.5, out.view(b * h * w, -1),
+            index = window_index(b, h, w, window, x.device)
+            if attention_rows(
+                self.window_kernels, product.view(b * h * w, -1), self.padded_qkv(x).view(-1), index, heads,
+                QkvLayout.tiny_vit(heads, head_dim), head_dim**-0.5, out.view(b * h * w, -1), bias=self.offset_bias(),
             ):
                 return linear(out, self.proj.weight, self.proj.bias, residual=x)
         product = product.view(b, h, w, heads, 3, head_dim)
@@ -213,21 +212,6 @@ class WindowAttention(plain.WindowAttention):
         # The output projection acts on each position alone: after the windows are undone it skips
         # the padding, and the residual is added as it is written.
         return linear(out.view(b, h, w, c), self.proj.weight, self.proj.bias, residual=x)
-
-
-@functools.lru_cache(maxsize=16)
-def _window_index(b: int, h: int, w: int, window: int, device: torch.device) -> torch.Tensor:
-    """(windows, window * window) int64: the row (in B*H*W order) of each position of each window of a
-    (B, H, W) map cut into windows from its top-left corner, -1 where a window runs into the padding;
-    windows in (B, rows of windows, columns of windows) order."""
-    n_h, n_w = -(-h // window), -(-w // window)
-    y = torch.arange(n_h * window, device=device).view(n_h, window, 1, 1)  # window row, row within it
-    x = torch.arange(n_w * window, device=device).view(1, 1, n_w, window)
-    inside = (y < h) & (x < w)
-    rows = torch.where(inside, y * w + x, torch.full((), -1, device=device))  # n_h, ws, n_w, ws
-    rows = rows.permute(0, 2, 1, 3).reshape(1, n_h * n_w, window * window)
-    image = torch.arange(b, device=device).view(b, 1, 1) * (h * w)
-    return torch.where(rows >= 0, rows + image, rows).reshape(b * n_h * n_w, window * window).contiguous()
 
 
 class FeedForward(plain.FeedForward):

@@ -15,7 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int segany_attention_abi(void) { return 2; }
+int segany_attention_abi(void) { return 3; }
 
 #include "simd_exp.h"
 
@@ -79,21 +79,87 @@ void segany_rel_pos_softmax(void *logits, long rows, long stride, int k_h, int k
 }
 
 /* ---------------------------------------------------------------------------------------------------
- * Attention with the decomposed rel-pos bias in one kernel (bfloat16 operands, float32 accumulation),
- * a tile of query rows at a time: the tile's logits (q k^T, float32) stay in a per-thread buffer, get
- * their bias and softmax there, and are multiplied with v as bfloat16 probabilities, so the N x N
- * logits never go through memory and one parallel region covers every head (and window).
+ * Attention in one kernel, a tile of query rows at a time: the tile's logits (q k^T, float32) stay in a
+ * per-thread buffer, get their bias and softmax there and are multiplied with v, so the N x N logits
+ * never go through memory and one parallel region covers every window and head. q, k and v are read in
+ * place from the qkv projection's rows and the output is written in place to the image's rows, so no
+ * copies cut windows out, split heads, or put them back.
  *
- * q, k, v: bh x n x d bfloat16, contiguous; q is scaled by `scale` here as released (in float32,
- * rounded to bfloat16). Each thread packs the k and v of the head it works on into the layouts
- * vdpbf16ps reads: k by channel pairs within blocks of 16 keys (kb x (d/2) x 16 x 2, zero keys past n,
- * kb even), v by pairs of keys ((n+1)/2 x d x 2, a zero key past an odd n). table_h: the rel-pos table of each query row y,
- * k_h x ceil(k_h/16) x (d/2) x 16 x 2 (zero past k_h), table_w the same for each query column x;
- * queries and keys on one k_h x k_w grid (n = k_h * k_w). The bias factors rel_h[y'] = q_raw . table_h[y][y']
- * and rel_w[x'] = q_raw . table_w[x][x'] (MViTv2's decomposition) are computed per query row here.
- * out: bfloat16, head h's row r at out + h * o_head + r * o_row. d a multiple of 16, at most 80 (SAM's heads: 64, 80).
+ * qkv: one row of qkv_row elements per position of the image (B*H*W rows); head h's q, k and v at
+ * q_off + h*head_stride, k_off + h*head_stride, v_off + h*head_stride of a row (SAM: q | k | v, each
+ * heads x d; TinyViT: per head q, k, v). index[w * n + i]: the row of window w's i-th position (for a
+ * global block: the image's positions, one "window" per image), -1 for a position in the zero padding,
+ * whose q, k, v are read from the row `pad` instead. out: one row of out_row elements per position,
+ * head h's d values at h*d; padded positions are not written. n = k_h * k_w positions per window.
+ *
+ * The bias, one of: the decomposed relative-position bias of SAM's ViT (table_h, table_w non-NULL: for
+ * a query at (y, x) and a key at (y', x'), rel_h[y'] + rel_w[x'] with rel_h[y'] = q_raw . table_h[y][y']
+ * and rel_w[x'] = q_raw . table_w[x][x'], MViTv2's decomposition, computed per query row here; q is
+ * scaled before the product as released: q * scale) or TinyViT's learned bias of every query/key pair
+ * (bias: heads x n x n, float32; the logits are scaled after the product as released: (q k^T) * scale
+ * + bias); or none (q scaled before the product). The bias and softmax run in float32.
+ *
+ * bfloat16: products of bfloat16 values summed in float32 (vdpbf16ps); q scaled in float32 and rounded
+ * to bfloat16; the probabilities rounded to bfloat16 for the product with v, whose float32 result is
+ * divided by the row's float32 sum. k is packed per window and head by channel pairs within blocks of
+ * 16 keys (kb x (d/2) x 16 x 2, zero keys past n, kb even), v by pairs of keys ((n+1)/2 x d x 2, a zero
+ * key past an odd n); the rel-pos tables the same way, k_h x ceil(k_h/16) x (d/2) x 16 x 2.
+ * float32: every product and sum in float32 with fused multiply-adds (differences from PyTorch's order of
+ * float32 rounding only); k packed kb x d x 16, v as n x d rows, the tables k_h x ceil(k_h/16) x d x 16.
+ * d: a multiple of 16, at most 80 (SAM's heads: 64, 80; TinyViT's: 32).
  */
 #define TILE_ROWS 8
+
+static inline const void *row_at(const void *qkv, long qkv_row, const void *pad, long at, int elem) {
+  return at >= 0 ? (const char *)qkv + at * qkv_row * elem : pad;
+}
+
+/* A row of logits (float32, n valid) with its bias, then exp(logit - max): returns 1 / sum. The
+ * probabilities are written to prob (bfloat16: pbf, float32: in place in row). */
+static inline float softmax_row(float *row, int n, const float *brow, float scale, const float *rh, const float *rw,
+                                int k_h, int k_w, __m512 vmax, int biased, uint16_t *pbf) {
+  if (brow) { /* TinyViT: (q k^T) * scale + bias */
+    const __m512 vscale = _mm512_set1_ps(scale);
+    vmax = _mm512_set1_ps(-__builtin_inff());
+    for (int i = 0; i < n; i += 16) {
+      __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+      __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + i), vscale), _mm512_maskz_loadu_ps(m, brow + i));
+      _mm512_mask_storeu_ps(row + i, m, v);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+    }
+  } else if (rh && !biased) { /* SAM: (logit + rel_h) + rel_w, as PyTorch's path adds it */
+    vmax = _mm512_set1_ps(-__builtin_inff());
+    for (int y = 0; y < k_h; y++) {
+      __m512 hv = _mm512_set1_ps(rh[y]);
+      for (int x = 0; x < k_w; x += 16) {
+        __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
+        float *at = row + y * k_w + x;
+        __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, at), hv), _mm512_maskz_loadu_ps(m, rw + x));
+        _mm512_mask_storeu_ps(at, m, v);
+        vmax = _mm512_mask_max_ps(vmax, m, vmax, v);
+      }
+    }
+  } else if (!rh) {
+    vmax = _mm512_set1_ps(-__builtin_inff());
+    for (int i = 0; i < n; i += 16) {
+      __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+      vmax = _mm512_mask_max_ps(vmax, m, vmax, _mm512_maskz_loadu_ps(m, row + i));
+    }
+  }
+  __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 vsum = _mm512_setzero_ps();
+  for (int i = 0; i < n; i += 16) {
+    __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+    __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
+    vsum = _mm512_add_ps(vsum, e);
+    if (pbf)
+      _mm256_mask_storeu_epi16(pbf + i, m, to_bf16(e));
+    else
+      _mm512_mask_storeu_ps(row + i, m, e);
+  }
+  if (pbf && (n & 1)) pbf[n] = 0;
+  return 1.0f / _mm512_reduce_add_ps(vsum);
+}
 
 static inline __m512bh pair_at(const uint16_t *p) {
   int32_t v;
@@ -219,147 +285,6 @@ static void rel_terms(const uint16_t *q, const uint16_t *table, int nb, int pair
   }
 }
 
-static void pack_keys(const uint16_t *k, int n, int d, int kb, uint16_t *kp) {
-  const int pairs = d / 2;
-  const uint32_t *src = (const uint32_t *)k;
-  uint32_t *dst = (uint32_t *)kp;
-  for (int b = 0; b < kb; b++)
-    for (int p = 0; p < pairs; p++)
-      for (int jj = 0; jj < 16; jj++) {
-        const int j = b * 16 + jj;
-        dst[((long)b * pairs + p) * 16 + jj] = j < n ? src[(long)j * pairs + p] : 0u;
-      }
-}
-
-static void pack_values(const uint16_t *v, int n, int d, uint16_t *vp) {
-  /* pair t: v[2t][c], v[2t+1][c] interleaved, 16 columns per vector */
-  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36,
-                                      4, 35, 3, 34, 2, 33, 1, 32, 0);
-  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  const int n_pairs = (n + 1) / 2;
-  for (int t = 0; t < n_pairs; t++) {
-    const uint16_t *a = v + (long)(2 * t) * d;
-    uint16_t *dst = vp + (long)t * d * 2;
-    for (int c0 = 0; c0 < d; c0 += 32) {
-      const int cols = d - c0 < 32 ? d - c0 : 32;
-      const __mmask32 m = cols == 32 ? 0xffffffffu : ((1u << cols) - 1);
-      __m512i x = _mm512_maskz_loadu_epi16(m, a + c0);
-      __m512i y = 2 * t + 1 < n ? _mm512_maskz_loadu_epi16(m, a + d + c0) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + 2 * c0, _mm512_permutex2var_epi16(x, lo, y));
-      if (cols > 16) _mm512_storeu_si512(dst + 2 * c0 + 32, _mm512_permutex2var_epi16(x, hi, y));
-    }
-  }
-}
-
-void segany_rel_pos_attention_bf16(const uint16_t *q_raw, const uint16_t *k, const uint16_t *v, float scale,
-                                   const uint16_t *table_h, const uint16_t *table_w, uint16_t *out, long o_head, long o_row, long bh, int n, int d,
-                                   int k_h, int k_w, int num_threads) {
-  const int kb = ((n + 31) / 32) * 2;
-  const int n_pairs = (n + 1) / 2;
-  const long s_stride = (long)kb * 16;
-  const long p_stride = (long)n_pairs * 2;
-  const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
-  const int nv = d / 16;
-  const int bias_at_store = k_w % 32 == 0;
-  const int nbh = (k_h + 15) / 16, nbw = (k_w + 15) / 16;
-#pragma omp parallel num_threads(num_threads)
-  {
-    float *rel_h = (float *)aligned_alloc(64, TILE_ROWS * nbh * 16 * sizeof(float));
-    float *rel_w = (float *)aligned_alloc(64, TILE_ROWS * nbw * 16 * sizeof(float));
-    float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
-    uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
-    uint16_t *kp = (uint16_t *)aligned_alloc(64, (long)kb * 16 * d * sizeof(uint16_t));
-    uint16_t *vp = (uint16_t *)aligned_alloc(64, (long)n_pairs * 2 * d * sizeof(uint16_t));
-    uint16_t *qs = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * d * sizeof(uint16_t) + 63) / 64) * 64);
-    long packed = -1;
-    float inv[TILE_ROWS];
-#pragma omp for schedule(static)
-    for (long task = 0; task < bh * tiles; task++) {
-      const long h = task / tiles;
-      const int r0 = (int)(task % tiles) * TILE_ROWS;
-      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
-      const float *rh = rel_h, *rw = rel_w;
-      if (h != packed) {
-        pack_keys(k + h * n * (long)d, n, d, kb, kp);
-        pack_values(v + h * n * (long)d, n, d, vp);
-        packed = h;
-      }
-      for (int i = 0; i < rows * d; i += 16) {
-        const __mmask16 m = rows * d - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (rows * d - i)) - 1);
-        __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, q_raw + (h * n + r0) * d + i)), 16));
-        _mm256_mask_storeu_epi16(qs + i, m, to_bf16(_mm512_mul_ps(x, _mm512_set1_ps(scale))));
-      }
-      for (int r = 0; r < rows; r++) {
-        const int i = r0 + r;
-        const uint16_t *qi = q_raw + (h * n + i) * d;
-        rel_terms(qi, table_h + (long)(i / k_w) * nbh * 16 * d, nbh, d / 2, rel_h + r * nbh * 16);
-        rel_terms(qi, table_w + (long)(i % k_w) * nbw * 16 * d, nbw, d / 2, rel_w + r * nbw * 16);
-      }
-      const uint16_t *kh = kp;
-      __m512 vmax[TILE_ROWS];
-      for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
-      if (rows == TILE_ROWS) {
-        tile_logits_full(qs, d, kh, kb, s, s_stride, bias_at_store ? rh : NULL, nbh * 16, rw, nbw * 16,
-                         k_h, k_w, vmax);
-      } else {
-        for (int r = 0; r < rows; r++)
-          tile_logits_1(qs + r * d, d, kh, kb, s + r * s_stride, s_stride,
-                        bias_at_store ? rh + r * nbh * 16 : NULL, 0, rw + r * nbw * 16, 0, k_h, k_w, vmax + r);
-      }
-      for (int r = 0; r < rows; r++) {
-        float *row = s + r * s_stride;
-        uint16_t *prow = p + r * p_stride;
-        if (!bias_at_store) {
-          const float *rhr = rh + r * nbh * 16, *rwr = rw + r * nbw * 16;
-          for (int y = 0; y < k_h; y++) {
-            __m512 hv = _mm512_set1_ps(rhr[y]);
-            for (int x = 0; x < k_w; x += 16) {
-              __mmask16 m = (k_w - x >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (k_w - x)) - 1);
-              float *at = row + y * k_w + x;
-              __m512 v = _mm512_add_ps(_mm512_add_ps(_mm512_maskz_loadu_ps(m, at), hv), _mm512_maskz_loadu_ps(m, rwr + x));
-              _mm512_mask_storeu_ps(at, m, v);
-              vmax[r] = _mm512_mask_max_ps(vmax[r], m, vmax[r], v);
-            }
-          }
-        }
-        /* exp(logit - max) rounded to bfloat16 for the product with v; the row's sum (of the float32
-         * values) divides the product's result */
-        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vmax[r]));
-        __m512 vsum = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) {
-          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
-          vsum = _mm512_add_ps(vsum, e);
-          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(e));
-        }
-        if (n & 1) prow[n] = 0;
-        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
-      }
-      tile_values(p, p_stride, rows, vp, n_pairs, nv, inv, out + h * o_head + r0 * o_row, o_row, d);
-    }
-    free(s);
-    free(p);
-    free(rel_h);
-    free(rel_w);
-    free(kp);
-    free(vp);
-    free(qs);
-  }
-}
-
-/* TinyViT's (MobileSAM's) windowed attention: softmax((q k^T) * scale + bias) v per window and head, with
- * the learned bias of every query/key pair of a window (heads x n x n, float32), for bfloat16 q, k, v
- * read in place from the qkv projection's output and written in place to the image's positions, so the
- * windows are never cut out nor put back by copies.
- *
- * qkv: one row of qkv_row elements per position of the image (B*H*W rows); head h's q, k and v at
- * h*3*d, h*3*d + d and h*3*d + 2*d of a row (the released layout: view(..., heads, 3*d).split(d)).
- * index[w * n + i]: the row of window w's i-th position, or -1 for a position in the zero padding,
- * whose q, k, v are the constant row `pad` (a padded token's layer norm is the norm's bias). out: one row
- * of out_row elements per position, head h's d values at h*d; padded positions are not written.
- * The logits are float32 sums of bfloat16 products, scaled and biased in float32 (the released order:
- * product, then scale, then bias), never written to memory; the probabilities are rounded to bfloat16
- * for the product with v and the row's float32 sum divides the result. d a multiple of 16, at most 80. */
 static void gather_keys(const uint16_t *qkv, long qkv_row, const long *index, const uint16_t *pad, long off, int n,
                         int d, int kb, uint16_t *kp) {
   const int pairs = d / 2;
@@ -394,9 +319,10 @@ static void gather_values(const uint16_t *qkv, long qkv_row, const long *index, 
   }
 }
 
-void segany_window_attention_bf16(const uint16_t *qkv, long qkv_row, const uint16_t *pad, const long *index,
-                                  const float *bias, float scale, uint16_t *out, long out_row, long windows, int heads,
-                                  int n, int d, int num_threads) {
+void segany_attention_rows_bf16(const uint16_t *qkv, long qkv_row, const uint16_t *pad, const long *index, long windows,
+                                int n, int heads, int d, long q_off, long k_off, long v_off, long head_stride, float scale,
+                                const float *bias, const uint16_t *table_h, const uint16_t *table_w, int k_h, int k_w,
+                                uint16_t *out, long out_row, int num_threads) {
   const int kb = ((n + 31) / 32) * 2;
   const int n_pairs = (n + 1) / 2;
   const long s_stride = (long)kb * 16;
@@ -404,8 +330,13 @@ void segany_window_attention_bf16(const uint16_t *qkv, long qkv_row, const uint1
   const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
   const int nv = d / 16;
   const long tasks = windows * heads * tiles;
+  const int rel = table_h != NULL;
+  const int bias_at_store = rel && k_w % 32 == 0;
+  const int nbh = (k_h + 15) / 16, nbw = (k_w + 15) / 16;
 #pragma omp parallel num_threads(num_threads)
   {
+    float *rel_h = (float *)aligned_alloc(64, TILE_ROWS * nbh * 16 * sizeof(float));
+    float *rel_w = (float *)aligned_alloc(64, TILE_ROWS * nbw * 16 * sizeof(float));
     float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
     uint16_t *p = (uint16_t *)aligned_alloc(64, ((TILE_ROWS * p_stride * sizeof(uint16_t) + 63) / 64) * 64);
     uint16_t *kp = (uint16_t *)aligned_alloc(64, (long)kb * 16 * d * sizeof(uint16_t));
@@ -422,52 +353,48 @@ void segany_window_attention_bf16(const uint16_t *qkv, long qkv_row, const uint1
       const int r0 = (int)(task % tiles) * TILE_ROWS;
       const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
       const long *win = index + w * n;
-      const long off = (long)h * 3 * d;
+      const long head = (long)h * head_stride;
       if (wh != packed) {
-        gather_keys(qkv, qkv_row, win, pad, off + d, n, d, kb, kp);
-        gather_values(qkv, qkv_row, win, pad, off + 2 * d, n, d, vp);
+        gather_keys(qkv, qkv_row, win, pad, k_off + head, n, d, kb, kp);
+        gather_values(qkv, qkv_row, win, pad, v_off + head, n, d, vp);
         packed = wh;
       }
       for (int r = 0; r < rows; r++) {
-        const long at = win[r0 + r];
-        memcpy(qs + r * d, (at >= 0 ? qkv + at * qkv_row : pad) + off, d * sizeof(uint16_t));
+        const int i = r0 + r;
+        const uint16_t *qi = (const uint16_t *)row_at(qkv, qkv_row, pad, win[i], 2) + q_off + head;
+        if (!bias) { /* SAM: q scaled before the product (float32, rounded to bfloat16) */
+          for (int c = 0; c < d; c += 16) {
+            __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(qi + c))), 16));
+            _mm256_storeu_si256((__m256i *)(qs + r * d + c), to_bf16(_mm512_mul_ps(x, _mm512_set1_ps(scale))));
+          }
+        } else { /* TinyViT: the logits are scaled */
+          memcpy(qs + r * d, qi, d * sizeof(uint16_t));
+        }
+        if (rel) { /* the rel-pos terms of the unscaled q */
+          rel_terms(qi, table_h + (long)(i / k_w) * nbh * 16 * d, nbh, d / 2, rel_h + r * nbh * 16);
+          rel_terms(qi, table_w + (long)(i % k_w) * nbw * 16 * d, nbw, d / 2, rel_w + r * nbw * 16);
+        }
       }
       __m512 vmax[TILE_ROWS];
       for (int r = 0; r < TILE_ROWS; r++) vmax[r] = _mm512_set1_ps(-__builtin_inff());
       if (rows == TILE_ROWS)
-        tile_logits_full(qs, d, kp, kb, s, s_stride, NULL, 0, NULL, 0, 0, 0, vmax);
+        tile_logits_full(qs, d, kp, kb, s, s_stride, bias_at_store ? rel_h : NULL, nbh * 16, rel_w, nbw * 16, k_h, k_w, vmax);
       else
         for (int r = 0; r < rows; r++)
-          tile_logits_1(qs + r * d, d, kp, kb, s + r * s_stride, s_stride, NULL, 0, NULL, 0, 0, 0, vmax + r);
-      const __m512 vscale = _mm512_set1_ps(scale);
-      for (int r = 0; r < rows; r++) {
-        float *row = s + r * s_stride;
-        const float *brow = bias + ((long)h * n + r0 + r) * n;
-        uint16_t *prow = p + r * p_stride;
-        __m512 vm = _mm512_set1_ps(-__builtin_inff());
-        for (int i = 0; i < n; i += 16) {
-          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + i), vscale), _mm512_maskz_loadu_ps(m, brow + i));
-          _mm512_mask_storeu_ps(row + i, m, v);
-          vm = _mm512_mask_max_ps(vm, m, vm, v);
-        }
-        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
-        __m512 vsum = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) {
-          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
-          vsum = _mm512_add_ps(vsum, e);
-          _mm256_mask_storeu_epi16(prow + i, m, to_bf16(e));
-        }
-        if (n & 1) prow[n] = 0;
-        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
-      }
+          tile_logits_1(qs + r * d, d, kp, kb, s + r * s_stride, s_stride, bias_at_store ? rel_h + r * nbh * 16 : NULL, 0,
+                        rel_w + r * nbw * 16, 0, k_h, k_w, vmax + r);
+      for (int r = 0; r < rows; r++)
+        inv[r] = softmax_row(s + r * s_stride, n, bias ? bias + ((long)h * n + r0 + r) * n : NULL, scale,
+                             rel ? rel_h + r * nbh * 16 : NULL, rel ? rel_w + r * nbw * 16 : NULL, k_h, k_w, vmax[r],
+                             bias_at_store, p + r * p_stride);
       tile_values(p, p_stride, rows, vp, n_pairs, nv, inv, o, d, d);
       for (int r = 0; r < rows; r++) {
         const long at = win[r0 + r];
         if (at >= 0) memcpy(out + at * out_row + (long)h * d, o + r * d, d * sizeof(uint16_t));
       }
     }
+    free(rel_h);
+    free(rel_w);
     free(s);
     free(p);
     free(kp);
@@ -477,18 +404,35 @@ void segany_window_attention_bf16(const uint16_t *qkv, long qkv_row, const uint1
   }
 }
 
-/* The same in float32 (exact mode): logits, bias, softmax and the product with v all in float32, with
- * fused multiply-adds; the sums run in another order than PyTorch's products (differences of float32
- * rounding, ~1e-7 relative). k is packed in blocks of 16 keys (kb x d x 16, zero keys past n), v read
- * as gathered rows (n x d). */
+/* ---- float32 ---- */
 static void gather_keys_f32(const float *qkv, long qkv_row, const long *index, const float *pad, long off, int n, int d,
                             int kb, float *kp) {
   for (int b = 0; b < kb; b++)
     for (int jj = 0; jj < 16; jj++) {
       const int j = b * 16 + jj;
-      const float *src = j < n ? (index[j] >= 0 ? qkv + index[j] * qkv_row : pad) + off : NULL;
+      const float *src = j < n ? (const float *)row_at(qkv, qkv_row, pad, index[j], 4) + off : NULL;
       for (int c = 0; c < d; c++) kp[((long)b * d + c) * 16 + jj] = src ? src[c] : 0.0f;
     }
+}
+
+static void gather_values_f32(const float *qkv, long qkv_row, const long *index, const float *pad, long off, int n, int d,
+                              float *vp) {
+  for (int j = 0; j < n; j++) memcpy(vp + (long)j * d, (const float *)row_at(qkv, qkv_row, pad, index[j], 4) + off, d * sizeof(float));
+}
+
+/* dst[j] = q . table[j] for the nb * 16 rows of a packed float32 table (nb x d x 16) */
+static void rel_terms_f32(const float *q, const float *table, int nb, int d, float *dst) {
+  for (int b = 0; b < nb; b++) {
+    const float *t = table + (long)b * d * 16;
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int c = 0;
+    for (; c + 2 <= d; c += 2) {
+      acc0 = _mm512_fmadd_ps(_mm512_set1_ps(q[c]), _mm512_loadu_ps(t + c * 16), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_set1_ps(q[c + 1]), _mm512_loadu_ps(t + c * 16 + 16), acc1);
+    }
+    if (c < d) acc0 = _mm512_fmadd_ps(_mm512_set1_ps(q[c]), _mm512_loadu_ps(t + c * 16), acc0);
+    _mm512_storeu_ps(dst + b * 16, _mm512_add_ps(acc0, acc1));
+  }
 }
 
 #define DEFINE_TILE_LOGITS_F32(NAME, ROWS)                                                                   \
@@ -514,15 +458,15 @@ static void gather_keys_f32(const float *qkv, long qkv_row, const long *index, c
 DEFINE_TILE_LOGITS_F32(tile_logits_f32_full, TILE_ROWS)
 DEFINE_TILE_LOGITS_F32(tile_logits_f32_1, 1)
 
-/* out[r] = (p[r] . v) * inv[r], p float32 (ROWS x n), v rows gathered through vrows, NV = d / 16 vectors */
+/* out[r] = (p[r] . v) * inv[r], p float32 (ROWS x n), v packed as n x d rows, NV = d / 16 vectors */
 #define DEFINE_TILE_VALUES_F32(NAME, ROWS, NV)                                                               \
-  static void NAME(const float *p, long p_stride, const float *const *vrows, int n, const float *inv,          \
+  static void NAME(const float *p, long p_stride, const float *vp, int n, const float *inv,          \
                    float *out, long o_row) {                                                                   \
     __m512 acc[ROWS][NV];                                                                                      \
     for (int r = 0; r < ROWS; r++)                                                                             \
       for (int c = 0; c < NV; c++) acc[r][c] = _mm512_setzero_ps();                                            \
     for (int j = 0; j < n; j++) {                                                                              \
-      const float *vj = vrows[j];                                                                              \
+      const float *vj = vp + (long)j * NV * 16;                                                                              \
       __m512 w[NV];                                                                                            \
       for (int c = 0; c < NV; c++) w[c] = _mm512_loadu_ps(vj + c * 16);                                        \
       for (int r = 0; r < ROWS; r++) {                                                                         \
@@ -544,48 +488,53 @@ DEFINE_TILE_VALUES_F32(tile_values_f32_1x3, 1, 3)
 DEFINE_TILE_VALUES_F32(tile_values_f32_1x4, 1, 4)
 DEFINE_TILE_VALUES_F32(tile_values_f32_1x5, 1, 5)
 
-static void tile_values_f32(const float *p, long p_stride, int rows, const float *const *vrows, int n, int nv,
+static void tile_values_f32(const float *p, long p_stride, int rows, const float *vp, int n, int nv,
                             const float *inv, float *out, long o_row) {
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
     const float *pr = p + r * p_stride;
     float *o = out + (long)r * o_row;
     switch (nv) {
-      case 1: tile_values_f32_4x1(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      case 2: tile_values_f32_4x2(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      case 3: tile_values_f32_4x3(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      case 4: tile_values_f32_4x4(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      default: tile_values_f32_4x5(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 1: tile_values_f32_4x1(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      case 2: tile_values_f32_4x2(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      case 3: tile_values_f32_4x3(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      case 4: tile_values_f32_4x4(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      default: tile_values_f32_4x5(pr, p_stride, vp, n, inv + r, o, o_row); break;
     }
   }
   for (; r < rows; r++) {
     const float *pr = p + r * p_stride;
     float *o = out + (long)r * o_row;
     switch (nv) {
-      case 1: tile_values_f32_1x1(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      case 2: tile_values_f32_1x2(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      case 3: tile_values_f32_1x3(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      case 4: tile_values_f32_1x4(pr, p_stride, vrows, n, inv + r, o, o_row); break;
-      default: tile_values_f32_1x5(pr, p_stride, vrows, n, inv + r, o, o_row); break;
+      case 1: tile_values_f32_1x1(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      case 2: tile_values_f32_1x2(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      case 3: tile_values_f32_1x3(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      case 4: tile_values_f32_1x4(pr, p_stride, vp, n, inv + r, o, o_row); break;
+      default: tile_values_f32_1x5(pr, p_stride, vp, n, inv + r, o, o_row); break;
     }
   }
 }
 
-void segany_window_attention_f32(const float *qkv, long qkv_row, const float *pad, const long *index, const float *bias,
-                                 float scale, float *out, long out_row, long windows, int heads, int n, int d,
-                                 int num_threads) {
+void segany_attention_rows_f32(const float *qkv, long qkv_row, const float *pad, const long *index, long windows, int n,
+                               int heads, int d, long q_off, long k_off, long v_off, long head_stride, float scale,
+                               const float *bias, const float *table_h, const float *table_w, int k_h, int k_w, float *out,
+                               long out_row, int num_threads) {
   const int kb = ((n + 31) / 32) * 2;
   const long s_stride = (long)kb * 16;
   const long tiles = (n + TILE_ROWS - 1) / TILE_ROWS;
   const int nv = d / 16;
   const long tasks = windows * heads * tiles;
+  const int rel = table_h != NULL;
+  const int nbh = (k_h + 15) / 16, nbw = (k_w + 15) / 16;
 #pragma omp parallel num_threads(num_threads)
   {
+    float *rel_h = (float *)aligned_alloc(64, TILE_ROWS * nbh * 16 * sizeof(float));
+    float *rel_w = (float *)aligned_alloc(64, TILE_ROWS * nbw * 16 * sizeof(float));
     float *s = (float *)aligned_alloc(64, TILE_ROWS * s_stride * sizeof(float));
     float *kp = (float *)aligned_alloc(64, (long)kb * 16 * d * sizeof(float));
+    float *vp = (float *)aligned_alloc(64, (long)n * d * sizeof(float) + 64);
     float *qs = (float *)aligned_alloc(64, TILE_ROWS * d * sizeof(float));
     float *o = (float *)aligned_alloc(64, TILE_ROWS * d * sizeof(float));
-    const float **vrows = (const float **)malloc((size_t)n * sizeof(float *));
     long packed = -1;
     float inv[TILE_ROWS];
 #pragma omp for schedule(static)
@@ -596,51 +545,45 @@ void segany_window_attention_f32(const float *qkv, long qkv_row, const float *pa
       const int r0 = (int)(task % tiles) * TILE_ROWS;
       const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
       const long *win = index + w * n;
-      const long off = (long)h * 3 * d;
+      const long head = (long)h * head_stride;
       if (wh != packed) {
-        gather_keys_f32(qkv, qkv_row, win, pad, off + d, n, d, kb, kp);
-        for (int j = 0; j < n; j++) vrows[j] = (win[j] >= 0 ? qkv + win[j] * qkv_row : pad) + off + 2 * d;
+        gather_keys_f32(qkv, qkv_row, win, pad, k_off + head, n, d, kb, kp);
+        gather_values_f32(qkv, qkv_row, win, pad, v_off + head, n, d, vp);
         packed = wh;
       }
       for (int r = 0; r < rows; r++) {
-        const long at = win[r0 + r];
-        memcpy(qs + r * d, (at >= 0 ? qkv + at * qkv_row : pad) + off, d * sizeof(float));
+        const int i = r0 + r;
+        const float *qi = (const float *)row_at(qkv, qkv_row, pad, win[i], 4) + q_off + head;
+        if (!bias) /* SAM: q * scale before the product */
+          for (int c = 0; c < d; c += 16)
+            _mm512_storeu_ps(qs + r * d + c, _mm512_mul_ps(_mm512_loadu_ps(qi + c), _mm512_set1_ps(scale)));
+        else /* TinyViT: the logits are scaled */
+          memcpy(qs + r * d, qi, d * sizeof(float));
+        if (rel) { /* the rel-pos terms of the unscaled q */
+          rel_terms_f32(qi, (const float *)table_h + (long)(i / k_w) * nbh * 16 * d, nbh, d, rel_h + r * nbh * 16);
+          rel_terms_f32(qi, (const float *)table_w + (long)(i % k_w) * nbw * 16 * d, nbw, d, rel_w + r * nbw * 16);
+        }
       }
       if (rows == TILE_ROWS)
         tile_logits_f32_full(qs, d, kp, kb, s, s_stride);
       else
         for (int r = 0; r < rows; r++) tile_logits_f32_1(qs + r * d, d, kp, kb, s + r * s_stride, s_stride);
-      const __m512 vscale = _mm512_set1_ps(scale);
-      for (int r = 0; r < rows; r++) {
-        float *row = s + r * s_stride;
-        const float *brow = bias + ((long)h * n + r0 + r) * n;
-        __m512 vm = _mm512_set1_ps(-__builtin_inff());
-        for (int i = 0; i < n; i += 16) {
-          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + i), vscale), _mm512_maskz_loadu_ps(m, brow + i));
-          _mm512_mask_storeu_ps(row + i, m, v);
-          vm = _mm512_mask_max_ps(vm, m, vm, v);
-        }
-        __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(vm));
-        __m512 vsum = _mm512_setzero_ps();
-        for (int i = 0; i < n; i += 16) {
-          __mmask16 m = (n - i >= 16) ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
-          __m512 e = _mm512_maskz_mov_ps(m, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(row + i), mx)));
-          vsum = _mm512_add_ps(vsum, e);
-          _mm512_mask_storeu_ps(row + i, m, e);
-        }
-        inv[r] = 1.0f / _mm512_reduce_add_ps(vsum);
-      }
-      tile_values_f32(s, s_stride, rows, vrows, n, nv, inv, o, d);
+      for (int r = 0; r < rows; r++)
+        inv[r] = softmax_row(s + r * s_stride, n, bias ? bias + ((long)h * n + r0 + r) * n : NULL, scale,
+                             rel ? rel_h + r * nbh * 16 : NULL, rel ? rel_w + r * nbw * 16 : NULL, k_h, k_w,
+                             _mm512_set1_ps(-__builtin_inff()), 0, NULL);
+      tile_values_f32(s, s_stride, rows, vp, n, nv, inv, o, d);
       for (int r = 0; r < rows; r++) {
         const long at = win[r0 + r];
         if (at >= 0) memcpy(out + at * out_row + (long)h * d, o + r * d, d * sizeof(float));
       }
     }
+    free(rel_h);
+    free(rel_w);
     free(s);
     free(kp);
+    free(vp);
     free(qs);
     free(o);
-    free(vrows);
   }
 }
