@@ -10,13 +10,14 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .rel_pos_softmax import DTYPES, FUSED_HEAD_DIMS, QkvLayout, attention_rows, rel_pos_softmax_  # noqa: I001 (compiled kernels)
+from .rel_pos_softmax import DTYPES, FUSED_HEAD_DIMS, QkvLayout, attention_rows, rel_pos_softmax_, rel_pos_tables  # noqa: I001
 from ..modeling import image_encoder as plain
 from ..modeling.image_encoder import (
     decomposed_rel_pos_bias,
     decomposed_rel_pos_terms,
     relative_position_table,
 )
+from .cache import kept_until_changed
 from .kernels import linear
 from .twin import UNBOUND, chosen_at_build, register
 
@@ -117,8 +118,17 @@ class Attention(plain.Attention):
         done = attention_rows(
             self.rows_kernels, product.reshape(b * h * w, width), pad.contiguous(), index, heads,
             QkvLayout.sam(heads, width // (3 * heads)), self.scale, out.view(b * h * w, c), rel_pos=rel_pos,
+            packed_tables=self.packed_tables(size, product.dtype) if rel_pos is not None else None,
         )
         return out if done else None
+
+    def packed_tables(self, size: Tuple[int, int], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The rel-pos tables gathered for a size x size grid and packed for the kernel, kept until the
+        tables change (a block always sees one grid: its windows' or the image's)."""
+        return kept_until_changed(
+            self, f"_segany_rows_tables_{size[0]}x{size[1]}_{dtype}", [self.rel_pos_h, self.rel_pos_w],
+            lambda: rel_pos_tables(self.rel_pos_h, self.rel_pos_w, size, dtype),
+        )
 
     def heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v, each (B*heads, H*W, head_dim), from x (B, H, W, C)."""

@@ -116,6 +116,7 @@ def attention_rows(
     out: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     rel_pos: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]] = None,
+    packed_tables: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> bool:
     """Attention within windows (or over whole images), read in place from the qkv projection's rows and
     written in place to the image's rows: no copies cut the windows out, split the heads or put them
@@ -126,7 +127,8 @@ def attention_rows(
     block: one window per image, its positions), -1 for padding; out: (P, heads * d) in qkv's dtype,
     padded positions not written. The bias: `bias` (heads, n, n) float32, TinyViT's, added to the
     scaled product, or `rel_pos` = (rel_pos_h, rel_pos_w, (k_h, k_w)), SAM's decomposed relative-
-    position tables with n = k_h * k_w, q scaled before the product (each as released); or none.
+    position tables with n = k_h * k_w, q scaled before the product (each as released), their packed
+    form (rel_pos_tables) given as packed_tables where the caller keeps it; or none.
     bfloat16: products of bfloat16 values summed in float32, float32 logits, bias and softmax never in
     memory, probabilities rounded to bfloat16 for the product with v; float32: all in float32.
     Returns False, touching nothing, where the kernel cannot run it (the caller keeps its path)."""
@@ -154,11 +156,7 @@ def attention_rows(
         return False
     tables = (None, None)
     if rel_pos is not None:
-        rel_pos_h, rel_pos_w, _ = rel_pos
-        tables = tuple(
-            _packed_table(relative_position_table(size, size, table.detach().float()), qkv.dtype)
-            for size, table in ((k_h, rel_pos_h), (k_w, rel_pos_w))
-        )
+        tables = packed_tables if packed_tables is not None else rel_pos_tables(*rel_pos, qkv.dtype)
     bias = bias.contiguous() if bias is not None else None
     refuse_autograd(out, qkv, pad)
     kernel = lib.segany_attention_rows_bf16 if qkv.dtype == torch.bfloat16 else lib.segany_attention_rows_f32
@@ -179,6 +177,17 @@ def refuse_autograd(out: torch.Tensor, *inputs: torch.Tensor) -> None:
     of a graph (an empty out= product of each input raises it; otherwise it does nothing)."""
     for x in inputs:
         torch.mul(x.reshape(-1)[:0], 0, out=out.reshape(-1)[:0])
+
+
+def rel_pos_tables(
+    rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, size: Tuple[int, int], dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's rel-pos tables gathered for a (k_h, k_w) grid of queries and keys and packed for the kernel
+    in `dtype` (what attention_rows takes as packed_tables)."""
+    return tuple(
+        _packed_table(relative_position_table(n, n, table.detach().float()), dtype)
+        for n, table in ((size[0], rel_pos_h), (size[1], rel_pos_w))
+    )
 
 
 def _packed_table(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
