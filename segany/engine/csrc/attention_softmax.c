@@ -114,6 +114,22 @@ static inline const void *row_at(const void *qkv, long qkv_row, const void *pad,
   return at >= 0 ? (const char *)qkv + at * qkv_row * elem : pad;
 }
 
+/* A task of the kernels' parallel loop: window w, head h (wh = w * heads + h), its query rows r0..r0+rows */
+typedef struct {
+  long wh, w;
+  int h, r0, rows;
+} tile_task;
+
+static inline tile_task task_at(long task, long tiles, int heads, int n) {
+  tile_task t;
+  t.wh = task / tiles;
+  t.w = t.wh / heads;
+  t.h = (int)(t.wh % heads);
+  t.r0 = (int)(task % tiles) * TILE_ROWS;
+  t.rows = n - t.r0 < TILE_ROWS ? n - t.r0 : TILE_ROWS;
+  return t;
+}
+
 /* A row of logits (float32, n valid) with its bias, then exp(logit - max): returns 1 / sum. The
  * probabilities are written to prob (bfloat16: pbf, float32: in place in row). */
 static inline float softmax_row(float *row, int n, const float *brow, float scale, const float *rh, const float *rw,
@@ -347,12 +363,10 @@ void segany_attention_rows_bf16(const uint16_t *qkv, long qkv_row, const uint16_
     float inv[TILE_ROWS];
 #pragma omp for schedule(static)
     for (long task = 0; task < tasks; task++) {
-      const long wh = task / tiles; /* window * heads + head */
-      const long w = wh / heads;
-      const int h = (int)(wh % heads);
-      const int r0 = (int)(task % tiles) * TILE_ROWS;
-      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
-      const long *win = index + w * n;
+      const tile_task t = task_at(task, tiles, heads, n);
+      const long wh = t.wh;
+      const int h = t.h, r0 = t.r0, rows = t.rows;
+      const long *win = index + t.w * n;
       const long head = (long)h * head_stride;
       if (wh != packed) {
         gather_keys(qkv, qkv_row, win, pad, k_off + head, n, d, kb, kp);
@@ -539,12 +553,10 @@ void segany_attention_rows_f32(const float *qkv, long qkv_row, const float *pad,
     float inv[TILE_ROWS];
 #pragma omp for schedule(static)
     for (long task = 0; task < tasks; task++) {
-      const long wh = task / tiles;
-      const long w = wh / heads;
-      const int h = (int)(wh % heads);
-      const int r0 = (int)(task % tiles) * TILE_ROWS;
-      const int rows = n - r0 < TILE_ROWS ? n - r0 : TILE_ROWS;
-      const long *win = index + w * n;
+      const tile_task t = task_at(task, tiles, heads, n);
+      const long wh = t.wh;
+      const int h = t.h, r0 = t.r0, rows = t.rows;
+      const long *win = index + t.w * n;
       const long head = (long)h * head_stride;
       if (wh != packed) {
         gather_keys_f32(qkv, qkv_row, win, pad, k_off + head, n, d, kb, kp);
