@@ -1,22 +1,27 @@
-"""The image encoder's attention softmax with its decomposed relative-position bias, in one pass
-(segany/engine/csrc/attention_softmax.c; compiled and loaded as segany.engine.native describes).
+"""The image encoders' attention kernels (segany/engine/csrc/attention_softmax.c; compiled and loaded as
+segany.engine.native describes).
 
-PyTorch runs softmax(logits + rel_h + rel_w) over a band of logits as five passes through memory
-(bfloat16 logits widened to float32, two broadcast adds, the softmax, the probabilities narrowed back);
-the kernel reads each row once and writes its probabilities in place, in the logits' dtype, with the
-same float32 arithmetic. Whether the kernels run is decided when an engine is built: a CPU build
-binds `library()` (None without AVX-512 BF16 or a compiler, or with SEGANY_NATIVE=0), and the
-functions below take that library; where a call's shapes or dtypes are outside what the kernels take
-they say so and the caller keeps its PyTorch path.
+- attention_rows: a block's attention in one call over every window and head, SAM's ViT (with its
+  decomposed relative-position bias) or TinyViT (with its learned bias), bfloat16 or float32, reading q,
+  k, v from the qkv projection's rows and writing the output to the image's rows (no copies around it).
+- rel_pos_softmax_: the PyTorch path's softmax with the decomposed bias in one pass. PyTorch runs
+  softmax(logits + rel_h + rel_w) over a band of logits as five passes through memory (bfloat16 logits
+  widened to float32, two broadcast adds, the softmax, the probabilities narrowed back); the kernel reads
+  each row once and writes its probabilities in place, in the logits' dtype, with the same float32
+  arithmetic.
+
+Whether the kernels run is decided when an engine is built: a CPU build binds `library()` (None without
+AVX-512 BF16 or a compiler, or with SEGANY_NATIVE=0), and the functions below take that library; where a
+call's shapes or dtypes are outside what the kernels take they say so and the caller keeps its PyTorch
+path.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import logging
-import os
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
