@@ -4,6 +4,7 @@
     python benchmarks/bench_page_decoder.py --graphs lowres folded # the page's graph before and after the fold
     python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type and per node (ORT's profiler)
     python benchmarks/bench_page_decoder.py --int8                 # + a dynamically quantised copy (comparison only)
+    python benchmarks/bench_page_decoder.py --graphs folded --products   # + the floor: the graph's matrix products alone
 
 Exports vit_b's prompt decoder (seeded random weights, the released configuration) as: the graph
 `segany export-onnx` writes (masks upscaled to the image inside the graph: "full",
@@ -18,6 +19,14 @@ embedding and a one-click prompt for an 854x480 image (after two warm-up runs): 
 (median, min) and the CPU time of all Chromium processes per run (what a loaded machine inflates
 least). The annotator's own figures (click to mask on screen, the server's CPU) come from
 bench_annotator.py; this isolates the decoder graph.
+
+--products also times, for each graph, a graph of its matrix products alone (every MatMul, Gemm and
+FusedMatMul of the graph as ONNX Runtime's extended optimisations leave it, with the same shapes,
+attributes and constant weights; the other operands fed the values they take on the benchmark's click,
+each product's output cut to one value by a Slice so nothing else is timed) and prints one summary row
+per graph and thread count: the whole graph's time, the products' time, their multiply-adds and rate
+(GMAC/s). The products' time is what no rewrite of the rest of the graph can go below with these
+products in ONNX Runtime Web on this CPU.
 
 --int8 also times onnxruntime.quantization.quantize_dynamic's copy of the graph: it is not what the page
 runs (its logits are not the server's within 1e-4), only how much int8 would buy.
@@ -46,8 +55,8 @@ CHROMIUM = "/usr/bin/chromium"
 GRAPHS = {"full": "decoder_full.onnx", "lowres": "decoder_lowres.onnx", "folded": "decoder_lowres_folded.onnx"}
 GRAPH_OPTIONS = {"full": {}, "lowres": {"low_res_only": True}, "folded": {"folded": True}}
 
-RUN = """async ([model, threads, reps, profile]) => {
-  const lowres = model.includes('lowres');
+RUN = """async ([model, threads, reps, profile, inputs]) => {
+  const lowres = model.includes('lowres') && !inputs;
   const ort = await import('/vendor/ort.wasm.min.mjs');
   ort.env.wasm.wasmPaths = '/vendor/'; ort.env.wasm.numThreads = threads;
   const bytes = new Uint8Array(await (await fetch('/' + model)).arrayBuffer());
@@ -61,6 +70,11 @@ RUN = """async ([model, threads, reps, profile]) => {
     has_mask_input: new ort.Tensor('float32', Float32Array.from([0]), [1]),
     orig_im_size: new ort.Tensor('float32', Float32Array.from([480, 854]), [2]) };
   if (lowres) delete feeds.orig_im_size;
+  if (inputs) {  // a products-only graph: its operands, fetched as raw float32
+    for (const k of Object.keys(feeds)) delete feeds[k];
+    for (const [name, shape, file] of inputs)
+      feeds[name] = new ort.Tensor('float32', new Float32Array(await (await fetch('/' + file)).arrayBuffer()), shape);
+  }
   await s.run(feeds); await s.run(feeds);
   const wall = [];
   await window.benchCpu();
@@ -79,6 +93,106 @@ RUN = """async ([model, threads, reps, profile]) => {
   }
   return { isolated: self.crossOriginIsolated, cores: navigator.hardwareConcurrency, wall, cpu_ms_per_run: 1000 * cpu / reps, upscale };
 }"""
+
+
+PRODUCT_OPS = ("MatMul", "Gemm", "FusedMatMul")
+
+
+def click_feeds(full: bool) -> dict:
+    """The feeds RUN gives session.run (the same values), for onnxruntime in Python."""
+    import numpy as np
+
+    feeds = {
+        "image_embeddings": (0.5 * np.sin(np.arange(256 * 64 * 64, dtype=np.float64))).astype(np.float32).reshape(1, 256, 64, 64),
+        "point_coords": np.array([[[300, 200], [0, 0]]], np.float32),
+        "point_labels": np.array([[1, -1]], np.float32),
+        "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+        "has_mask_input": np.zeros(1, np.float32),
+    }
+    if full:
+        feeds["orig_im_size"] = np.array([480, 854], np.float32)
+    return feeds
+
+
+def products_graph(graph: Path, out: Path, full: bool) -> dict:
+    """Write a graph of `graph`'s matrix products alone to `out` (see the module docstring) and the values
+    of their non-constant operands beside it as raw float32 files. Returns {"inputs": [[name, shape, file]],
+    "macs": multiply-adds of one run, "products": [[node, op, operand shapes, MACs]]}."""
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    # The products as ONNX Runtime runs them: its extended optimisations fuse transposes and scales into
+    # FusedMatMul and biases into Gemm (what the page's level "all" does on the WebAssembly CPU provider).
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    optimised = out.with_suffix(".optimised.onnx")
+    options.optimized_model_filepath = str(optimised)
+    onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(optimised))
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    products = [n for n in model.graph.node if n.op_type in PRODUCT_OPS]
+    if not products:
+        raise SystemExit(f"{graph.name} has no matrix products")
+    # every product's operands and output, as they are on the benchmark's click
+    wanted = sorted({x for n in products for x in [*n.input, n.output[0]] if x and x not in consts})
+    probe = onnx.load(str(optimised))
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in wanted)
+    plain = onnxruntime.SessionOptions()
+    plain.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = onnxruntime.InferenceSession(probe.SerializeToString(), plain, providers=["CPUExecutionProvider"])
+    feeds = {k: v for k, v in click_feeds(full).items() if k in {i.name for i in session.get_inputs()}}
+    values = dict(zip(wanted, session.run(wanted, feeds)))
+    values.update(consts)
+
+    inputs, initialisers, nodes, outputs, rows, total = [], {}, [], [], [], 0
+    for i, node in enumerate(products):
+        operands = []
+        for j, name in enumerate(node.input):
+            if not name:
+                operands.append("")
+            elif name in consts:
+                initialisers[name] = numpy_helper.from_array(np.asarray(consts[name]), name)
+                operands.append(name)
+            else:
+                fed, value = f"p{i}_{j}", np.ascontiguousarray(values[name], dtype=np.float32)
+                (out.parent / f"{fed}.bin").write_bytes(value.tobytes())
+                inputs.append([fed, list(value.shape), f"{fed}.bin"])
+                operands.append(fed)
+        product = helper.make_node(node.op_type, operands, [f"p{i}"], name=node.name or f"p{i}", domain=node.domain)
+        product.attribute.extend(node.attribute)
+        result = values[node.output[0]]
+        rank = result.ndim
+        starts, ends = f"zeros{rank}", f"ones{rank}"
+        initialisers[starts] = numpy_helper.from_array(np.zeros(rank, np.int64), starts)
+        initialisers[ends] = numpy_helper.from_array(np.ones(rank, np.int64), ends)
+        nodes += [product, helper.make_node("Slice", [f"p{i}", starts, ends], [f"s{i}"])]
+        outputs.append(helper.make_tensor_value_info(f"s{i}", TensorProto.FLOAT, None))
+        # multiply-adds: every output value is a dot product over the contracted size
+        a = values[node.input[0]]
+        attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        k = a.shape[-2] if attrs.get("transA") and a.ndim > 1 else a.shape[-1]
+        macs = int(np.prod(result.shape)) * int(k)
+        total += macs
+        rows.append([node.name, node.op_type, [list(np.shape(values[x])) for x in node.input if x], macs])
+    graph_proto = helper.make_graph(
+        nodes, "products", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s, _ in inputs], outputs,
+        list(initialisers.values()))
+    onnx.save(helper.make_model(graph_proto, opset_imports=list(model.opset_import), ir_version=model.ir_version), str(out))
+    optimised.unlink()
+    # The products graph computes the whole graph's products: each one's first value as in the whole graph.
+    check = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    fed = {name: np.fromfile(out.parent / file, np.float32).reshape(shape) for name, shape, file in inputs}
+    for i, (node, first) in enumerate(zip(products, check.run([f"s{i}" for i in range(len(products))], fed))):
+        expected = values[node.output[0]].reshape(-1)[0]
+        if not np.isclose(first.reshape(-1)[0], expected, rtol=1e-4, atol=1e-5):
+            raise SystemExit(f"the products graph's {node.name} gives {first.reshape(-1)[0]}, the whole graph {expected}")
+    return {"inputs": inputs, "macs": total, "products": rows}
 
 
 class Handler(SimpleHTTPRequestHandler):
@@ -107,9 +221,9 @@ def chromium_cpu_seconds() -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def operator_shares(console: list, by: str = "op_name", top: int = 10) -> list:
-    """(operator type, or node name with by="node", % of the kernel time) from ORT's profile lines: each
-    node's median over the profiled runs (a loaded machine's stalls land on random nodes)."""
+def operator_times(console: list, by: str = "op_name", top: int = 12) -> list:
+    """[operator type (or "type node" with by="node"), ms per run, % of the kernel time] from ORT's profile
+    lines: each node's median over the profiled runs (a loaded machine's stalls land on random nodes)."""
     events = []
     for line in console:
         line = line.strip().rstrip(",")
@@ -120,21 +234,23 @@ def operator_shares(console: list, by: str = "op_name", top: int = 10) -> list:
                 pass
     durations = collections.defaultdict(list)
     for e in events:  # each node appears once per run
-        durations[(e["args"]["op_name"], e["name"])].append(e["dur"])
-    shares = collections.Counter()
+        if e["name"].endswith("_kernel_time"):
+            durations[(e["args"]["op_name"], e["name"][: -len("_kernel_time")])].append(e["dur"])
+    times = collections.Counter()
     for (op, name), values in durations.items():
-        shares[op if by == "op_name" else f"{op} {name}"] += statistics.median(values)
-    total = sum(shares.values()) or 1
-    return [(op, round(100 * us / total, 1)) for op, us in shares.most_common(top)]
+        times[op if by == "op_name" else f"{op} {name}"] += statistics.median(values)
+    total = sum(times.values()) or 1
+    return [[op, round(us / 1000, 2), round(100 * us / total, 1)] for op, us in times.most_common(top)]
 
 
 async def bench(base: str, specs, reps: int, profile: bool) -> list:
+    """specs: (graph file, threads, products-only inputs or None) -> one row each."""
     from playwright.async_api import async_playwright
 
     out = []
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        for model, threads in specs:
+        for model, threads, inputs in specs:
             page = await browser.new_page()
             last = {"cpu": None}
 
@@ -147,7 +263,7 @@ async def bench(base: str, specs, reps: int, profile: bool) -> list:
             page.on("console", lambda m: console.append(m.text))
             await page.expose_function("benchCpu", mark)
             await page.goto(base + "/index.html")
-            r = await page.evaluate(RUN, [model, threads, reps, profile])
+            r = await page.evaluate(RUN, [model, threads, reps, profile, inputs])
             await asyncio.sleep(0.5)
             row = {"graph": model, "threads": threads, "isolated": r["isolated"], "cores": r["cores"],
                    "wall_ms_median": round(statistics.median(r["wall"]), 1), "wall_ms_min": round(min(r["wall"]), 1),
@@ -155,8 +271,10 @@ async def bench(base: str, specs, reps: int, profile: bool) -> list:
             if r["upscale"] is not None:
                 row["upscale_ms"] = round(r["upscale"], 1)
             if profile:
-                row["operators_%"] = operator_shares(console)
-                row["nodes_%"] = operator_shares(console, by="node", top=25)
+                row["operators_ms_%"] = operator_times(console)
+                row["nodes_ms_%"] = operator_times(console, by="node", top=25)
+                if os.environ.get("BENCH_PROFILE_ALL"):  # every node, for a closer look
+                    row["all_nodes_ms_%"] = operator_times(console, by="node", top=10_000)
             out.append(row)
             print(json.dumps(row), flush=True)
             await page.close()
@@ -170,6 +288,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="time per operator type (slows the runs)")
     parser.add_argument("--int8", action="store_true", help="also time a dynamically quantised copy")
+    parser.add_argument("--products", action="store_true",
+                        help="also time each graph's matrix products alone (the floor) and print a summary")
     parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS), default=sorted(GRAPHS),
                         help="which of the graphs to time (default: all three)")
     args = parser.parse_args()
@@ -199,13 +319,34 @@ def main() -> None:
             quantize_dynamic(str(folder / "decoder_lowres.onnx"), str(folder / "decoder_lowres_int8.onnx"),
                              weight_type=QuantType.QUInt8)
             graphs.append("decoder_lowres_int8.onnx")
+        specs = [(g, t, None) for g in graphs for t in args.threads]
+        products = {}
+        if args.products:
+            for g in graphs:
+                name = "products_" + g
+                products[g] = products_graph(folder / g, folder / name, full=g == GRAPHS["full"])
+                specs += [(name, t, products[g]["inputs"]) for t in args.threads]
+                print(json.dumps({"graph": name, "products": len(products[g]["products"]),
+                                  "gmac": round(products[g]["macs"] / 1e9, 3)}), flush=True)
         server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            specs = [(g, t) for g in graphs for t in args.threads]
-            asyncio.run(bench(f"http://127.0.0.1:{server.server_address[1]}", specs, args.reps, args.profile))
+            rows = asyncio.run(bench(f"http://127.0.0.1:{server.server_address[1]}", specs, args.reps, args.profile))
         finally:
             server.shutdown()
+        by = {(r["graph"], r["threads"]): r for r in rows}
+        for g, info in products.items():
+            for t in args.threads:
+                whole, alone = by[(g, t)], by[("products_" + g, t)]
+                print(json.dumps({
+                    "summary": g, "threads": t, "whole_graph_ms": whole["wall_ms_median"],
+                    "products_only_ms": alone["wall_ms_median"], "products_share": round(alone["wall_ms_median"] / whole["wall_ms_median"], 2),
+                    "gmac_per_run": round(info["macs"] / 1e9, 3),
+                    "products_gmac_per_s": round(info["macs"] / 1e6 / alone["wall_ms_median"], 2),
+                    "whole_cpu_ms": whole["cpu_ms_per_run"], "products_cpu_ms": alone["cpu_ms_per_run"]}), flush=True)
+            if args.profile:
+                for name, op, shapes, macs in sorted(info["products"], key=lambda r: -r[3])[:12]:
+                    print(json.dumps({"product": name, "op": op, "shapes": shapes, "mmac": round(macs / 1e6, 1)}), flush=True)
 
 
 if __name__ == "__main__":
