@@ -195,6 +195,53 @@ def products_graph(graph: Path, out: Path, full: bool) -> dict:
     return {"inputs": inputs, "macs": total, "products": rows}
 
 
+# The page graph's GELUs run on 1M (after the first upscaling step's norm) and 2M (after the second) values.
+GELU_SHAPE = (16384, 128)
+
+
+def activation_graphs(folder: Path) -> list:
+    """One graph per way ONNX Runtime Web can compute an exact GELU over GELU_SHAPE values (the erf pattern
+    torch exports, which ORT fuses into com.microsoft Gelu; BiasGelu with the bias add fused in; ONNX's own
+    Gelu, opset 20; Erf alone), and, for scale, cheaper activations that are NOT GELU (tanh-approximated
+    FastGelu, Sigmoid, Tanh, Relu). Returns [(file, inputs)] for bench()."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, cols = GELU_SHAPE
+    x = np.random.default_rng(0).normal(0, 2, GELU_SHAPE).astype(np.float32)
+    (folder / "gelu_x.bin").write_bytes(x.tobytes())
+    bias = numpy_helper.from_array(np.random.default_rng(1).normal(0, 0.1, cols).astype(np.float32), "bias")
+    half = numpy_helper.from_array(np.array(0.5, np.float32), "half")
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    root2 = numpy_helper.from_array(np.array(2 ** 0.5, np.float32), "root2")
+    ms, onnx_domain = helper.make_opsetid("com.microsoft", 1), helper.make_opsetid("", 17)
+    variants = {
+        "erf_pattern": ([helper.make_node("Div", ["x", "root2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                         helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["x", "a"], ["m"]),
+                         helper.make_node("Mul", ["m", "half"], ["y"])], [half, one, root2], [onnx_domain]),
+        "ms_gelu": ([helper.make_node("Gelu", ["x"], ["y"], domain="com.microsoft")], [], [onnx_domain, ms]),
+        "ms_bias_gelu": ([helper.make_node("BiasGelu", ["x", "bias"], ["y"], domain="com.microsoft")], [bias], [onnx_domain, ms]),
+        "onnx_gelu_opset20": ([helper.make_node("Gelu", ["x"], ["y"])], [], [helper.make_opsetid("", 20)]),
+        "erf_alone": ([helper.make_node("Erf", ["x"], ["y"])], [], [onnx_domain]),
+        "not_exact_fast_gelu": ([helper.make_node("FastGelu", ["x"], ["y"], domain="com.microsoft")], [], [onnx_domain, ms]),
+        "not_gelu_sigmoid": ([helper.make_node("Sigmoid", ["x"], ["y"])], [], [onnx_domain]),
+        "not_gelu_tanh": ([helper.make_node("Tanh", ["x"], ["y"])], [], [onnx_domain]),
+        "not_gelu_relu": ([helper.make_node("Relu", ["x"], ["y"])], [], [onnx_domain]),
+    }
+    out = []
+    for name, (nodes, initialisers, opsets) in variants.items():
+        # one value out: the output's copy back to JavaScript is not what is timed
+        zeros, ones = numpy_helper.from_array(np.zeros(2, np.int64), "zeros"), numpy_helper.from_array(np.ones(2, np.int64), "ones")
+        nodes = [*nodes, helper.make_node("Slice", ["y", "zeros", "ones"], ["first"])]
+        graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(GELU_SHAPE))],
+                                  [helper.make_tensor_value_info("first", TensorProto.FLOAT, None)], [*initialisers, zeros, ones])
+        file = f"activation_{name}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=opsets, ir_version=8), str(folder / file))
+        out.append((file, [["x", list(GELU_SHAPE), "gelu_x.bin"]]))
+    return out
+
+
 class Handler(SimpleHTTPRequestHandler):
     extensions_map = {**SimpleHTTPRequestHandler.extensions_map, ".wasm": "application/wasm", ".mjs": "text/javascript"}
 
@@ -290,8 +337,10 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also time a dynamically quantised copy")
     parser.add_argument("--products", action="store_true",
                         help="also time each graph's matrix products alone (the floor) and print a summary")
-    parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS), default=sorted(GRAPHS),
-                        help="which of the graphs to time (default: all three)")
+    parser.add_argument("--activations", action="store_true",
+                        help=f"also time the ways ORT Web computes GELU over {GELU_SHAPE[0] * GELU_SHAPE[1]:,} values")
+    parser.add_argument("--graphs", nargs="*", choices=sorted(GRAPHS), default=sorted(GRAPHS),
+                        help="which of the graphs to time (default: all three; none: only --activations)")
     args = parser.parse_args()
     if not Path(CHROMIUM).exists():
         raise SystemExit(f"{CHROMIUM} is absent (apt-get install chromium)")
@@ -328,6 +377,8 @@ def main() -> None:
                 specs += [(name, t, products[g]["inputs"]) for t in args.threads]
                 print(json.dumps({"graph": name, "products": len(products[g]["products"]),
                                   "gmac": round(products[g]["macs"] / 1e9, 3)}), flush=True)
+        if args.activations:
+            specs += [(file, t, inputs) for file, inputs in activation_graphs(folder) for t in args.threads]
         server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
