@@ -4,7 +4,7 @@
     python benchmarks/bench_page_decoder.py --graphs lowres folded # the page's graph before and after the fold
     python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type and per node (ORT's profiler)
     python benchmarks/bench_page_decoder.py --int8                 # + a dynamically quantised copy (comparison only)
-    python benchmarks/bench_page_decoder.py --graphs folded --products   # + the floor: the graph's matrix products alone
+    python benchmarks/bench_page_decoder.py --graphs folded --products --activations   # + the floor: products alone, GELUs alone
 
 Exports vit_b's prompt decoder (seeded random weights, the released configuration) as: the graph
 `segany export-onnx` writes (masks upscaled to the image inside the graph: "full",
@@ -26,7 +26,14 @@ attributes and constant weights; the other operands fed the values they take on 
 each product's output cut to one value by a Slice so nothing else is timed) and prints one summary row
 per graph and thread count: the whole graph's time, the products' time, their multiply-adds and rate
 (GMAC/s). The products' time is what no rewrite of the rest of the graph can go below with these
-products in ONNX Runtime Web on this CPU.
+products in ONNX Runtime Web on this CPU. With --activations the summary adds the GELUs' time (the
+page graph's 3M GELU values at the fastest exact form's measured rate; ORT Web has no cheaper exact
+GELU, see --activations) and products + GELUs: the floor of this graph's arithmetic.
+
+--activations times every exact GELU form ONNX Runtime Web offers over 2M values (the erf pattern torch
+exports, which ORT fuses into com.microsoft Gelu; com.microsoft Gelu and BiasGelu; ONNX Gelu opset 20;
+Erf alone) and, for scale only, cheaper activations that are not GELU (FastGelu's tanh approximation,
+Sigmoid, Tanh, Relu).
 
 --int8 also times onnxruntime.quantization.quantize_dynamic's copy of the graph: it is not what the page
 runs (its logits are not the server's within 1e-4), only how much int8 would buy.
@@ -389,12 +396,19 @@ def main() -> None:
         for g, info in products.items():
             for t in args.threads:
                 whole, alone = by[(g, t)], by[("products_" + g, t)]
-                print(json.dumps({
+                summary = {
                     "summary": g, "threads": t, "whole_graph_ms": whole["wall_ms_median"],
                     "products_only_ms": alone["wall_ms_median"], "products_share": round(alone["wall_ms_median"] / whole["wall_ms_median"], 2),
                     "gmac_per_run": round(info["macs"] / 1e9, 3),
                     "products_gmac_per_s": round(info["macs"] / 1e6 / alone["wall_ms_median"], 2),
-                    "whole_cpu_ms": whole["cpu_ms_per_run"], "products_cpu_ms": alone["cpu_ms_per_run"]}), flush=True)
+                    "whole_cpu_ms": whole["cpu_ms_per_run"], "products_cpu_ms": alone["cpu_ms_per_run"]}
+                if args.activations and g != GRAPHS["full"]:
+                    # the low-res graphs' GELUs: 1M + 2M values (the upscaling's two steps), at the fastest exact form's rate
+                    exact = [r["wall_ms_median"] for r in rows if r["threads"] == t and r["graph"].startswith("activation_")
+                             and not r["graph"].startswith("activation_not_")]
+                    gelu = min(exact) * 3 * 2**20 / (GELU_SHAPE[0] * GELU_SHAPE[1])
+                    summary.update(gelu_ms=round(gelu, 1), products_and_gelu_ms=round(alone["wall_ms_median"] + gelu, 1))
+                print(json.dumps(summary), flush=True)
             if args.profile:
                 for name, op, shapes, macs in sorted(info["products"], key=lambda r: -r[3])[:12]:
                     print(json.dumps({"product": name, "op": op, "shapes": shapes, "mmac": round(macs / 1e6, 1)}), flush=True)
