@@ -81,7 +81,7 @@ RUN = """async ([model, threads, reps, profile, inputs]) => {
     orig_im_size: new ort.Tensor('float32', Float32Array.from([480, 854]), [2]) };
   if (lowres) delete feeds.orig_im_size;
   let imageGraph = null;
-  if (model.includes('precomputed')) {  // the first block's projections, made once per image by a second graph
+  if (model.includes('precomputed') && !inputs) {  // the first block's projections, made once per image by a second graph
     const bytes2 = new Uint8Array(await (await fetch('/page_image_graph.onnx')).arrayBuffer());
     const s2 = await ort.InferenceSession.create(bytes2, {executionProviders: ['wasm'], graphOptimizationLevel: 'all'});
     await s2.run({ image_embeddings: feeds.image_embeddings });
@@ -165,7 +165,13 @@ def products_graph(graph: Path, out: Path, full: bool) -> dict:
     plain = onnxruntime.SessionOptions()
     plain.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = onnxruntime.InferenceSession(probe.SerializeToString(), plain, providers=["CPUExecutionProvider"])
-    feeds = {k: v for k, v in click_feeds(full).items() if k in {i.name for i in session.get_inputs()}}
+    feeds = click_feeds(full)
+    image_graph = graph.parent / "page_image_graph.onnx"
+    if image_graph.is_file():  # the precomputed graph's projections, from the once-per-image graph
+        per_image = onnxruntime.InferenceSession(str(image_graph), providers=["CPUExecutionProvider"])
+        feeds.update(zip([o.name for o in per_image.get_outputs()],
+                         per_image.run(None, {"image_embeddings": feeds["image_embeddings"]})))
+    feeds = {k: v for k, v in feeds.items() if k in {i.name for i in session.get_inputs()}}
     values = dict(zip(wanted, session.run(wanted, feeds)))
     values.update(consts)
 
@@ -180,8 +186,9 @@ def products_graph(graph: Path, out: Path, full: bool) -> dict:
                 operands.append(name)
             else:
                 fed, value = f"p{i}_{j}", np.ascontiguousarray(values[name], dtype=np.float32)
-                (out.parent / f"{fed}.bin").write_bytes(value.tobytes())
-                inputs.append([fed, list(value.shape), f"{fed}.bin"])
+                file = f"{out.stem}_{fed}.bin"
+                (out.parent / file).write_bytes(value.tobytes())
+                inputs.append([fed, list(value.shape), file])
                 operands.append(fed)
         product = helper.make_node(node.op_type, operands, [f"p{i}"], name=node.name or f"p{i}", domain=node.domain)
         product.attribute.extend(node.attribute)
