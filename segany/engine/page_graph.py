@@ -168,14 +168,15 @@ def image_to_tokens_projected(attn: nn.Module, queries: torch.Tensor, rows: torc
 
 
 def _blocks_2x2(x: torch.Tensor) -> torch.Tensor:
-    """(2h, 2w, C) -> (h*w, 4*C): each 2x2 block's pixels (dy, dx) and channels in a row."""
-    h2, w2, c = x.shape
-    return x.view(h2 // 2, 2, w2 // 2, 2, c).permute(0, 2, 1, 3, 4).reshape(-1, 4 * c)
+    """(C, 2h, 2w) -> (4*C, h*w): each 2x2 block's pixels (dy, dx) and channels in a column."""
+    c, h2, w2 = x.shape
+    return x.view(c, h2 // 2, 2, w2 // 2, 2).permute(2, 4, 0, 1, 3).reshape(4 * c, -1)
 
 
-def _conv_2x2_rows(conv: nn.Conv2d) -> torch.Tensor:
-    """A 2x2 stride-2 convolution's weight (O, I, 2, 2) as rows for _blocks_2x2's layout: (4*I, O)."""
-    return conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.weight.shape[0])
+def _conv_2x2(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 2x2 stride-2 convolution, channels-first: (I, 2h, 2w) -> (O, h*w), one product over the blocks."""
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)  # O, (dy, dx, I)
+    return torch.addmm(conv.bias[:, None], weight, _blocks_2x2(x))
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
@@ -187,12 +188,13 @@ def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tens
     return rows.view(*x.shape[:-1], 4, c_out)
 
 
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Layer norm over the last axis written out (mean, biased variance): ONNX Runtime Web's
-    LayerNormalization kernel costs several times these vectorised reductions and products on the
-    image-sized tensors."""
-    centred = x - x.mean(-1, keepdim=True)
-    scale = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
+    """Layer norm over `dim` written out (mean, biased variance): ONNX Runtime Web's LayerNormalization
+    kernel costs several times these vectorised reductions and products on the image-sized tensors. The
+    inverse deviation is sqrt's reciprocal, not rsqrt: ONNX Runtime turns rsqrt's 1 / sqrt times the
+    tensor into a division of the whole tensor."""
+    centred = x - x.mean(dim, keepdim=True)
+    scale = ((centred * centred).mean(dim, keepdim=True) + eps).sqrt().reciprocal()
     return centred * scale * weight + bias
 
 
@@ -204,6 +206,12 @@ def _image_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 def _channel_norm(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
     """LayerNorm2d over the last axis of a channels-last tensor (the same mean and biased variance)."""
     return _layer_norm(x, norm.weight, norm.bias, norm.eps)
+
+
+def _channel_norm_first(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    """LayerNorm2d of a channels-first (C, h*w) tensor: the mask input's few channels (4, 16) make short
+    rows channels-last, which ONNX Runtime's per-row kernels handle slowly."""
+    return _layer_norm(x, norm.weight[:, None], norm.bias[:, None], norm.eps, dim=0)
 
 
 class PageDecoderGraph(nn.Module):
@@ -229,17 +237,16 @@ class PageDecoderGraph(nn.Module):
         (h*w, C/16 + 1) and weight (C/16 + 1, C): the dense embedding's last 1x1 convolution, its bias and
         the choice between the two are one product (rank C/16 + 1: cheap to project, see PageImageGraph)."""
         conv1, norm1, act1, conv2, norm2, act2, conv3 = self.prompt_encoder.mask_downscaling
-        x = _blocks_2x2(mask_input[0].permute(1, 2, 0)) @ _conv_2x2_rows(conv1) + conv1.bias  # 2h*2w, C/64
-        x = act1(_channel_norm(x, norm1))
+        # channels-first: C/64 and C/16 channels over (2h*2w and h*w) positions
+        x = act1(_channel_norm_first(_conv_2x2(mask_input[0], conv1), norm1))  # C/64, 2h*2w
         h2, w2 = mask_input.shape[2] // 2, mask_input.shape[3] // 2
-        x = _blocks_2x2(x.view(h2, w2, -1)) @ _conv_2x2_rows(conv2) + conv2.bias  # h*w, C/16
-        x = act2(_channel_norm(x, norm2))
+        x = act2(_channel_norm_first(_conv_2x2(x.view(-1, h2, w2), conv2), norm2))  # C/16, h*w
         no_mask = self.prompt_encoder.no_mask_embed.weight  # 1, C
         # has * (x W3^T + b3) + (1 - has) * no_mask = [has * x, 1] [W3^T; has * b3 + (1 - has) * no_mask]
-        rows = torch.cat([has_mask_input * x, torch.ones_like(x[:, :1])], dim=1)  # h*w, C/16 + 1
+        columns = torch.cat([has_mask_input * x, torch.ones_like(x[:1])], dim=0)  # C/16 + 1, h*w
         bias = has_mask_input * conv3.bias + (1 - has_mask_input) * no_mask[0]  # C
         weight = torch.cat([conv3.weight.flatten(1).transpose(0, 1), bias[None]], dim=0)  # C/16 + 1, C
-        return rows, weight
+        return columns.transpose(0, 1), weight  # (the products take the rows transposed as they are)
 
     def image_side(self, image_embeddings: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
         """The image embedding plus the mask input's dense embedding, channels-last (h*w, C)."""
