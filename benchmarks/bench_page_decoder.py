@@ -5,6 +5,7 @@
     python benchmarks/bench_page_decoder.py --threads 1 --profile  # + time per operator type and per node (ORT's profiler)
     python benchmarks/bench_page_decoder.py --int8                 # + a dynamically quantised copy (comparison only)
     python benchmarks/bench_page_decoder.py --graphs folded --products --activations   # + the floor: products alone, GELUs alone
+    python benchmarks/bench_page_decoder.py --graphs folded precomputed --rounds 4     # interleaved rounds, pooled (a busy machine)
 
 Exports vit_b's prompt decoder (seeded random weights, the released configuration) as: the graph
 `segany export-onnx` writes (masks upscaled to the image inside the graph: "full",
@@ -353,10 +354,33 @@ async def bench(base: str, specs, reps: int, profile: bool) -> list:
                 row["kernel_ms"] = round(sum(ms for _, ms, _ in operator_times(console, top=10_000)), 1)
                 if os.environ.get("BENCH_PROFILE_ALL"):  # every node, for a closer look
                     row["all_nodes_ms_%"] = operator_times(console, by="node", top=10_000)
-            out.append(row)
             print(json.dumps(row), flush=True)
+            row["_wall"], row["_cpu"] = r["wall"], r["cpu_ms_per_run"]
+            out.append(row)
             await page.close()
         await browser.close()
+    return out
+
+
+def pooled(rows: list) -> list:
+    """One row per (graph, threads) over every round: the median and min of all rounds' runs, the mean of
+    their CPU per run and kernel times (the rounds interleave the graphs, so a load that comes and goes
+    falls on all of them alike)."""
+    groups = collections.defaultdict(list)
+    for r in rows:
+        groups[(r["graph"], r["threads"])].append(r)
+    out = []
+    for (graph, threads), group in groups.items():
+        wall = [w for r in group for w in r["_wall"]]
+        row = {**group[0], "rounds": len(group), "wall_ms_median": round(statistics.median(wall), 1),
+               "wall_ms_min": round(min(wall), 1), "cpu_ms_per_run": round(statistics.mean(r["_cpu"] for r in group), 1),
+               "round_medians": [r["wall_ms_median"] for r in group]}
+        if "kernel_ms" in row:
+            row["kernel_ms"] = round(statistics.mean(r["kernel_ms"] for r in group), 1)
+        for key in ("_wall", "_cpu", "operators_ms_%", "nodes_ms_%", "all_nodes_ms_%"):
+            row.pop(key, None)
+        print(json.dumps({"pooled": True, **row}), flush=True)
+        out.append(row)
     return out
 
 
@@ -365,6 +389,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--profile", action="store_true", help="time per operator type (slows the runs)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every graph this many times, interleaved, and pool the runs (a loaded machine)")
     parser.add_argument("--int8", action="store_true", help="also time a dynamically quantised copy")
     parser.add_argument("--products", action="store_true",
                         help="also time each graph's matrix products alone (the floor) and print a summary")
@@ -417,9 +443,11 @@ def main() -> None:
         server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
-            rows = asyncio.run(bench(f"http://127.0.0.1:{server.server_address[1]}", specs, args.reps, args.profile))
+            rows = asyncio.run(bench(f"http://127.0.0.1:{server.server_address[1]}", specs * args.rounds, args.reps, args.profile))
         finally:
             server.shutdown()
+        if args.rounds > 1:
+            rows = pooled(rows)
         by = {(r["graph"], r["threads"]): r for r in rows}
         for g, info in products.items():
             for t in args.threads:
