@@ -141,11 +141,12 @@ def test_exported_folded_graph_equals_the_plain_one_in_onnxruntime(fixture, tmp_
         np.testing.assert_allclose(got_iou, iou.numpy(), atol=1e-4, rtol=0)
 
 
-def test_exported_graphs_with_projections_made_once_per_image_in_onnxruntime(tmp_path):
+@pytest.mark.parametrize("fixture", ["sam_vit_small.pth", pytest.param("mobile_sam_vit_t.pth", marks=pytest.mark.heavy)])
+def test_exported_graphs_with_projections_made_once_per_image_in_onnxruntime(fixture, tmp_path):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = REFERENCE / "sam_vit_small.pth"
+    path = REFERENCE / fixture
     if not path.is_file():
-        pytest.skip("../shared/fixtures/reference/sam_vit_small.pth is absent")
+        pytest.skip(f"../shared/fixtures/reference/{fixture} is absent")
     import segany
 
     model = segany.load_model(path)
