@@ -160,9 +160,9 @@ def image_to_tokens_projected(attn: nn.Module, queries: torch.Tensor, rows: torc
     k_heads = _heads(attn, k, attn.k_proj, head_dim**-0.5)  # H, T, d
     image_logits = (queries @ k_heads.transpose(1, 2)).permute(1, 0, 2).reshape(positions, -1)  # h*w, H*T
     w_q = (weight @ attn.q_proj.weight.transpose(0, 1)).view(rank, n_heads, head_dim).transpose(0, 1)  # H, r, d
-    dense_rows = (w_q @ k_heads.transpose(1, 2)).permute(1, 0, 2).reshape(rank, -1)  # r, H*T
+    dense_to_logits = (w_q @ k_heads.transpose(1, 2)).permute(1, 0, 2).reshape(rank, -1)  # r, H*T
     biases = (k_heads * attn.q_proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(-1)  # H*T
-    logits = torch.addmm(image_logits + biases, rows, dense_rows)  # h*w, H*T
+    logits = torch.addmm(image_logits + biases, rows, dense_to_logits)  # h*w, H*T
     probs = logits.view(positions, n_heads, -1).softmax(-1).view(positions, -1)
     return torch.addmm(residual, probs, _values_through_out(attn, v))
 
@@ -248,12 +248,6 @@ class PageDecoderGraph(nn.Module):
         weight = torch.cat([conv3.weight.flatten(1).transpose(0, 1), bias[None]], dim=0)  # C/16 + 1, C
         return columns.transpose(0, 1), weight  # (the products take the rows transposed as they are)
 
-    def image_side(self, image_embeddings: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        """The image embedding plus the mask input's dense embedding, channels-last (h*w, C)."""
-        rows, weight = self.dense_rows(mask_input, has_mask_input)
-        image = image_embeddings.flatten(2)[0].transpose(0, 1)  # h*w, C
-        return torch.addmm(image, rows, weight)
-
     def transformer(self, keys: torch.Tensor, tokens: torch.Tensor, first=None) -> Tuple[torch.Tensor, torch.Tensor]:
         """TwoWayTransformer.forward for one prompt: image (h*w, C) and tokens (T, C) -> tokens, image.
         first: (rows, weight, keys_t, values, queries) for the first block's attentions with the image-side
@@ -287,6 +281,7 @@ class PageDecoderGraph(nn.Module):
         tokens = torch.cat([output_tokens, sparse], dim=0)
         h, w = self.prompt_encoder.image_embedding_size
         rows, weight = self.dense_rows(mask_input, has_mask_input)
+        # the image side: the embedding channels-last plus the dense embedding
         keys = torch.addmm(image_embeddings.flatten(2)[0].transpose(0, 1), rows, weight)  # h*w, C
         if self.precomputed:
             if len(projections) != len(PROJECTIONS):
