@@ -33,11 +33,12 @@ from ..predict import ImageEmbedding
 log = logging.getLogger("segany.server")
 
 EMBEDDING_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-# The graph's kind is in its key, so that a data folder's earlier graphs (full-resolution ones, the plain
-# modules' "-lowres" ones, session 13's "-folded" ones without the image graph) are never served as this
-# one: "precomputed" (segany.engine.page_graph with its once-per-image graph, the SAM decoders), "lowres"
-# where a decoder has no folded graph.
-GRAPH_KIND = "precomputed"
+# The graph's kind is in its key, so that a data folder's graphs of another kind are never served as
+# this one: "precomputed" (segany.engine.page_graph with its once-per-image graph, the SAM decoders),
+# "folded" (the same without the once-per-image graph: session 13's, and what PRECOMPUTE_FIRST_BLOCK =
+# False serves), "lowres" where a decoder has no folded graph.
+PRECOMPUTE_FIRST_BLOCK = True  # the first block's image-side projections made once per image
+GRAPH_KIND = "precomputed" if PRECOMPUTE_FIRST_BLOCK else "folded"
 PLAIN_GRAPH_KIND = "lowres"
 IMAGE_GRAPH_SUFFIX = "-image"
 
@@ -90,7 +91,7 @@ class DecoderExport:
     @property
     def image_key(self) -> Optional[str]:
         """The once-per-image graph's key (SAM's decoders), or None."""
-        return self.key + IMAGE_GRAPH_SUFFIX if self.folded else None
+        return self.key + IMAGE_GRAPH_SUFFIX if self.folded and PRECOMPUTE_FIRST_BLOCK else None
 
     def keys(self) -> tuple:
         return (self.key,) if self.image_key is None else (self.key, self.image_key)
@@ -98,7 +99,7 @@ class DecoderExport:
     def describe(self) -> Dict[str, Any]:
         if not self.available:
             return {"available": False, "reason": self.reason or self._error}
-        projections = list(PROJECTIONS) if self.folded else []
+        projections = list(PROJECTIONS) if self.image_key is not None else []
         described = {
             "available": True,
             "url": f"/api/decoder/{self.key}.onnx",
@@ -147,7 +148,8 @@ class DecoderExport:
                 # disk always has its image graph beside it
                 if self.image_key is not None:
                     export_page_image_graph(model, paths[self.image_key])
-                export_decoder(model, self.path, low_res_only=True, precomputed=self.folded)
+                export_decoder(model, self.path, low_res_only=True, folded=self.folded,
+                               precomputed=self.image_key is not None)
             except Exception as exc:  # the page falls back to server decoding and says why
                 log.exception("ONNX decoder export failed")
                 self._error = f"the decoder's ONNX export failed: {exc}"
