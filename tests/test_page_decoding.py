@@ -73,11 +73,23 @@ def test_decoder_export_served_cached_and_equal_to_server_decode(server, fixture
     assert info["available"] and info["url"].endswith(".onnx") and info["image_size"] == 1024
     url = info["url"]
     assert url == f"/api/decoder/{info['key']}.onnx"
-    assert info["key"].endswith("-folded")  # segany.engine.page_graph's graph, never an older cached kind
+    from segany.server.onnx_decoder import GRAPH_KIND, PRECOMPUTE_FIRST_BLOCK
+
+    assert info["key"].endswith(f"-{GRAPH_KIND}")  # segany.engine.page_graph's graphs, never an older cached kind
     first = client.get(url)
     assert first.status_code == 200 and first.headers["etag"]
     assert (data / "decoders" / f"{info['key']}.onnx").is_file()
     assert client.get(url, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+    # the once-per-image graph: the first block's image-side projections, the prompt graph's last inputs
+    image_graph = info.get("image_graph")
+    assert (image_graph is not None) == PRECOMPUTE_FIRST_BLOCK
+    if image_graph is not None:
+        assert image_graph["url"] == f"/api/decoder/{info['key']}-image.onnx" and image_graph["outputs"] == info["inputs"][5:]
+        per_image = client.get(image_graph["url"])
+        assert per_image.status_code == 200 and per_image.headers["etag"] != first.headers["etag"]
+        assert (data / "decoders" / f"{info['key']}-image.onnx").is_file()
+        assert client.get(image_graph["url"], headers={"If-None-Match": per_image.headers["etag"]}).status_code == 304
+        projections = ort.InferenceSession(per_image.content, providers=["CPUExecutionProvider"])
     assert client.get("/api/decoder/0123456789abcdef.onnx").status_code == 404
 
     emb = client.get(f"/api/images/{image['id']}/embedding.safetensors?dtype=float32")
@@ -112,6 +124,8 @@ def test_decoder_export_served_cached_and_equal_to_server_decode(server, fixture
             "mask_input": (mask_input if mask_input is not None else np.zeros((256, 256), np.float32))[None, None],
             "has_mask_input": np.array([0.0 if mask_input is None else 1.0], np.float32),
         }
+        if image_graph is not None:
+            feeds.update(zip(image_graph["outputs"], projections.run(None, {"image_embeddings": array})))
         iou, low = session.run(None, feeds)  # the page's graph stops at the low-res logits (the page upscales)
         pred = segmenter.segment(
             embedding, Prompt(points=points, labels=labels, mask=mask_input), multimask_output=True, return_logits=True

@@ -7,8 +7,8 @@ import torch
 
 from tests.conftest import REFERENCE
 
-from segany.engine.page_graph import PageDecoderGraph, page_graph_unsupported
-from segany.io.onnx_export import PromptDecoderLowResGraph, export_decoder
+from segany.engine.page_graph import PROJECTIONS, PageDecoderGraph, PageImageGraph, page_graph_unsupported
+from segany.io.onnx_export import PromptDecoderLowResGraph, export_decoder, export_page_image_graph
 
 # (point_coords, point_labels, has_mask_input) in the 1024 frame, as the page sends them
 PROMPTS = {
@@ -57,6 +57,24 @@ def test_folded_graph_equals_the_plain_modules(vit_b, prompt):
     assert low_a.abs().max() > 1.0  # logits far from 0: a comparison that means something
     torch.testing.assert_close(low_b, low_a, atol=1e-4, rtol=0)
     torch.testing.assert_close(iou_b, iou_a, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_graph_with_projections_made_once_per_image_equals_the_plain_modules(vit_b, prompt):
+    """The first block's image-side projections from PageImageGraph, the rest per prompt: the same logits,
+    with and without a mask input (its dense embedding enters as a rank-17 correction)."""
+    plain, image_graph = PromptDecoderLowResGraph(vit_b), PageImageGraph(vit_b)
+    prompt_graph = PageDecoderGraph(vit_b, precomputed=True)
+    args = feeds(prompt, seed=3 * len(prompt))
+    with torch.no_grad():
+        projections = image_graph(args[0])
+        (iou_a, low_a), (iou_b, low_b) = plain(*args), prompt_graph(*args, *projections)
+    assert [tuple(p.shape) for p in projections] == [(8, 16, 4096), (8, 4096, 16), (8, 4096, 16)]
+    assert low_a.abs().max() > 1.0
+    torch.testing.assert_close(low_b, low_a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(iou_b, iou_a, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="t2i_keys"):
+        prompt_graph(*args)
 
 
 def test_folded_graph_reads_the_models_weights_at_run_time(vit_b):
@@ -119,5 +137,31 @@ def test_exported_folded_graph_equals_the_plain_one_in_onnxruntime(fixture, tmp_
         with torch.no_grad():
             iou, low = PromptDecoderLowResGraph(model)(*args)
         got_iou, got_low = session.run(None, {n: a.numpy() for n, a in zip(names, args)})
+        np.testing.assert_allclose(got_low, low.numpy(), atol=1e-4, rtol=0)
+        np.testing.assert_allclose(got_iou, iou.numpy(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["sam_vit_small.pth", pytest.param("mobile_sam_vit_t.pth", marks=pytest.mark.heavy)])
+def test_exported_graphs_with_projections_made_once_per_image_in_onnxruntime(fixture, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    path = REFERENCE / fixture
+    if not path.is_file():
+        pytest.skip(f"../shared/fixtures/reference/{fixture} is absent")
+    import segany
+
+    model = segany.load_model(path)
+    image_graph = ort.InferenceSession(str(export_page_image_graph(model, tmp_path / "image.onnx")), providers=["CPUExecutionProvider"])
+    prompt_graph = ort.InferenceSession(str(export_decoder(model, tmp_path / "prompt.onnx", precomputed=True)),
+                                        providers=["CPUExecutionProvider"])
+    assert [o.name for o in image_graph.get_outputs()] == list(PROJECTIONS)
+    names = [i.name for i in prompt_graph.get_inputs()]
+    assert names[5:] == list(PROJECTIONS)
+    pe = model.prompt_encoder
+    for prompt in PROMPTS:
+        args = feeds(prompt, 11, pe.embed_dim, pe.image_embedding_size[0])
+        with torch.no_grad():
+            iou, low = PromptDecoderLowResGraph(model)(*args)
+        projections = image_graph.run(None, {"image_embeddings": args[0].numpy()})
+        got_iou, got_low = prompt_graph.run(None, dict(zip(names, [a.numpy() for a in args] + projections)))
         np.testing.assert_allclose(got_low, low.numpy(), atol=1e-4, rtol=0)
         np.testing.assert_allclose(got_iou, iou.numpy(), atol=1e-4, rtol=0)

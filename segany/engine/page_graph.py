@@ -19,6 +19,13 @@ input's 2x2 stride-2 convolutions and the output upscaling's 2x2 stride-2 transp
 matrix products over each pixel's block (blocks do not overlap), their channel norms layer norms over
 the last axis, and only the final mask logits are put back in image order.
 
+With PageDecoderGraph(precomputed=True) the first two-way block's image-side projections are inputs,
+made once per image by PageImageGraph: that block's image side is the embedding (+ pe) plus the mask
+input's dense embedding, which is a product of rank C/16 + 1 (its last 1x1 convolution on C/16 channels,
+and its bias or the no-mask embedding); so its projections are the embedding's, made once, plus the
+rank-17 rows' projections, made per prompt, for every prompt with or without a mask input. The later
+blocks' image sides depend on the prompt and are folded as above.
+
 The products are the plain ones in another order: outputs equal the plain graph's up to float32
 rounding (tests/test_page_graph.py). The graph has the interface of
 segany.io.onnx_export.PromptDecoderLowResGraph and is exported by segany.io.onnx_export
@@ -97,10 +104,20 @@ def tokens_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     return attn.out_proj(out.transpose(0, 1).reshape(-1, attn.internal_dim))
 
 
+def _values_through_out(attn: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """The few tokens' values v (T, C) through v_proj and each head's columns of out_proj: (H*T, C), with
+    out_proj's bias riding on them, a 1/H share per head (each head's probabilities sum to 1)."""
+    n_heads, dim = attn.num_heads, attn.embedding_dim
+    head_dim = attn.internal_dim // n_heads
+    w_o = attn.out_proj.weight.view(dim, n_heads, head_dim).permute(1, 2, 0)  # H, d, C
+    values_out = _heads(attn, v, attn.v_proj) @ w_o  # H, T, C
+    return (values_out + attn.out_proj.bias / n_heads).reshape(-1, dim)
+
+
 def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """residual + attn(q, k, v) for the image's queries q (h*w, C) on a few tokens k, v (T, C) -> (h*w, C),
     the residual (h*w, C) added inside the last product (one Gemm)."""
-    n_heads, dim, positions = attn.num_heads, attn.embedding_dim, residual.shape[0]
+    n_heads, positions = attn.num_heads, residual.shape[0]
     head_dim = attn.internal_dim // n_heads
     k_heads = _heads(attn, k, attn.k_proj, head_dim**-0.5)  # H, T, d
     rows = _through(attn, k_heads, attn.q_proj)  # H*T, C
@@ -108,22 +125,58 @@ def image_to_tokens(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.
     logits = q @ rows.transpose(0, 1) + biases  # h*w, H*T
     # each head's softmax over its tokens
     probs = logits.view(positions, n_heads, -1).softmax(-1).view(positions, -1)
-    w_o = attn.out_proj.weight.view(dim, n_heads, head_dim).permute(1, 2, 0)  # H, d, C
-    values_out = _heads(attn, v, attn.v_proj) @ w_o  # H, T, C
-    # Each head's probabilities sum to 1: out_proj's bias rides on the values, a 1/H share per head.
-    values_out = (values_out + attn.out_proj.bias / n_heads).reshape(-1, dim)  # H*T, C
-    return torch.addmm(residual, probs, values_out)
+    return torch.addmm(residual, probs, _values_through_out(attn, v))
+
+
+# The first two-way block with its image-side projections made once per image (PageImageGraph): its image
+# side is x + pe + dense (keys) and x + dense (values), where the dense embedding is rows @ weight of rank
+# C/16 + 1 (PageDecoderGraph.dense_rows); so each projection is the image's, made once, plus the rank-r
+# rows' projection, made per prompt: (x + dense) W^T = x W^T + rows (weight W^T).
+
+
+def tokens_to_image_projected(attn: nn.Module, q: torch.Tensor, keys_t: torch.Tensor, values: torch.Tensor,
+                              rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """attn(q, k, v) for a few queries q (T, C) on k = x + pe + rows @ weight, v = x + rows @ weight, given
+    keys_t (H, d, h*w) = k_proj's weight times (x + pe) and values (H, h*w, d) = v_proj's weight times x
+    (both without bias: k_proj's is the same for every position, which softmax drops) -> (T, C)."""
+    n_heads, rank, positions = attn.num_heads, rows.shape[1], rows.shape[0]
+    head_dim = attn.internal_dim // n_heads
+    q_heads = _heads(attn, q, attn.q_proj, head_dim**-0.5)  # H, T, d
+    w_k = (weight @ attn.k_proj.weight.transpose(0, 1)).view(rank, n_heads, head_dim).permute(1, 2, 0)  # H, d, r
+    dense_logits = ((q_heads @ w_k).reshape(-1, rank) @ rows.transpose(0, 1)).view(n_heads, -1, positions)  # H, T, h*w
+    probs = (q_heads @ keys_t + dense_logits).softmax(-1)  # H, T, h*w
+    w_v = (weight @ attn.v_proj.weight.transpose(0, 1)).view(rank, n_heads, head_dim).transpose(0, 1)  # H, r, d
+    mixed_rows = (probs.reshape(-1, positions) @ rows).view(n_heads, -1, rank)  # H, T, r: P rows
+    out = probs @ values + mixed_rows @ w_v + attn.v_proj.bias.view(n_heads, 1, head_dim)  # H, T, d
+    return attn.out_proj(out.transpose(0, 1).reshape(-1, attn.internal_dim))
+
+
+def image_to_tokens_projected(attn: nn.Module, queries: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                              k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + attn(q, k, v) for the image's queries q = x + pe + rows @ weight on a few tokens k, v (T, C),
+    given queries (H, h*w, d) = q_proj's weight times (x + pe) (without bias) -> (h*w, C)."""
+    n_heads, rank, positions = attn.num_heads, rows.shape[1], rows.shape[0]
+    head_dim = attn.internal_dim // n_heads
+    k_heads = _heads(attn, k, attn.k_proj, head_dim**-0.5)  # H, T, d
+    image_logits = (queries @ k_heads.transpose(1, 2)).permute(1, 0, 2).reshape(positions, -1)  # h*w, H*T
+    w_q = (weight @ attn.q_proj.weight.transpose(0, 1)).view(rank, n_heads, head_dim).transpose(0, 1)  # H, r, d
+    dense_to_logits = (w_q @ k_heads.transpose(1, 2)).permute(1, 0, 2).reshape(rank, -1)  # r, H*T
+    biases = (k_heads * attn.q_proj.bias.view(n_heads, 1, head_dim)).sum(-1).reshape(-1)  # H*T
+    logits = torch.addmm(image_logits + biases, rows, dense_to_logits)  # h*w, H*T
+    probs = logits.view(positions, n_heads, -1).softmax(-1).view(positions, -1)
+    return torch.addmm(residual, probs, _values_through_out(attn, v))
 
 
 def _blocks_2x2(x: torch.Tensor) -> torch.Tensor:
-    """(2h, 2w, C) -> (h*w, 4*C): each 2x2 block's pixels (dy, dx) and channels in a row."""
-    h2, w2, c = x.shape
-    return x.view(h2 // 2, 2, w2 // 2, 2, c).permute(0, 2, 1, 3, 4).reshape(-1, 4 * c)
+    """(C, 2h, 2w) -> (4*C, h*w): each 2x2 block's pixels (dy, dx) and channels in a column."""
+    c, h2, w2 = x.shape
+    return x.view(c, h2 // 2, 2, w2 // 2, 2).permute(2, 4, 0, 1, 3).reshape(4 * c, -1)
 
 
-def _conv_2x2_rows(conv: nn.Conv2d) -> torch.Tensor:
-    """A 2x2 stride-2 convolution's weight (O, I, 2, 2) as rows for _blocks_2x2's layout: (4*I, O)."""
-    return conv.weight.permute(2, 3, 1, 0).reshape(-1, conv.weight.shape[0])
+def _conv_2x2(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 2x2 stride-2 convolution, channels-first: (I, 2h, 2w) -> (O, h*w), one product over the blocks."""
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1)  # O, (dy, dx, I)
+    return torch.addmm(conv.bias[:, None], weight, _blocks_2x2(x))
 
 
 def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
@@ -135,12 +188,13 @@ def _conv_transpose_2x2(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tens
     return rows.view(*x.shape[:-1], 4, c_out)
 
 
-def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Layer norm over the last axis written out (mean, biased variance): ONNX Runtime Web's
-    LayerNormalization kernel costs several times these vectorised reductions and products on the
-    image-sized tensors."""
-    centred = x - x.mean(-1, keepdim=True)
-    scale = torch.rsqrt((centred * centred).mean(-1, keepdim=True) + eps)
+def _layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
+    """Layer norm over `dim` written out (mean, biased variance): ONNX Runtime Web's LayerNormalization
+    kernel costs several times these vectorised reductions and products on the image-sized tensors. The
+    inverse deviation is sqrt's reciprocal, not rsqrt: ONNX Runtime turns rsqrt's 1 / sqrt times the
+    tensor into a division of the whole tensor."""
+    centred = x - x.mean(dim, keepdim=True)
+    scale = ((centred * centred).mean(dim, keepdim=True) + eps).sqrt().reciprocal()
     return centred * scale * weight + bias
 
 
@@ -154,12 +208,18 @@ def _channel_norm(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
     return _layer_norm(x, norm.weight, norm.bias, norm.eps)
 
 
+def _channel_norm_first(x: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    """LayerNorm2d of a channels-first (C, h*w) tensor: the mask input's few channels (4, 16) make short
+    rows channels-last, which ONNX Runtime's per-row kernels handle slowly."""
+    return _layer_norm(x, norm.weight[:, None], norm.bias[:, None], norm.eps, dim=0)
+
+
 class PageDecoderGraph(nn.Module):
     """(image_embeddings (1, C, h, w), point_coords (1, N, 2), point_labels (1, N), mask_input
     (1, 1, 4h, 4w), has_mask_input (1,)) -> iou_predictions (1, T), low_res_masks (1, T, 4h, 4w): the
     model's prompt encoder and mask decoder (every mask token), with its attentions folded for a few tokens."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, precomputed: bool = False) -> None:
         super().__init__()
         reason = page_graph_unsupported(model)
         if reason is not None:
@@ -167,49 +227,68 @@ class PageDecoderGraph(nn.Module):
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
         self.image_size = int(model.image_size)
+        # precomputed: the first block's image-side projections are inputs (PageImageGraph's outputs, made once per image)
+        self.precomputed = precomputed
         image_pe = self.prompt_encoder.get_dense_pe().detach()  # 1, C, h, w
         self.register_buffer("image_pe", image_pe[0].flatten(1).transpose(0, 1).contiguous(), persistent=False)
 
-    def image_side(self, image_embeddings: torch.Tensor, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        """The image embedding plus the mask input's dense embedding (or the no-mask embedding), channels-last
-        (h*w, C): the dense embedding's last 1x1 convolution, its bias and the choice between the two are
-        one product added to the image embedding."""
+    def dense_rows(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The mask input's dense embedding (or the no-mask embedding) as a product rows @ weight, rows
+        (h*w, C/16 + 1) and weight (C/16 + 1, C): the dense embedding's last 1x1 convolution, its bias and
+        the choice between the two are one product (rank C/16 + 1: cheap to project, see PageImageGraph)."""
         conv1, norm1, act1, conv2, norm2, act2, conv3 = self.prompt_encoder.mask_downscaling
-        x = _blocks_2x2(mask_input[0].permute(1, 2, 0)) @ _conv_2x2_rows(conv1) + conv1.bias  # 2h*2w, C/64
-        x = act1(_channel_norm(x, norm1))
+        # channels-first: C/64 and C/16 channels over (2h*2w and h*w) positions
+        x = act1(_channel_norm_first(_conv_2x2(mask_input[0], conv1), norm1))  # C/64, 2h*2w
         h2, w2 = mask_input.shape[2] // 2, mask_input.shape[3] // 2
-        x = _blocks_2x2(x.view(h2, w2, -1)) @ _conv_2x2_rows(conv2) + conv2.bias  # h*w, C/16
-        x = act2(_channel_norm(x, norm2))
+        x = act2(_channel_norm_first(_conv_2x2(x.view(-1, h2, w2), conv2), norm2))  # C/16, h*w
         no_mask = self.prompt_encoder.no_mask_embed.weight  # 1, C
         # has * (x W3^T + b3) + (1 - has) * no_mask = [has * x, 1] [W3^T; has * b3 + (1 - has) * no_mask]
-        rows = torch.cat([has_mask_input * x, torch.ones_like(x[:, :1])], dim=1)  # h*w, C/16 + 1
+        columns = torch.cat([has_mask_input * x, torch.ones_like(x[:1])], dim=0)  # C/16 + 1, h*w
         bias = has_mask_input * conv3.bias + (1 - has_mask_input) * no_mask[0]  # C
         weight = torch.cat([conv3.weight.flatten(1).transpose(0, 1), bias[None]], dim=0)  # C/16 + 1, C
-        image = image_embeddings.flatten(2)[0].transpose(0, 1)  # h*w, C
-        return torch.addmm(image, rows, weight)
+        return columns.transpose(0, 1), weight  # (the products take the rows transposed as they are)
 
-    def transformer(self, keys: torch.Tensor, tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """TwoWayTransformer.forward for one prompt: image (h*w, C) and tokens (T, C) -> tokens, image."""
+    def transformer(self, keys: torch.Tensor, tokens: torch.Tensor, first=None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """TwoWayTransformer.forward for one prompt: image (h*w, C) and tokens (T, C) -> tokens, image.
+        first: (rows, weight, keys_t, values, queries) for the first block's attentions with the image-side
+        projections made once per image (PageImageGraph)."""
         transformer, key_pe, query_pe = self.mask_decoder.transformer, self.image_pe, tokens
         queries = tokens
-        for layer in transformer.layers:
+        for index, layer in enumerate(transformer.layers):
             queries = layer.token_self_attention(queries[None], query_pe[None])[0]
-            k = keys + key_pe  # the image side's keys, the same for both cross-attentions of the block
-            attended = tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
+            if index == 0 and first is not None:
+                rows, weight, keys_t, values, image_queries = first
+                attended = tokens_to_image_projected(layer.cross_attn_token_to_image, queries + query_pe, keys_t, values, rows, weight)
+            else:
+                k = keys + key_pe  # the image side's keys, the same for both cross-attentions of the block
+                attended = tokens_to_image(layer.cross_attn_token_to_image, queries + query_pe, k, keys)
             queries = layer.norm2(queries + attended)
             queries = layer.norm3(queries + layer.mlp(queries))
-            keys = _image_norm(image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys), layer.norm4)
+            if index == 0 and first is not None:
+                mixed = image_to_tokens_projected(layer.cross_attn_image_to_token, image_queries, rows, weight,
+                                                  queries + query_pe, queries, keys)
+            else:
+                mixed = image_to_tokens(layer.cross_attn_image_to_token, k, queries + query_pe, queries, keys)
+            keys = _image_norm(mixed, layer.norm4)
         attended = tokens_to_image(transformer.final_attn_token_to_image, queries + query_pe, keys + key_pe, keys)
         return transformer.norm_final_attn(queries + attended), keys
 
-    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input, *projections):
+        """projections (with precomputed=True): PageImageGraph(image_embeddings)'s outputs."""
         decoder = self.mask_decoder
         sparse = embed_points(self.prompt_encoder, self.image_size, point_coords, point_labels)[0]  # N, C
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # T, C
         tokens = torch.cat([output_tokens, sparse], dim=0)
         h, w = self.prompt_encoder.image_embedding_size
-        keys = self.image_side(image_embeddings, mask_input, has_mask_input)  # h*w, C
-        hs, keys = self.transformer(keys, tokens)
+        rows, weight = self.dense_rows(mask_input, has_mask_input)
+        # the image side: the embedding channels-last plus the dense embedding
+        keys = torch.addmm(image_embeddings.flatten(2)[0].transpose(0, 1), rows, weight)  # h*w, C
+        if self.precomputed:
+            if len(projections) != len(PROJECTIONS):
+                raise ValueError(f"the precomputed page graph takes {', '.join(PROJECTIONS)} after the prompt")
+            hs, keys = self.transformer(keys, tokens, first=(rows, weight, *projections))
+        else:
+            hs, keys = self.transformer(keys, tokens)
         mask_tokens = hs[1 : 1 + decoder.num_mask_tokens]
         hyper_in = torch.stack([mlp(mask_tokens[i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)])  # M, C/8
         up1, norm, act1, up2, act2 = decoder.output_upscaling
@@ -223,3 +302,37 @@ class PageDecoderGraph(nn.Module):
         masks = logits.view(h, w, 2, 2, 2, 2, m).permute(6, 0, 2, 4, 1, 3, 5).reshape(1, m, 4 * h, 4 * w)
         iou = decoder.iou_prediction_head(hs[0])[None]
         return iou, masks
+
+
+# PageImageGraph's outputs, PageDecoderGraph(precomputed=True)'s inputs after the prompt's.
+PROJECTIONS = ("t2i_keys", "t2i_values", "i2t_queries")
+
+
+class PageImageGraph(nn.Module):
+    """image_embeddings (1, C, h, w) -> the first two-way block's image-side projections, made once per image
+    for PageDecoderGraph(precomputed=True): t2i_keys (H, d, h*w) = the token-to-image attention's k_proj
+    weight times (x + pe), t2i_values (H, h*w, d) = its v_proj weight times x, i2t_queries (H, h*w, d) = the
+    image-to-token attention's q_proj weight times (x + pe); x the image embedding, pe the positional
+    encoding, no biases (the prompt's graph adds them, and the mask input's dense embedding)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        reason = page_graph_unsupported(model)
+        if reason is not None:
+            raise ValueError(f"no folded page decoder: {reason}")
+        self.layer = model.mask_decoder.transformer.layers[0]
+        image_pe = model.prompt_encoder.get_dense_pe().detach()  # 1, C, h, w
+        self.register_buffer("image_pe", image_pe[0].flatten(1), persistent=False)  # C, h*w
+
+    def forward(self, image_embeddings: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        to_image, to_tokens = self.layer.cross_attn_token_to_image, self.layer.cross_attn_image_to_token
+        image = image_embeddings.flatten(2)[0]  # C, h*w: the embedding's own layout, no transpose
+        with_pe = image + self.image_pe
+
+        def heads(attn: nn.Module, proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:  # (H, d, h*w)
+            return (proj.weight @ x).view(attn.num_heads, attn.internal_dim // attn.num_heads, -1)
+
+        keys_t = heads(to_image, to_image.k_proj, with_pe)
+        values = heads(to_image, to_image.v_proj, image).transpose(1, 2)
+        queries = heads(to_tokens, to_tokens.q_proj, with_pe).transpose(1, 2)
+        return keys_t, values, queries

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..engine.page_graph import PageDecoderGraph, embed_points
+from ..engine.page_graph import PROJECTIONS, PageDecoderGraph, PageImageGraph, embed_points
 
 
 PathLike = Union[str, os.PathLike]
@@ -123,13 +123,16 @@ DECODER_INPUTS = ("image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ("masks", "iou_predictions", "low_res_masks")
 
 
-def export_decoder(model: nn.Module, path: PathLike, low_res_only: bool = False, folded: bool = False) -> Path:
+def export_decoder(model: nn.Module, path: PathLike, low_res_only: bool = False, folded: bool = False,
+                   precomputed: bool = False) -> Path:
     """Write the prompt encoder + mask decoder graph (see the module docstring) to `path`;
     `low_res_only`: PromptDecoderLowResGraph (no orig_im_size, no masks output); `folded` (implies
     low_res_only): the same outputs from segany.engine.page_graph.PageDecoderGraph, whose attentions are
-    folded for a few tokens (the annotator page's graph: far fewer operations per prompt)."""
-    if folded:
-        graph, low_res_only = PageDecoderGraph(model), True
+    folded for a few tokens (the annotator page's graph: far fewer operations per prompt); `precomputed`
+    (implies folded): that graph taking the first block's image-side projections as three more inputs
+    (segany.engine.page_graph.PROJECTIONS, made once per image by export_page_image_graph's graph)."""
+    if folded or precomputed:
+        graph, low_res_only = PageDecoderGraph(model, precomputed=precomputed), True
     else:
         graph = PromptDecoderLowResGraph(model) if low_res_only else PromptDecoderGraph(model)
     pe = model.prompt_encoder
@@ -144,12 +147,26 @@ def export_decoder(model: nn.Module, path: PathLike, low_res_only: bool = False,
         torch.tensor([480.0, 640.0]),
     )
     dynamic_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}, "masks": {2: "height", 3: "width"}}
+    if precomputed:
+        del dynamic_axes["masks"]
+        with torch.no_grad():
+            projections = tuple(PageImageGraph(model)(args[0]))
+            return _export(graph, args[:5] + projections, path, DECODER_INPUTS[:5] + PROJECTIONS, DECODER_OUTPUTS[1:], dynamic_axes)
     if low_res_only:
         del dynamic_axes["masks"]
         with torch.no_grad():
             return _export(graph, args[:5], path, DECODER_INPUTS[:5], DECODER_OUTPUTS[1:], dynamic_axes)
     with torch.no_grad():
         return _export(graph, args, path, DECODER_INPUTS, DECODER_OUTPUTS, dynamic_axes)
+
+
+def export_page_image_graph(model: nn.Module, path: PathLike) -> Path:
+    """Write segany.engine.page_graph.PageImageGraph: image_embeddings -> PROJECTIONS, the first block's
+    image-side projections that export_decoder(..., precomputed=True)'s graph takes, made once per image."""
+    pe = model.prompt_encoder
+    with torch.no_grad():
+        return _export(PageImageGraph(model), (torch.randn(1, pe.embed_dim, *pe.image_embedding_size),), path,
+                       DECODER_INPUTS[:1], PROJECTIONS, None)
 
 
 def export_encoder(model: nn.Module, path: PathLike) -> Path:

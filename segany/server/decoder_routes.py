@@ -1,7 +1,8 @@
 """Routes for decoding in the page: the ONNX prompt decoder, compact embeddings, cross-origin isolation.
 
     GET /api/decoder?model=NAME              {"available", "url", "key", ...} or {"available": false, "reason"}
-    GET /api/decoder/{key}.onnx              the graph (immutable: its URL names the model)
+    GET /api/decoder/{key}.onnx              the graph (immutable: its URL names the model); also the
+                                             once-per-image graph, {key}-image.onnx
     GET /api/images/{id}/embedding.safetensors?dtype=float16|float32&model=NAME
                                              the image embedding (waits for it like decode does)
 
@@ -85,12 +86,12 @@ def page_decoding_router() -> APIRouter:
                                 status_code=404)
         if not decoder.available:
             return JSONResponse({"detail": decoder.describe()["reason"]}, status_code=404)
-        etag = f'"{decoder.key}"'
+        etag = f'"{key}"'
         headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable"}
         if _not_modified(request, etag):
             return Response(status_code=304, headers=headers)
         try:
-            path = decoder.ensure()
+            path = decoder.ensure(key)
         except RuntimeError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=404)
         return FileResponse(path, media_type="application/octet-stream", headers=headers)

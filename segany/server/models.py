@@ -160,7 +160,7 @@ class ModelSet:
     def find_decoder(self, key: str) -> Any:
         """The loaded model whose exported decoder has this key, or None."""
         for slot in self.loaded():
-            if slot.decoder is not None and slot.decoder.reason is None and slot.decoder.key == key:
+            if slot.decoder is not None and slot.decoder.reason is None and key in slot.decoder.keys():
                 return slot.decoder
         return None
 

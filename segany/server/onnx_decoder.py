@@ -5,10 +5,12 @@ its post-processing: prompt encoder + mask decoder -> IoU predictions and the fo
 logits; the page upscales the masks it shows itself (the same two bilinear steps as the server), which
 saves the graph upscaling four masks to the image's size. For SAM's decoders the graph is
 segany.engine.page_graph.PageDecoderGraph (the attentions folded for a few tokens: the same logits
-with far fewer operations), else segany.io.onnx_export.PromptDecoderLowResGraph. The server exports
-it once per model and keeps it at <data>/decoders/<key>.onnx, written atomically; <key> is the
-checkpoint's content hash (a model without a file: the hash of its prompt encoder's and decoder's
-weights) and the graph's kind ("-folded", "-lowres").
+with far fewer operations), else segany.io.onnx_export.PromptDecoderLowResGraph. For SAM's decoders the
+prompt graph takes the first two-way block's image-side projections as inputs, and a second graph
+(segany.engine.page_graph.PageImageGraph, "<key>-image") makes them from the embedding once per image.
+The server exports them once per model and keeps them at <data>/decoders/<key>.onnx (and
+<key>-image.onnx), written atomically; <key> is the checkpoint's content hash (a model without a file:
+the hash of its prompt encoder's and decoder's weights) and the graph's kind ("-precomputed", "-lowres").
 
 Embeddings travel as a safetensors file (an 8-byte header length, a JSON header with dtype, shape and
 offsets, the raw little-endian data) holding "image_embeddings" (1, 256, 64, 64) in float16 by default,
@@ -25,17 +27,20 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..engine.page_graph import page_graph_unsupported
+from ..engine.page_graph import PROJECTIONS, page_graph_unsupported
 from ..predict import ImageEmbedding
 
 log = logging.getLogger("segany.server")
 
 EMBEDDING_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-# The graph's kind is in its key, so that a data folder's earlier graphs (full-resolution ones, the plain
-# modules' "-lowres" ones) are never served as this one: "folded" (segany.engine.page_graph, the SAM
-# decoders), "lowres" where a decoder has no folded graph.
-GRAPH_KIND = "folded"
+# The graph's kind is in its key, so that a data folder's graphs of another kind are never served as
+# this one: "precomputed" (segany.engine.page_graph with its once-per-image graph, the SAM decoders),
+# "folded" (the same without the once-per-image graph: session 13's, and what PRECOMPUTE_FIRST_BLOCK =
+# False serves), "lowres" where a decoder has no folded graph.
+PRECOMPUTE_FIRST_BLOCK = True  # the first block's image-side projections made once per image
+GRAPH_KIND = "precomputed" if PRECOMPUTE_FIRST_BLOCK else "folded"
 PLAIN_GRAPH_KIND = "lowres"
+IMAGE_GRAPH_SUFFIX = "-image"
 
 
 def decoder_unavailable_reason(model: Any) -> Optional[str]:
@@ -83,20 +88,34 @@ class DecoderExport:
     def path(self) -> Path:
         return self.cache_dir / f"{self.key}.onnx"
 
+    @property
+    def image_key(self) -> Optional[str]:
+        """The once-per-image graph's key (SAM's decoders), or None."""
+        return self.key + IMAGE_GRAPH_SUFFIX if self.folded and PRECOMPUTE_FIRST_BLOCK else None
+
+    def keys(self) -> tuple:
+        return (self.key,) if self.image_key is None else (self.key, self.image_key)
+
     def describe(self) -> Dict[str, Any]:
         if not self.available:
             return {"available": False, "reason": self.reason or self._error}
-        return {
+        projections = list(PROJECTIONS) if self.image_key is not None else []
+        described = {
             "available": True,
             "url": f"/api/decoder/{self.key}.onnx",
             "key": self.key,
-            "inputs": ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"],
+            "inputs": ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", *projections],
             "outputs": ["iou_predictions", "low_res_masks"],  # the page upscales the masks it shows
             "image_size": int(self.model.image_size),
             "low_res_size": list(self.model.prompt_encoder.mask_input_size),
             "embedding_shape": [1, int(self.model.prompt_encoder.embed_dim), *self.model.prompt_encoder.image_embedding_size],
             "mask_threshold": float(getattr(self.model, "mask_threshold", 0.0)),
         }
+        if self.image_key is not None:
+            # run once per image on the embedding; its outputs are the prompt graph's last inputs
+            described["image_graph"] = {"url": f"/api/decoder/{self.image_key}.onnx", "key": self.image_key,
+                                        "inputs": ["image_embeddings"], "outputs": projections}
+        return described
 
     def _exportable_model(self) -> torch.nn.Module:
         if getattr(self.model, "fast_dtype", None) is None:
@@ -108,24 +127,34 @@ class DecoderExport:
 
         return load_model(self.checkpoint, mode="exact")
 
-    def ensure(self) -> Path:
-        """The exported graph's path, exporting it first if it is not on disk yet."""
+    def ensure(self, key: Optional[str] = None) -> Path:
+        """The path of the graph with this key (default: the prompt graph), exporting the model's graphs
+        first if they are not on disk yet."""
         if not self.available:
             raise RuntimeError(self.reason or self._error)
+        key = key or self.key
+        if key not in self.keys():
+            raise KeyError(key)
         with self._lock:
-            if self.path.is_file():
-                return self.path
-            from ..io.onnx_export import export_decoder
+            paths = {k: self.cache_dir / f"{k}.onnx" for k in self.keys()}
+            if all(path.is_file() for path in paths.values()):
+                return paths[key]
+            from ..io.onnx_export import export_decoder, export_page_image_graph
 
             try:
                 log.info("exporting the ONNX prompt decoder to %s", self.path)
-                # atomic: a temporary file, then a rename
-                export_decoder(self._exportable_model(), self.path, low_res_only=True, folded=self.folded)
+                model = self._exportable_model()
+                # atomic: a temporary file, then a rename; the image graph first, so that a prompt graph on
+                # disk always has its image graph beside it
+                if self.image_key is not None:
+                    export_page_image_graph(model, paths[self.image_key])
+                export_decoder(model, self.path, low_res_only=True, folded=self.folded,
+                               precomputed=self.image_key is not None)
             except Exception as exc:  # the page falls back to server decoding and says why
                 log.exception("ONNX decoder export failed")
                 self._error = f"the decoder's ONNX export failed: {exc}"
                 raise RuntimeError(self._error) from None
-            return self.path
+            return paths[key]
 
 
 def embedding_file(embedding: ImageEmbedding, dtype: str) -> bytes:

@@ -58,6 +58,11 @@ export async function initDecoder() {
       const { bytes } = await cachedBytes(info.url, `decoder/${info.key}.onnx`);
       started = await ort.InferenceSession.create(bytes, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
       started.threads = threads;
+      if (info.image_graph) {  // SAM's decoders: the first block's image-side projections, made once per image
+        const g = info.image_graph;
+        const { bytes: perImage } = await cachedBytes(g.url, `decoder/${g.key}.onnx`);
+        started.imageSession = await ort.InferenceSession.create(perImage, { executionProviders: ["wasm"], graphOptimizationLevel: "all" });
+      }
       await warmUp(started, info);
       sessions.set(info.key, started);
     }
@@ -76,14 +81,28 @@ export async function initDecoder() {
 async function warmUp(s, info) {
   const [, c, h, w] = info.embedding_shape || [1, 256, 64, 64], [lh, lw] = info.low_res_size;
   const t0 = performance.now();
+  const image = new ort.Tensor("float32", new Float32Array(c * h * w), [1, c, h, w]);
+  const projections = s.imageSession ? await s.imageSession.run({ image_embeddings: image }) : {};
   await s.run({
-    image_embeddings: new ort.Tensor("float32", new Float32Array(c * h * w), [1, c, h, w]),
+    image_embeddings: image,
     point_coords: new ort.Tensor("float32", Float32Array.from([10, 10, 0, 0]), [1, 2, 2]),
     point_labels: new ort.Tensor("float32", Float32Array.from([1, -1]), [1, 2]),
     mask_input: new ort.Tensor("float32", new Float32Array(lh * lw), [1, 1, lh, lw]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([0]), [1]),
+    ...projections,
   });
   S.warmUpMs = performance.now() - t0;
+}
+
+// The image's projections for a decoder with a once-per-image graph (its outputs are the prompt graph's
+// last inputs), made on the first need and kept with the embedding.
+function projectionsOf(emb, s) {
+  if (!s.imageSession) return Promise.resolve({});
+  if (!emb.projections) {
+    emb.projections = s.imageSession.run({ image_embeddings: emb.tensor });
+    emb.projections.catch(() => { emb.projections = null; });  // retried on the next click
+  }
+  return emb.projections;
 }
 
 export async function setServerForced(on) {
@@ -148,7 +167,11 @@ export function embeddingFor(image, dtype = "float16", info = decoderInfo) {
 }
 
 // Start fetching the open image's embedding before the first click.
-export function prefetch(image) { if (S.decoder.mode === "page" && session) embeddingFor(image).catch(() => {}); }
+export function prefetch(image) {
+  if (S.decoder.mode !== "page" || !session) return;
+  const s = session;
+  embeddingFor(image).then((emb) => projectionsOf(emb, s)).catch(() => {});
+}
 
 // ------------------------------------------------------------------ decoding
 
@@ -170,6 +193,7 @@ async function decodeInPage(image, prompt, picked) {
     point_labels: new ort.Tensor("float32", Float32Array.from(labels), [1, labels.length]),
     mask_input: new ort.Tensor("float32", prompt.maskInput || new Float32Array(lh * lw), [1, 1, lh, lw]),
     has_mask_input: new ort.Tensor("float32", Float32Array.from([prompt.maskInput ? 1 : 0]), [1]),
+    ...await projectionsOf(emb, picked),
   };
   const t0 = performance.now();
   const out = await picked.run(feeds);
