@@ -65,3 +65,25 @@ def test_the_floor_times_every_recorded_shape():
     assert parts["attention"][1] == 2.0 * 2 * 16 * 8 * 16
     assert parts["conv"][1] == 2.0 * 10 * 10 * 6 * 4 * 9
     assert all(seconds > 0 for seconds, _ in parts.values())
+
+
+def test_element_wise_work_is_counted_from_the_definition():
+    """GELU, softmax and layer-norm values of vit_t's released math: the MLPs' and convolutions' GELUs,
+    every window's softmax rows (padded keys included), every layer norm."""
+    recorder = bench_floor.record("vit_t")
+    values = {}
+    for (kind, _), count in recorder.elementwise.items():
+        values[kind] = values.get(kind, 0) + count
+    # softmax: stage 1 (2 blocks, 19 x 19 windows of 49, 4 heads), stage 2 (6 blocks, 5 x 5 windows of 196,
+    # 5 heads), stage 3 (2 blocks, 10 x 10 windows of 49, 10 heads): n x n values per window and head
+    assert values["softmax"] == 2 * 361 * 4 * 49 * 49 + 6 * 25 * 5 * 196 * 196 + 2 * 100 * 10 * 49 * 49
+    assert values["gelu"] > 100_000_000 and values["layer norm"] > 0
+
+
+def test_element_wise_floor_scales_a_block_rate_to_the_values():
+    recorder = bench_floor.RecordProducts()
+    recorder.elementwise[("gelu", 64)] = 1 << 20
+    recorder.elementwise[("softmax", 49)] = 49 * 1000
+    parts = bench_floor.elementwise_floor(recorder, torch.bfloat16, reps=1)
+    assert parts["gelu"][1] == 1 << 20 and parts["softmax"][1] == 49 * 1000
+    assert all(seconds > 0 for seconds, _ in parts.values())
