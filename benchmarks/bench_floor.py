@@ -14,7 +14,7 @@ windows; that work is not needed: per input width, the rows of its MLP's first l
 padded keys are counted (they are part of the released softmax).
 
 How each is timed: every distinct shape is run on its own, in the dtype, at the thread count, the
-median of --reps samples after warm-up, through the fastest of the ways PyTorch offers here (a linear
+fastest of --reps calls after warm-up, through the fastest of the ways PyTorch offers here (a linear
 layer: F.linear and oneDNN's linear with its weight packed once; a convolution: channels-last and
 contiguous F.conv2d; the attention's products: torch.bmm, or the best linear-layer rate measured, as if
 they ran at the large products' rate). The floor is the sum over shapes of FLOP / best rate: it assumes
@@ -112,6 +112,7 @@ def record(model: str) -> RecordProducts:
 
 
 def seconds_per_call(fn, reps: int) -> float:
+    """The fastest of `reps` calls after two warm-up calls: a floor takes the best rate the machine reaches."""
     for _ in range(2):
         fn()
     samples = []
@@ -119,7 +120,7 @@ def seconds_per_call(fn, reps: int) -> float:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def linear_seconds(rows: int, k: int, n: int, dtype: torch.dtype, reps: int) -> float:
