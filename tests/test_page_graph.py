@@ -117,16 +117,20 @@ def test_hq_sam_and_other_decoders_have_no_folded_graph(vit_b):
     assert page_graph_unsupported(vit_b) is None
 
 
-# MobileSAM's decoder is SAM's (its own weights): heavy, to keep the default suite short.
-@pytest.mark.parametrize("fixture", ["sam_vit_small.pth", pytest.param("mobile_sam_vit_t.pth", marks=pytest.mark.heavy)])
-def test_exported_folded_graph_equals_the_plain_one_in_onnxruntime(fixture, tmp_path):
+def _onnxruntime_and_fixture_model(fixture: str):
     ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     path = REFERENCE / fixture
     if not path.is_file():
         pytest.skip(f"../shared/fixtures/reference/{fixture} is absent")
     import segany
 
-    model = segany.load_model(path)
+    return ort, segany.load_model(path)
+
+
+# MobileSAM's decoder is SAM's (its own weights): heavy, to keep the default suite short.
+@pytest.mark.parametrize("fixture", ["sam_vit_small.pth", pytest.param("mobile_sam_vit_t.pth", marks=pytest.mark.heavy)])
+def test_exported_folded_graph_equals_the_plain_one_in_onnxruntime(fixture, tmp_path):
+    ort, model = _onnxruntime_and_fixture_model(fixture)
     graph = export_decoder(model, tmp_path / "folded.onnx", folded=True)
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["iou_predictions", "low_res_masks"]
@@ -143,13 +147,7 @@ def test_exported_folded_graph_equals_the_plain_one_in_onnxruntime(fixture, tmp_
 
 @pytest.mark.parametrize("fixture", ["sam_vit_small.pth", pytest.param("mobile_sam_vit_t.pth", marks=pytest.mark.heavy)])
 def test_exported_graphs_with_projections_made_once_per_image_in_onnxruntime(fixture, tmp_path):
-    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
-    path = REFERENCE / fixture
-    if not path.is_file():
-        pytest.skip(f"../shared/fixtures/reference/{fixture} is absent")
-    import segany
-
-    model = segany.load_model(path)
+    ort, model = _onnxruntime_and_fixture_model(fixture)
     image_graph = ort.InferenceSession(str(export_page_image_graph(model, tmp_path / "image.onnx")), providers=["CPUExecutionProvider"])
     prompt_graph = ort.InferenceSession(str(export_decoder(model, tmp_path / "prompt.onnx", precomputed=True)),
                                         providers=["CPUExecutionProvider"])
