@@ -46,14 +46,18 @@ def _modeling_files():
     return sorted(MODELING.glob("**/*.py"))  # every family, sub-packages too
 
 
-def test_the_definition_tests_no_mode_device_dtype_or_native_library():
+def _code_lines_matching(paths, patterns):
+    """'file:line: code' for every pattern found in a line's code (comments left out)."""
     offences = []
-    for path in _modeling_files():
+    for path in paths:
         for number, line in enumerate(path.read_text().splitlines(), 1):
             code = line.split("#", 1)[0]
-            for pattern in FORBIDDEN:
-                if re.search(pattern, code):
-                    offences.append(f"{path.name}:{number}: {line.strip()}")
+            offences += [f"{path.name}:{number}: {line.strip()}" for p in patterns if re.search(p, code)]
+    return offences
+
+
+def test_the_definition_tests_no_mode_device_dtype_or_native_library():
+    offences = _code_lines_matching(_modeling_files(), FORBIDDEN)
     assert not offences, "\n".join(offences)
     assert not list(MODELING.glob("**/*.c")), "C sources belong to segany/engine"
 
@@ -93,11 +97,7 @@ def _engine_inference_files():
 
 
 def test_the_engine_tests_no_grad_mode_or_export():
-    offences = []
-    for path in _engine_inference_files():
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            code = line.split("#", 1)[0]
-            offences += [f"{path.name}:{number}: {line.strip()}" for p in NOT_IN_THE_ENGINE if re.search(p, code)]
+    offences = _code_lines_matching(_engine_inference_files(), NOT_IN_THE_ENGINE)
     assert not offences, "\n".join(offences)
 
 
