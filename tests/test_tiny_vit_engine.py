@@ -2,6 +2,8 @@
 folded BatchNorms, fused GELUs and residuals, windows cut in one copy, MBConv bands, MLP chunks."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,7 +97,7 @@ def test_engine_tiny_vit_window_kernel_agrees_with_the_other_path(dtype, monkeyp
     if dtype == torch.bfloat16:
         own_weights_in(engine, torch.bfloat16)
     attentions = [m for m in engine.modules() if isinstance(m, engine_tiny_vit.WindowAttention)]
-    assert attentions and all(m.window_kernels is rel_pos_softmax.library() for m in attentions)
+    assert attentions and all(m.paths.attention_kernels is rel_pos_softmax.library() for m in attentions)
     calls = []
     original = engine_tiny_vit.attention_rows
     monkeypatch.setattr(engine_tiny_vit, "attention_rows", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -105,7 +107,7 @@ def test_engine_tiny_vit_window_kernel_agrees_with_the_other_path(dtype, monkeyp
         with_kernel = engine(x.to(dtype))
         assert len(calls) == len(attentions)
         for m in attentions:
-            m.window_kernels = None
+            m.paths = dataclasses.replace(m.paths, attention_kernels=None)
         other = engine(x.to(dtype))
     if dtype == torch.float32:
         torch.testing.assert_close(with_kernel, expected, atol=1e-5, rtol=1e-4)

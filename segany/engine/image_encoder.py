@@ -34,10 +34,6 @@ class Attention(plain.Attention):
         else rel_pos_attention_fused
     )
 
-    # On a CPU with the compiled kernels: every window and head in one call, q, k, v read from the qkv
-    # projection's rows and the output written to the image's rows (rel_pos_softmax.attention_rows).
-    rows_kernels = chosen_at_build(lambda _, paths: paths.attention_kernels if paths.cpu else None)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mix(x))
 
@@ -98,8 +94,11 @@ class Attention(plain.Attention):
         return out.view(b, h, w, c)
 
     def takes_rows(self, x: torch.Tensor) -> bool:
+        """Whether attend_rows runs: on a CPU build with the compiled kernels (paths.attention_kernels; a
+        build for another device has none), every window and head in one call, q, k, v read from the qkv
+        projection's rows and the output written to the image's rows (rel_pos_softmax.attention_rows)."""
         return (
-            self.rows_kernels is not None
+            self.paths.attention_kernels is not None
             and x.dtype in DTYPES
             and self.qkv.weight.dtype == x.dtype
             and self.qkv.out_features // (3 * self.num_heads) in FUSED_HEAD_DIMS
@@ -116,7 +115,7 @@ class Attention(plain.Attention):
         out = x.new_empty(b, h, w, c)
         rel_pos = (self.rel_pos_h, self.rel_pos_w, size) if self.use_rel_pos else None
         done = attention_rows(
-            self.rows_kernels, product.reshape(b * h * w, width), pad.contiguous(), index, heads,
+            self.paths.attention_kernels, product.reshape(b * h * w, width), pad.contiguous(), index, heads,
             QkvLayout.sam(heads, width // (3 * heads)), self.scale, out.view(b * h * w, c), rel_pos=rel_pos,
             packed_tables=self.packed_tables(size, product.dtype) if rel_pos is not None else None,
         )

@@ -131,9 +131,6 @@ class WindowAttention(plain.WindowAttention):
     paths = UNBOUND
     # bfloat16 on a CPU: the windows' attention in chunks (attend); float32 or elsewhere: PyTorch's fused kernel.
     chunked_attention = chosen_at_build(lambda m, paths: paths.cpu and m.qkv.weight.dtype != torch.float32)
-    # On a CPU with the compiled kernels (bfloat16 or float32): each window's attention read from the
-    # qkv rows and written to the image's rows in place (csrc/attention_softmax.c), no copies around it.
-    window_kernels = chosen_at_build(lambda m, paths: paths.attention_kernels if paths.cpu else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B*nW, N, C
         b, n, _ = x.shape
@@ -180,11 +177,14 @@ class WindowAttention(plain.WindowAttention):
         heads, head_dim = self.num_heads, self.head_dim
         n_h, n_w = -(-h // window), -(-w // window)
         product = linear(self.norm(x), self.qkv.weight, self.qkv.bias)  # B, H, W, heads * 3 * head_dim
-        if self.window_kernels is not None and product.is_contiguous():
+        # With the compiled kernels (a CPU build's paths.attention_kernels; bfloat16 or float32): each window's
+        # attention read from the qkv rows and written to the image's rows in place, no copies around it.
+        kernels = self.paths.attention_kernels
+        if kernels is not None and product.is_contiguous():
             out = x.new_empty(b, h, w, heads * head_dim)
             index = window_index(b, h, w, window, x.device)
             if attention_rows(
-                self.window_kernels, product.view(b * h * w, -1), self.padded_qkv(x).view(-1), index, heads,
+                kernels, product.view(b * h * w, -1), self.padded_qkv(x).view(-1), index, heads,
                 QkvLayout.tiny_vit(heads, head_dim), head_dim**-0.5, out.view(b * h * w, -1), bias=self.offset_bias(),
             ):
                 return linear(out, self.proj.weight, self.proj.bias, residual=x)
