@@ -210,8 +210,8 @@ def floor(recorder: RecordProducts, dtype: torch.dtype, reps: int) -> dict:
     for spec, calls in recorder.conv.items():
         flop = conv_flop(spec)
         seconds = conv_seconds(spec, dtype, reps)
-        if spec[5] == 1 and best_linear_rate:  # a dense convolution can at best run at the products' rate
-            seconds = min(seconds, flop / best_linear_rate) if spec[1][2:] == (1, 1) else seconds
+        if spec[5] == 1 and spec[1][2:] == (1, 1) and best_linear_rate:  # a 1x1 convolution is a product
+            seconds = min(seconds, flop / best_linear_rate)
         out["conv"][0] += calls * seconds
         out["conv"][1] += calls * flop
     for (batch, m, k, n), calls in recorder.bmm.items():
